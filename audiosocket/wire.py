@@ -152,6 +152,8 @@ class ProtocolError(Exception):
     """
 
     reason = "protocol_error"
+    #: Whole, valid frames decoded from the same C{feed} before the error.
+    frames: list = []
 
 
 class FirstFrameNotUUID(ProtocolError):
@@ -246,6 +248,8 @@ class Decoder:
                 offset = end
                 frames.append(self._check_frame(kind, payload))
         except ProtocolError as e:
+            # The good frames before the bad one still count (a DTMF digit, say).
+            e.frames = frames
             self._failed = e
             raise
         finally:

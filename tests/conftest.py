@@ -13,7 +13,12 @@ from twisted.internet import reactor
 
 
 def _selectables():
-    return set(reactor.getReaders()) | set(reactor.getWriters())
+    # The reactor's own wakers (installed when it first runs) are not a test's leftovers.
+    return {
+        s
+        for s in set(reactor.getReaders()) | set(reactor.getWriters())
+        if "Waker" not in type(s).__name__
+    }
 
 
 def _describe(delayed) -> str:

@@ -1,0 +1,422 @@
+"""
+Tests for L{audiosocket.leg} and L{audiosocket.clock}: pacing, playout, hangup and bad input,
+driven by StringTransport and task.Clock (exact time, no sockets, no sleeps).
+"""
+
+import ipaddress
+import uuid
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from audiosocket import wire
+from audiosocket.clock import AudioClock
+from audiosocket.leg import VISITOR, Dtmf, Hangup, LegFactory, Refused
+
+U1 = uuid.UUID("11111111-2222-3333-4444-555555555555")
+U2 = uuid.UUID("aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee")
+TONE = b"\x10\x27" * 160  # one 20 ms frame of a constant, non-zero sample at 8 kHz
+
+
+class Harness:
+    def __init__(self, on_leg=None, **kw):
+        self.reactor = Clock()
+        self.clock = AudioClock(reactor=self.reactor)
+        self.clock.startService()
+        self.legs = []
+        self.factory = LegFactory(
+            VISITOR, self.clock, on_leg or self.legs.append, reactor=self.reactor, **kw
+        )
+
+    def connect(self, peer="127.0.0.1"):
+        leg = self.factory.buildProtocol(IPv4Address("TCP", peer, 40000))
+        if leg is None:
+            return None, None
+        transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 40000))
+        leg.makeConnection(transport)
+        return leg, transport
+
+    def call(self, uid=U1):
+        leg, transport = self.connect()
+        leg.dataReceived(wire.uuid_frame(uid))
+        return leg, transport
+
+    def ticks(self, n):
+        for _ in range(n):
+            self.reactor.advance(0.02)
+
+
+def frames(transport):
+    data = transport.value()
+    transport.clear()
+    return wire.Decoder(expect_uuid=False).feed(data)
+
+
+def lose(leg, transport):
+    transport.loseConnection()
+    leg.connectionLost()
+
+
+# ---------------------------------------------------------------- pacing
+
+
+def test_one_frame_per_tick():
+    """A connected leg gets exactly one frame per 20 ms tick, from its first tick on."""
+    h = Harness()
+    leg, t = h.call()
+    h.reactor.advance(0.019)
+    assert frames(t) == []
+    for _ in range(10):
+        h.reactor.advance(0.02)
+        got = frames(t)
+        assert len(got) == 1
+    assert leg.stats.frames == 10
+
+
+def test_silence_fill():
+    """With nothing to say, every frame is 320 bytes of 8 kHz silence (kind 0x10)."""
+    h = Harness()
+    leg, t = h.call()
+    h.ticks(5)
+    got = frames(t)
+    assert [(f.kind, f.payload) for f in got] == [(0x10, bytes(320))] * 5
+
+
+def test_paced_before_uuid():
+    """The leg is paced from connection, not from its UUID: Asterisk times out otherwise."""
+    h = Harness()
+    leg, t = h.connect()
+    h.ticks(3)
+    assert len(frames(t)) == 3
+
+
+def test_speech_then_silence():
+    """Queued speech goes out a frame per tick, padded to a whole frame, then silence."""
+    h = Harness()
+    leg, t = h.call()
+    done = leg.play(TONE * 2 + TONE[:100])
+    h.ticks(5)
+    got = frames(t)
+    assert [f.payload == TONE for f in got[:2]] == [True, True]
+    assert got[2].payload == TONE[:100] + bytes(220)
+    assert got[3].payload == bytes(320) and got[4].payload == bytes(320)
+    assert done.called and done.result is True
+
+
+def test_play_fires_when_last_frame_sent():
+    """play()'s Deferred fires on the tick that sends its last frame, not before."""
+    h = Harness()
+    leg, t = h.call()
+    done = leg.play(TONE * 3)
+    h.ticks(2)
+    assert not done.called
+    h.ticks(1)
+    assert done.result is True
+
+
+def test_late_tick_catches_up_owed_frames():
+    """A tick 70 ms late sends the 3 frames owed, once, then the cadence resumes."""
+    h = Harness()
+    leg, t = h.call()
+    h.ticks(1)
+    frames(t)
+    h.reactor.advance(0.06)  # three intervals pass in one step
+    assert len(frames(t)) == 3
+    assert leg.stats.late_ticks == 1
+    h.ticks(1)
+    assert len(frames(t)) == 1
+
+
+def test_long_stall_is_skipped_not_burst():
+    """After a 1 s stall the clock sends at most max_catchup frames, never a 50-frame burst."""
+    h = Harness()
+    leg, t = h.call()
+    h.ticks(1)
+    frames(t)
+    h.reactor.advance(1.0)
+    assert len(frames(t)) == h.clock.max_catchup
+    assert h.clock.skipped_frames == 50 - h.clock.max_catchup
+    assert leg.stats.max_gap_ms == pytest.approx(1000.0)
+
+
+def test_absolute_schedule_does_not_drift():
+    """Ticks stay on start + n·20 ms however the reactor's turns are split."""
+    h = Harness()
+    leg, t = h.call()
+    for _ in range(1000):
+        h.reactor.advance(0.013)
+        h.reactor.advance(0.007)
+    h.reactor.advance(0.001)  # absorb float rounding of the 2000 small steps
+    assert leg.stats.frames == 1000
+    assert h.clock.late_ticks == 0
+
+
+def test_one_clock_for_all_legs():
+    """Two legs on one clock each get one frame per tick; a leg removed gets no more."""
+    h = Harness()
+    a, ta = h.call(U1)
+    b, tb = h.call(U2)
+    h.ticks(3)
+    assert len(frames(ta)) == 3 and len(frames(tb)) == 3
+    lose(a, ta)
+    h.ticks(2)
+    assert frames(ta) == [] and len(frames(tb)) == 2
+    assert len(h.clock) == 1
+
+
+# ---------------------------------------------------------------- rates
+
+
+def test_replies_in_peer_rate():
+    """A peer sending 16 kHz audio (kind 0x12) gets 16 kHz replies: kind 0x12, 640 bytes."""
+    h = Harness()
+    leg, t = h.call()
+    leg.dataReceived(wire.audio(bytes(640), 16000))
+    assert leg.rate == 16000
+    h.ticks(1)
+    (f,) = frames(t)
+    assert (f.kind, len(f.payload)) == (0x12, 640)
+
+
+def test_play_at_given_rate():
+    """Audio queued at 16 kHz is framed as 0x12 whatever the leg's current rate."""
+    h = Harness()
+    leg, t = h.call()
+    leg.play(b"\x01\x00" * 320, rate=16000)
+    h.ticks(1)
+    (f,) = frames(t)
+    assert (f.kind, len(f.payload)) == (0x12, 640)
+
+
+# ---------------------------------------------------------------- inbound
+
+
+def test_uuid_reaches_handler():
+    """The handler gets the leg once its UUID is known, with the UUID set."""
+    h = Harness()
+    leg, t = h.call()
+    assert h.legs == [leg] and leg.uuid == U1
+
+
+def test_audio_and_dtmf_queued():
+    """Inbound audio goes to the audio queue, DTMF to the events queue, in order."""
+    h = Harness()
+    leg, t = h.call()
+    leg.dataReceived(wire.audio(TONE) + wire.dtmf("1") + wire.dtmf("#"))
+    assert leg.audio.pending == [TONE]
+    assert leg.events.pending == [Dtmf("1"), Dtmf("#")]
+
+
+def test_audio_queue_keeps_newest():
+    """When nobody reads audio, the queue keeps the newest frames and counts the dropped."""
+    h = Harness(audio_queue_frames=3)
+    leg, t = h.call()
+    for i in range(5):
+        h.reactor.advance(0.02)
+        leg.dataReceived(wire.audio(bytes([i, 0]) * 160))
+    assert [p[0] for p in leg.audio.pending] == [2, 3, 4]
+    assert leg.audio_dropped == 2 and not t.disconnecting
+
+
+def test_peer_close_is_hangup_event():
+    """Asterisk hangs up by closing TCP: a waiting reader gets Hangup(by='peer')."""
+    h = Harness()
+    leg, t = h.call()
+    got = leg.events.get()
+    lose(leg, t)
+    assert got.result == Hangup("peer", "")
+    assert leg.when_closed().called
+
+
+def test_audio_waiters_cancelled_on_close():
+    """A pending audio get() is cancelled when the leg ends, leaving no waiter behind."""
+    h = Harness()
+    leg, t = h.call()
+    d = leg.audio.get()
+    lose(leg, t)
+    assert isinstance(d.result.value, defer.CancelledError)
+    d.addErrback(lambda f: None)
+    assert leg.audio.waiting == []
+
+
+# ---------------------------------------------------------------- hangup
+
+
+def test_hangup_after_playout():
+    """hangup() waits for queued audio to play out, then sends 0x00 and closes."""
+    h = Harness()
+    leg, t = h.call()
+    leg.play(TONE * 3)
+    closed = leg.hangup()
+    h.ticks(2)
+    assert [f.kind for f in frames(t)] == [0x10, 0x10]
+    assert not t.disconnecting
+    h.ticks(1)
+    got = frames(t)
+    assert [f.kind for f in got] == [0x10, 0x00]
+    assert got[0].payload == TONE
+    assert t.disconnecting
+    leg.connectionLost()
+    assert closed.called and leg.hung_up_by == "server"
+
+
+def test_hangup_with_nothing_queued():
+    """With nothing to play, hangup goes out on the next tick and no audio follows."""
+    h = Harness()
+    leg, t = h.call()
+    leg.hangup()
+    h.ticks(1)
+    assert [f.kind for f in frames(t)] == [0x00]
+    h.ticks(3)
+    assert t.value() == b""
+
+
+def test_stop_playback_drops_queue():
+    """stop_playback (barge-in) drops queued audio at once; its Deferred says False."""
+    h = Harness()
+    leg, t = h.call()
+    done = leg.play(TONE * 10)
+    h.ticks(2)
+    assert leg.stop_playback() == 8
+    assert done.result is False
+    h.ticks(1)
+    assert frames(t)[-1].payload == bytes(320)
+
+
+def test_only_audio_and_hangup_are_sent():
+    """Whatever happens on a leg, the server only ever writes audio and hangup kinds."""
+    h = Harness()
+    leg, t = h.call()
+    leg.dataReceived(wire.dtmf("5"))
+    leg.play(TONE * 2)
+    h.ticks(3)
+    leg.hangup()
+    h.ticks(1)
+    kinds = {f.kind for f in wire.Decoder(expect_uuid=False).feed(t.value())}
+    assert kinds <= set(wire.AUDIO_KINDS) | {wire.Kind.HANGUP}
+
+
+def test_each_frame_is_one_write():
+    """Every frame leaves in a single transport.write (Asterisk drops split frames)."""
+    h = Harness()
+    leg, t = h.call()
+    writes = []
+    t.write = writes.append
+    leg.play(TONE * 2)
+    h.ticks(4)
+    assert len(writes) == 4
+    for w in writes:
+        (f,) = wire.Decoder(expect_uuid=False).feed(w)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (wire.audio(TONE), "first_frame_not_uuid"),
+        (wire.encode(1, b"short"), "bad_uuid"),
+        (wire.uuid_frame(U1) + wire.encode(0x42, b"x"), "unknown_kind"),
+        (wire.uuid_frame(U1) + wire.encode(0x10, b""), "empty_audio"),
+        (wire.uuid_frame(U1) + b"\xfe\xff\xff garbage", "unknown_kind"),
+        (b"GET / HTTP/1.1\r\n\r\n", "first_frame_not_uuid"),
+    ],
+)
+def test_bad_input_closes_leg(data, reason):
+    """Each malformed input closes that leg with its reason, counted on the factory."""
+    h = Harness()
+    leg, t = h.connect()
+    leg.dataReceived(data)
+    assert t.disconnecting
+    assert leg.close_reason == reason
+    assert h.factory.refused[reason] == 1
+    leg.connectionLost()
+    assert len(h.clock) == 0
+
+
+def test_bad_leg_does_not_touch_good_leg():
+    """A garbage connection is closed while a good leg on the same port keeps its cadence."""
+    h = Harness()
+    good, tg = h.call(U1)
+    bad, tb = h.connect()
+    h.ticks(2)
+    bad.dataReceived(b"\x99\x00\x01x")
+    bad.connectionLost()
+    h.ticks(3)
+    assert len(frames(tg)) == 5 and not tg.disconnecting
+
+
+def test_truncated_frame_at_close_is_logged_reason():
+    """A connection closed mid-frame records truncated_frame."""
+    h = Harness()
+    leg, t = h.call()
+    leg.dataReceived(wire.audio(TONE)[:50])
+    leg.connectionLost()
+    assert leg.close_reason == "truncated_frame"
+    assert h.factory.refused["truncated_frame"] == 1
+
+
+def test_handshake_timeout():
+    """A connection that sends no UUID within handshake_timeout is closed."""
+    h = Harness(handshake_timeout=5.0)
+    leg, t = h.connect()
+    h.reactor.advance(4.9)
+    assert not t.disconnecting
+    h.reactor.advance(0.2)
+    assert t.disconnecting and leg.close_reason == "handshake_timeout"
+
+
+def test_duplicate_live_uuid_refused():
+    """A second live connection with a UUID in use on the port is refused; the first lives."""
+    h = Harness()
+    a, ta = h.call(U1)
+    b, tb = h.call(U1)
+    assert tb.disconnecting and b.close_reason == "uuid_in_use"
+    assert not ta.disconnecting and h.factory.live[U1] is a
+    b.connectionLost()
+    assert h.factory.live[U1] is a
+
+
+def test_flooding_peer_closed():
+    """A peer streaming far faster than real time is closed as flood."""
+    h = Harness(flood_allowance_s=2.0)
+    leg, t = h.call()
+    leg.dataReceived(wire.audio(TONE) * 99)  # 1.98 s at once: allowed burst
+    assert not t.disconnecting
+    leg.dataReceived(wire.audio(TONE) * 5)
+    assert t.disconnecting and leg.close_reason == "flood"
+
+
+def test_real_time_peer_is_not_flood():
+    """A peer sending one frame per 20 ms for a minute is never taken for a flood."""
+    h = Harness(flood_allowance_s=0.5)
+    leg, t = h.call()
+    for _ in range(3000):
+        leg.dataReceived(wire.audio(TONE))
+        h.reactor.advance(0.02)
+    assert not t.disconnecting
+
+
+def test_handler_refusal_closes_leg():
+    """A handler raising Refused closes the leg with its reason."""
+
+    def refuse(leg):
+        raise Refused("busy", "todas as linhas ocupadas")
+
+    h = Harness(on_leg=refuse)
+    leg, t = h.call()
+    assert t.disconnecting and leg.close_reason == "busy"
+
+
+def test_peer_not_allowed():
+    """With allowed_peers set, a connection from elsewhere is refused before any frame."""
+    h = Harness(allowed_peers=[ipaddress.ip_network("10.0.0.0/8")])
+    leg, t = h.connect("192.168.1.5")
+    assert leg is None
+    assert h.factory.refused["peer_not_allowed"] == 1
+    ok, to = h.connect("10.1.2.3")
+    assert ok is not None
