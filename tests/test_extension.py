@@ -1,0 +1,254 @@
+"""
+Tests for L{audiosocket.extension}: extensions added, changed, restarted and removed at run
+time, on a MemoryReactor (no sockets), with legs on StringTransports.
+"""
+
+import uuid
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import CannotListenError
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.python.failure import Failure
+
+from audiosocket import wire
+from audiosocket.clock import AudioClock
+from audiosocket.extension import (
+    DRAINING,
+    FAILED,
+    LISTENING,
+    Conflict,
+    ExtensionManager,
+    NotFound,
+)
+from audiosocket.model import Extension, InvalidField
+
+
+class Reactor(MemoryReactor, Clock):
+    """A MemoryReactor with a clock, where some ports are 'busy'."""
+
+    def __init__(self):
+        MemoryReactor.__init__(self)
+        Clock.__init__(self)
+        self.busy = set()
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        if port in self.busy:
+            raise CannotListenError(interface, port, OSError(98, "Address in use"))
+        return MemoryReactor.listenTCP(self, port, factory, backlog, interface)
+
+    def listening(self):
+        return sorted(p for p, *_ in self.tcpServers)
+
+
+def ext(id=1, ai=8080, ret=8081, condo=1, **kw):
+    return Extension(
+        id=id,
+        ai_extension=str(1000 + id),
+        ai_port=ai,
+        return_extension=str(2000 + id),
+        return_port=ret,
+        host="127.0.0.1",
+        condominium_id=condo,
+        **kw,
+    )
+
+
+def run(coro):
+    """Run a coroutine that completes synchronously on the fake reactor."""
+    d = defer.Deferred.fromCoroutine(coro)
+    results = []
+    d.addBoth(results.append)
+    assert results, "coroutine did not complete synchronously"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+class Setup:
+    def __init__(self, fallback=None, condos=(1,)):
+        self.reactor = Reactor()
+        self.clock = AudioClock(reactor=self.reactor)
+        self.clock.startService()
+        self.legs = []
+        self.manager = ExtensionManager(
+            clock=self.clock,
+            on_leg=lambda svc, leg: self.legs.append((svc, leg)),
+            reactor=self.reactor,
+            bind="127.0.0.1",
+            condominium_exists=lambda c: c in condos,
+            port_fallback_range=fallback,
+        )
+        self.manager.startService()
+
+    def closed_ports(self):
+        return self.reactor.tcpServers
+
+    def call(self, svc, port="ai", uid=None):
+        factory = svc.ai_factory if port == "ai" else svc.return_factory
+        leg = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+        t = StringTransport()
+        leg.makeConnection(t)
+        leg.dataReceived(wire.uuid_frame(uid or uuid.uuid4()))
+        return leg, t
+
+
+def listening_ports(manager):
+    return sorted(manager.port_map)
+
+
+def test_add_listens_on_both_ports():
+    """Adding an extension listens on its AI and return ports and maps both to it."""
+    s = Setup()
+    svc = run(s.manager.add(ext()))
+    assert s.reactor.listening() == [8080, 8081]
+    assert svc.status == LISTENING
+    assert s.manager.port_map == {8080: 1, 8081: 1}
+    assert s.manager.number_map == {"1001": 1, "2001": 1}
+    assert svc.describe()["bound_ai_port"] == 8080
+
+
+def test_duplicate_id_conflict():
+    """A second extension with the same id is a Conflict and nothing is opened."""
+    s = Setup()
+    run(s.manager.add(ext()))
+    with pytest.raises(Conflict):
+        run(s.manager.add(ext(ai=9000, ret=9001)))
+    assert s.reactor.listening() == [8080, 8081]
+
+
+def test_port_taken_by_other_extension_conflict():
+    """A port another extension uses is a Conflict, checked before listening."""
+    s = Setup()
+    run(s.manager.add(ext()))
+    with pytest.raises(Conflict):
+        run(s.manager.add(ext(id=2, ai=9000, ret=8081)))
+    assert 2 not in s.manager.extensions
+
+
+def test_unknown_condominium_is_invalid():
+    """An extension of an unknown condominium is refused as an invalid field."""
+    s = Setup()
+    with pytest.raises(InvalidField) as e:
+        run(s.manager.add(ext(condo=7)))
+    assert e.value.field == "condominium_id"
+
+
+def test_busy_port_is_an_error_and_nothing_listens():
+    """A busy return port fails the add; the AI port opened first is closed again."""
+    s = Setup()
+    s.reactor.busy.add(8081)
+    with pytest.raises(Conflict) as e:
+        run(s.manager.add(ext()))
+    assert "8081" in str(e.value)
+    assert 1 not in s.manager.extensions
+
+
+def test_port_fallback():
+    """With port fallback, a busy port is replaced by a free one of the range, reported."""
+    s = Setup(fallback=(20000, 20010))
+    s.reactor.busy |= {8080, 20000}
+    svc = run(s.manager.add(ext()))
+    assert (svc.bound_ai_port, svc.bound_return_port) == (20001, 8081)
+    assert s.manager.port_map == {20001: 1, 8081: 1}
+
+
+def test_load_keeps_failed_extension():
+    """At start-up an extension that cannot listen is kept as failed, not forgotten."""
+    s = Setup()
+    s.reactor.busy.add(8080)
+    run(s.manager.load([ext(), ext(id=2, ai=9000, ret=9001)]))
+    assert s.manager.get(1).status == FAILED
+    assert "8080" in s.manager.get(1).describe()["error"]
+    assert s.manager.get(2).status == LISTENING
+    s.reactor.busy.clear()
+    run(s.manager.restart(1))
+    assert s.manager.get(1).status == LISTENING
+
+
+def test_update_rebinds_ports_and_keeps_calls():
+    """Changing ports rebinds; a call in progress on the old port is untouched."""
+    s = Setup()
+    svc = run(s.manager.add(ext()))
+    leg, t = s.call(svc)
+    run(s.manager.update(ext(ai=9090, ret=9091)))
+    assert s.manager.port_map == {9090: 1, 9091: 1}
+    s.reactor.advance(0.02)
+    assert not t.disconnecting and leg.stats.frames == 1
+
+
+def test_update_to_busy_port_keeps_old_ports():
+    """A rebind to a busy port fails and leaves the extension on its old ports."""
+    s = Setup()
+    run(s.manager.add(ext()))
+    s.reactor.busy.add(9091)
+    with pytest.raises(Conflict):
+        run(s.manager.update(ext(ai=9090, ret=9091)))
+    svc = s.manager.get(1)
+    assert svc.extension.ai_port == 8080 and svc.status == LISTENING
+    assert s.manager.port_map == {8080: 1, 8081: 1}
+
+
+def test_update_unknown_is_not_found():
+    """Updating or removing an unknown id raises NotFound."""
+    s = Setup()
+    with pytest.raises(NotFound):
+        run(s.manager.update(ext()))
+    with pytest.raises(NotFound):
+        run(s.manager.remove(5))
+
+
+def test_remove_drains_calls():
+    """Removal stops listening at once; a call in progress plays on until it ends."""
+    s = Setup()
+    svc = run(s.manager.add(ext()))
+    leg, t = s.call(svc)
+    removed = run(s.manager.remove(1))
+    assert s.manager.port_map == {}
+    assert removed.status == DRAINING and 1 in s.manager.draining
+    s.reactor.advance(0.02)
+    assert not t.disconnecting and leg.stats.frames == 1
+    t.loseConnection()
+    leg.connectionLost()
+    assert removed.stopped.called and 1 not in s.manager.draining
+
+
+def test_remove_force_hangs_up_cleanly():
+    """Removal with force sends each leg the hangup frame on the next tick."""
+    s = Setup()
+    svc = run(s.manager.add(ext()))
+    leg, t = s.call(svc)
+    leg.play(b"\x01\x00" * 1600)
+    run(s.manager.remove(1, force=True))
+    s.reactor.advance(0.02)
+    frames = wire.Decoder(expect_uuid=False).feed(t.value())
+    assert frames[-1].kind == wire.Kind.HANGUP and t.disconnecting
+
+
+def test_other_extension_untouched():
+    """Adding, changing and removing B never interrupts a call on A."""
+    s = Setup()
+    a = run(s.manager.add(ext()))
+    leg, t = s.call(a)
+    run(s.manager.add(ext(id=2, ai=9000, ret=9001)))
+    s.reactor.advance(0.02)
+    run(s.manager.update(ext(id=2, ai=9100, ret=9101)))
+    s.reactor.advance(0.02)
+    run(s.manager.remove(2, force=True))
+    s.reactor.advance(0.02)
+    assert leg.stats.frames == 3 and not t.disconnecting
+    assert leg.stats.max_gap_ms == pytest.approx(20.0)
+
+
+def test_shutdown_hangs_up_every_leg():
+    """Stopping the manager hangs up the calls of every extension."""
+    s = Setup()
+    svc = run(s.manager.add(ext()))
+    leg, t = s.call(svc)
+    stopping = s.manager.stopService()
+    s.reactor.advance(0.02)
+    assert t.disconnecting
+    leg.connectionLost()
+    assert stopping.called
