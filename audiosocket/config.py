@@ -1,0 +1,764 @@
+"""
+The TOML configuration file, loaded and validated whole into frozen objects.
+
+Every mistake is a L{ConfigError} naming the file and the dotted key (C{server.max_calls},
+C{condominiums[0].greeting}, C{speech.whisper.url}), so an operator can fix it without reading
+code. Validation is table-driven: each section is a frozen attrs class whose fields carry their
+default and a check; L{_build} walks the class, refuses unknown keys and runs the checks. Rules
+that join two settings (a provider needs its URL, the API off loopback needs a token, no port
+used twice) run afterwards in L{_check_rules}.
+
+Secrets are never in the file: keys ending in C{_env} name environment variables, read with
+L{secret} when the secret is used, so a rotated key needs no reload.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import ipaddress
+import json
+import math
+import os
+import re
+import tomllib
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
+
+import attrs
+from attrs import frozen
+from twisted.internet.endpoints import _parse as _parse_endpoint
+
+from audiosocket.model import EXTENSION_FIELDS, Extension, InvalidField
+
+__all__ = [
+    "ApiConfig",
+    "AudioConfig",
+    "Condominium",
+    "Config",
+    "ConfigError",
+    "DialerConfig",
+    "FlowConfig",
+    "RedisConfig",
+    "ServerConfig",
+    "SpeechConfig",
+    "load_config",
+    "parse_config",
+    "secret",
+]
+
+
+class ConfigError(Exception):
+    """
+    The configuration cannot be used. C{str()} is one line:
+    C{etc/x.toml: server.max_calls: must be an integer between 1 and 100000, not "abc"}.
+
+    @ivar path: the config file, as it was named.
+    @ivar key: the dotted key at fault, or L{None} for the file as a whole.
+    @ivar message: what is wrong with it.
+    """
+
+    def __init__(self, path: str | os.PathLike, key: str | None, message: str):
+        self.path = os.fspath(path)
+        self.key = key
+        self.message = re.sub(r"\s*\n\s*", " ", str(message)).strip()
+        where = f"{self.path}: {key}" if key else self.path
+        super().__init__(f"{where}: {self.message}")
+
+
+def secret(env_name: str) -> str | None:
+    """
+    The secret held by environment variable C{env_name}, read now; L{None} when no variable is
+    named or it is unset or empty.
+    """
+    return (os.environ.get(env_name) or None) if env_name else None
+
+
+# --- checks: (raw TOML value, config directory) -> typed value, or raise _Invalid ----------
+
+
+class _Invalid(Exception):
+    """
+    A value failed a check. C{key} is the dotted key, or while still inside a check the suffix
+    to append to the field's key (C{"[1]"} for a list item, C{".name"} for a table entry).
+    """
+
+    def __init__(self, message: str, key: str = ""):
+        super().__init__(message)
+        self.message = message
+        self.key = key
+
+
+Check = Callable[[Any, Path], Any]
+
+
+def _show(value: Any) -> str:
+    # TOML-looking rendering: "abc", true, [1, 2]; short, so the error stays one line.
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _int(lo: int, hi: int | None = None) -> Check:
+    want = f"an integer between {lo} and {hi}" if hi is not None else f"an integer of at least {lo}"
+
+    def check(value: Any, base: Path) -> int:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < lo
+            or (hi is not None and value > hi)
+        ):
+            raise _Invalid(f"must be {want}, not {_show(value)}")
+        return value
+
+    return check
+
+
+def _positive(value: Any, base: Path) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise _Invalid(f"must be a number greater than 0, not {_show(value)}")
+    return float(value)
+
+
+def _bool(value: Any, base: Path) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"must be true or false, not {_show(value)}")
+    return value
+
+
+def _str(*, empty: bool = True, show: bool = True) -> Check:
+    want = "a string" if empty else "a non-empty string"
+
+    def check(value: Any, base: Path) -> str:
+        if not isinstance(value, str) or not (empty or value.strip()):
+            raise _Invalid(f"must be {want}" + (f", not {_show(value)}" if show else ""))
+        return value
+
+    return check
+
+
+def _choice(*options: str) -> Check:
+    listed = ", ".join(f'"{o}"' for o in options)
+
+    def check(value: Any, base: Path) -> str:
+        if value not in options:
+            raise _Invalid(f"must be one of {listed}, not {_show(value)}")
+        return value
+
+    return check
+
+
+def _env_name(value: Any, base: Path) -> str:
+    # Never echo the value: the usual mistake here is pasting the secret itself.
+    if not isinstance(value, str) or not re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)?", value):
+        raise _Invalid(
+            "must be the name of an environment variable (letters, digits, _), "
+            "not the secret itself"
+        )
+    return value
+
+
+def _url(*schemes: str) -> Check:
+    def check(value: Any, base: Path) -> str:
+        url = _str()(value, base)
+        if url:
+            parts = urlsplit(url)
+            if parts.scheme not in schemes or not parts.netloc:
+                raise _Invalid(f"must be an {' or '.join(schemes)} URL, not {_show(url)}")
+        return url
+
+    return check
+
+
+def _path(*, optional: bool = False, must_be_file: bool = False) -> Check:
+    """Relative to the config file's directory; C{""} is L{None} when optional."""
+
+    def check(value: Any, base: Path) -> Path | None:
+        if optional and value == "":
+            return None
+        _str(empty=False)(value, base)
+        path = Path(os.path.normpath(base / Path(value).expanduser()))
+        if must_be_file and not path.is_file():
+            raise _Invalid(f"no such file: {path}")
+        if not must_be_file and path.exists() and not path.is_dir():
+            raise _Invalid(f"is not a directory: {path}")
+        return path
+
+    return check
+
+
+def _optional(check: Check) -> Check:
+    return lambda value, base: None if value is None else check(value, base)
+
+
+def _ip(value: Any, base: Path) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise _Invalid(f"must be an IP address, not {_show(value)}") from None
+    return value
+
+
+def _networks(value: Any, base: Path) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _Invalid(f"must be a list of IP addresses or networks, not {_show(value)}")
+    for i, item in enumerate(value):
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except (TypeError, ValueError):
+            raise _Invalid(
+                f"must be an IP address or network, not {_show(item)}", f"[{i}]"
+            ) from None
+    return tuple(value)
+
+
+def _port_range(value: Any, base: Path) -> tuple[int, int]:
+    port = _int(1, 65535)
+    if not isinstance(value, list) or len(value) != 2:
+        raise _Invalid(f"must be two port numbers [low, high], not {_show(value)}")
+    for i, v in enumerate(value):
+        try:
+            port(v, base)
+        except _Invalid as e:
+            raise _Invalid(e.message, f"[{i}]") from None
+    lo, hi = value
+    if lo > hi:
+        raise _Invalid(f"must be [low, high] with low <= high, not {_show(value)}")
+    return lo, hi
+
+
+_ENDPOINT_OPTIONS = {
+    "tcp": {"interface", "backlog"},
+    "ssl": {
+        "interface",
+        "backlog",
+        "privateKey",
+        "certKey",
+        "sslmethod",
+        "extraCertChain",
+        "dhParameters",
+    },
+    "unix": {"mode", "lockfile", "backlog"},
+}
+
+
+def _endpoint_parts(description: str) -> tuple[str, list[str], dict[str, str]]:
+    args, options = _parse_endpoint(description)
+    return args[0].lower(), args[1:], options
+
+
+def _endpoint(value: Any, base: Path) -> str:
+    """
+    A Twisted server endpoint string of kind tcp, ssl or unix. Checked without side effects:
+    C{ssl:} key files are read by the API service when it listens, not here.
+    """
+    description = _str(empty=False)(value, base)
+    kind, args, options = _endpoint_parts(description)
+    if kind not in _ENDPOINT_OPTIONS:
+        raise _Invalid(f"must be a tcp:, ssl: or unix: endpoint string, not {_show(value)}")
+    if len(args) != 1 or not args[0]:
+        what = "path" if kind == "unix" else "port"
+        raise _Invalid(f"must be {kind}:<{what}>[:option=value...], not {_show(value)}")
+    for name in options:
+        if name not in _ENDPOINT_OPTIONS[kind]:
+            raise _Invalid(f'unknown {kind}: endpoint option "{name}" in {_show(value)}')
+    if kind != "unix" and not (re.fullmatch("[0-9]{1,5}", args[0]) and int(args[0]) <= 65535):
+        raise _Invalid(f"must give a port between 0 and 65535, not {_show(args[0])}")
+    if kind == "ssl" and "privateKey" not in options:
+        raise _Invalid(f"must name a privateKey= for an ssl: endpoint, not {_show(value)}")
+    return description
+
+
+def _redis_url(value: Any, base: Path) -> str:
+    url = _str()(value, base)
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.password:
+        # Not echoed: it holds a secret.
+        raise _Invalid("must not contain a password; name its variable in redis.password_env")
+    if parts.scheme == "unix":
+        ok = not parts.netloc and parts.path not in ("", "/")
+    else:
+        try:
+            parts.port  # raises for a port that is not a number in range
+        except ValueError:
+            ok = False
+        else:
+            ok = parts.scheme == "redis" and bool(parts.hostname)
+            ok = ok and re.fullmatch(r"/?|/[0-9]+", parts.path) is not None
+    if not ok:
+        raise _Invalid(
+            f'must be "" (embedded), redis://host[:port][/db] or unix:///path, not {_show(url)}'
+        )
+    return url
+
+
+def _prompts(value: Any, base: Path) -> Mapping[str, str]:
+    if not isinstance(value, dict):
+        raise _Invalid(f"must be a table of prompt texts, not {_show(value)}")
+    for name, text in value.items():
+        if not isinstance(text, str) or not text.strip():
+            raise _Invalid(f"must be a non-empty string, not {_show(text)}", f".{name}")
+    return MappingProxyType(dict(value))
+
+
+# --- the schema ---------------------------------------------------------------------------
+
+
+def _field(default: Any, check: Check, *, repr: bool = True) -> Any:
+    """A setting: its default (run through C{check} like a value from the file) and check."""
+    return attrs.field(default=default, metadata={"check": check}, repr=repr)
+
+
+def _required(check: Check) -> Any:
+    return attrs.field(metadata={"check": check})
+
+
+def _table(cls: type) -> Any:
+    """A sub-table, built from its own defaults when the file leaves it out."""
+    return attrs.field(factory=cls, metadata={"table": cls})
+
+
+_ms = _int(0, 60000)
+
+
+@frozen(kw_only=True)
+class ServerConfig:
+    """C{[server]}: the AudioSocket listeners and the process."""
+
+    bind: str = _field("0.0.0.0", _ip)
+    max_calls: int = _field(100, _int(1, 100000))
+    allowed_peers: tuple[str, ...] = _field([], _networks)  # as written; see allowed_networks
+    state_dir: Path = _field("var", _path())
+    port_fallback: bool = _field(False, _bool)
+    port_fallback_range: tuple[int, int] = _field([20000, 20999], _port_range)
+    handshake_timeout_s: float = _field(5.0, _positive)
+
+    @property
+    def allowed_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """C{allowed_peers} as networks (an address is a /32 or /128)."""
+        return tuple(ipaddress.ip_network(peer, strict=False) for peer in self.allowed_peers)
+
+    def peer_allowed(self, host: str) -> bool:
+        """
+        May a peer at C{host} (an address string, as from C{getPeer().host}) connect to an
+        AudioSocket port? Any may when C{allowed_peers} is empty.
+        """
+        if not self.allowed_peers:
+            return True
+        try:
+            ip = ipaddress.ip_address(host.split("%")[0])
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped:  # a v4 peer on a "::" listener
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.allowed_networks)
+
+
+@frozen(kw_only=True)
+class ApiConfig:
+    """C{[api]}: the HTTP API's endpoint and bearer token."""
+
+    endpoint: str = _field("tcp:8082:interface=127.0.0.1", _endpoint)
+    token: str = _field("", _str(show=False), repr=False)  # kept out of logs
+    token_env: str = _field("", _env_name)
+
+    @property
+    def is_loopback(self) -> bool:
+        """Only this host can reach the API: a unix socket, or tcp/ssl on a loopback interface."""
+        kind, _, options = _endpoint_parts(self.endpoint)
+        if kind == "unix":
+            return True
+        interface = options.get("interface", "")
+        try:
+            return interface == "localhost" or ipaddress.ip_address(interface).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def requires_token(self) -> bool:
+        """
+        A token is configured, so every request must carry it. When this is true and
+        L{bearer_token} is L{None} (its variable unset), the API must refuse every request.
+        """
+        return bool(self.token or self.token_env)
+
+    def bearer_token(self) -> str | None:
+        """The token requests must carry, read now (C{token}, else C{token_env}'s variable)."""
+        return self.token or secret(self.token_env)
+
+
+@frozen(kw_only=True)
+class RedisConfig:
+    """C{[redis]}: an external server, or C{url = ""} for an embedded redis-server."""
+
+    url: str = _field("", _redis_url)
+    password_env: str = _field("", _env_name)
+    timeout_s: float = _field(2.0, _positive)
+
+    @property
+    def embedded(self) -> bool:
+        return not self.url
+
+
+@frozen(kw_only=True)
+class EspeakConfig:
+    voice: str = _field("pt-br", _str(empty=False))
+    speed: int = _field(165, _int(80, 450))  # words per minute
+    pitch: int = _field(50, _int(0, 99))
+
+
+@frozen(kw_only=True)
+class WhisperConfig:
+    """Any OpenAI-compatible transcription API: the client POSTs to {url}/audio/transcriptions."""
+
+    url: str = _field("", _url("http", "https"))
+    model: str = _field("whisper-1", _str())
+    language: str = _field("pt", _str())
+    api_key_env: str = _field("", _env_name)
+    timeout_s: float = _field(10.0, _positive)
+
+
+@frozen(kw_only=True)
+class OpenAIConfig:
+    url: str = _field("https://api.openai.com/v1", _url("http", "https"))
+    model: str = _field("gpt-4o-mini-tts", _str())
+    voice: str = _field("alloy", _str())
+    api_key_env: str = _field("OPENAI_API_KEY", _env_name)
+    timeout_s: float = _field(10.0, _positive)
+
+
+@frozen(kw_only=True)
+class AzureConfig:
+    region: str = _field("", _str())
+    key_env: str = _field("AZURE_SPEECH_KEY", _env_name)
+    voice: str = _field("pt-BR-FranciscaNeural", _str())
+    language: str = _field("pt-BR", _str())
+    timeout_s: float = _field(10.0, _positive)
+
+
+@frozen(kw_only=True)
+class VoskConfig:
+    model_dir: Path | None = _field("", _path(optional=True))
+
+
+@frozen(kw_only=True)
+class LlmConfig:
+    url: str = _field("", _url("http", "https"))
+    model: str = _field("", _str())
+    api_key_env: str = _field("", _env_name)
+    timeout_s: float = _field(5.0, _positive)
+
+
+@frozen(kw_only=True)
+class SpeechConfig:
+    """C{[speech]}: which providers speak, listen and understand, and their settings."""
+
+    tts: str = _field("espeak", _choice("espeak", "openai", "azure"))
+    stt: str = _field("none", _choice("none", "whisper", "vosk", "azure"))
+    nlu: str = _field("rules", _choice("rules", "llm"))
+    cache_size: int = _field(256, _int(0))  # synthesized prompts kept in memory
+    espeak: EspeakConfig = _table(EspeakConfig)
+    whisper: WhisperConfig = _table(WhisperConfig)
+    openai: OpenAIConfig = _table(OpenAIConfig)
+    azure: AzureConfig = _table(AzureConfig)
+    vosk: VoskConfig = _table(VoskConfig)
+    llm: LlmConfig = _table(LlmConfig)
+
+
+@frozen(kw_only=True)
+class AmiConfig:
+    host: str = _field("127.0.0.1", _str())
+    port: int = _field(5038, _int(1, 65535))
+    username: str = _field("audiosocket", _str())
+    secret_env: str = _field("AMI_SECRET", _env_name)
+    context: str = _field("audiosocket-resident", _str(empty=False))
+
+
+@frozen(kw_only=True)
+class DialerConfig:
+    """C{[dialer]}: how the resident's call is originated."""
+
+    kind: str = _field("log", _choice("log", "http", "ami"))
+    url: str = _field("", _url("http", "https"))
+    timeout_s: float = _field(5.0, _positive)
+    ami: AmiConfig = _table(AmiConfig)
+
+
+@frozen(kw_only=True)
+class AudioConfig:
+    """C{[audio]}: voice activity detection and endpointing; durations in milliseconds."""
+
+    vad_aggressiveness: int = _field(2, _int(0, 3))
+    visitor_silence_ms: int = _field(700, _ms)
+    resident_silence_ms: int = _field(600, _ms)
+    speech_start_ms: int = _field(60, _ms)
+    preroll_ms: int = _field(300, _ms)
+    min_utterance_ms: int = _field(200, _ms)
+    max_utterance_ms: int = _field(15000, _ms)
+    barge_in: bool = _field(True, _bool)
+    barge_in_ms: int = _field(250, _ms)
+    echo_guard_ms: int = _field(200, _ms)
+
+
+@frozen(kw_only=True)
+class FlowConfig:
+    """C{[flow]}: the conversation's timings and limits; C{prompts} overrides default texts."""
+
+    ring_timeout_s: float = _field(30, _positive)
+    attempts: int = _field(2, _int(1, 10))
+    max_call_s: float = _field(180, _positive)
+    dtmf_timeout_s: float = _field(3.0, _positive)
+    decision_timeout_s: float = _field(10.0, _positive)
+    max_retries: int = _field(2, _int(0, 10))
+    wait_message_interval_s: float = _field(15.0, _positive)
+    prompts: Mapping[str, str] = _field({}, _prompts)
+
+
+@frozen(kw_only=True)
+class Condominium:
+    """One C{[[condominiums]]} item: a building, its greeting and its residents directory."""
+
+    id: int = _required(_int(1, 2**31 - 1))
+    name: str = _required(_str(empty=False))
+    directory: Path = _required(_path(must_be_file=True))
+    greeting: str = attrs.field(
+        default=attrs.Factory(lambda self: f"{self.name}, em que posso ajudar?", takes_self=True),
+        metadata={"check": _str(empty=False)},
+    )
+    max_calls: int | None = _field(None, _optional(_int(1, 100000)))
+
+
+_SECTIONS = {
+    "server": ServerConfig,
+    "api": ApiConfig,
+    "redis": RedisConfig,
+    "speech": SpeechConfig,
+    "dialer": DialerConfig,
+    "audio": AudioConfig,
+    "flow": FlowConfig,
+}
+
+
+@frozen(kw_only=True)
+class Config:
+    """The whole file. Build it with L{load_config} or L{parse_config}."""
+
+    path: Path
+    server: ServerConfig
+    api: ApiConfig
+    redis: RedisConfig
+    speech: SpeechConfig
+    dialer: DialerConfig
+    audio: AudioConfig
+    flow: FlowConfig
+    condominiums: tuple[Condominium, ...]
+    extensions: tuple[Extension, ...]
+
+    def condominium(self, id: int) -> Condominium:
+        """@raise KeyError: no condominium has this id."""
+        for condominium in self.condominiums:
+            if condominium.id == id:
+                return condominium
+        raise KeyError(id)
+
+    @staticmethod
+    def secret(env_name: str) -> str | None:
+        """See L{secret}."""
+        return secret(env_name)
+
+
+# --- building -----------------------------------------------------------------------------
+
+
+def _join(prefix: str, name: str) -> str:
+    """C{server} + C{bind} is C{server.bind}; C{allowed_peers} + C{[1]} is C{allowed_peers[1]}."""
+    if not prefix or name.startswith("["):
+        return prefix + name
+    return f"{prefix}.{name}"
+
+
+def _unknown(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return "unknown key" + (f'; did you mean "{close[0]}"?' if close else "")
+
+
+def _check_keys(data: dict, known, key: str) -> None:
+    for name in data:
+        if name not in known:
+            raise _Invalid(_unknown(name, known), _join(key, name))
+
+
+def _build(cls: type, data: Any, key: str, base: Path) -> Any:
+    """Check table C{data} (at dotted C{key}) against C{cls}'s fields and build one."""
+    if not isinstance(data, dict):
+        raise _Invalid(f"must be a table, not {_show(data)}", key)
+    fields = attrs.fields_dict(cls)
+    _check_keys(data, fields, key)
+    values = {}
+    for name, field in fields.items():
+        where = _join(key, name)
+        if "table" in field.metadata:
+            values[name] = _build(field.metadata["table"], data.get(name, {}), where, base)
+            continue
+        if name in data:
+            raw = data[name]
+        elif field.default is attrs.NOTHING:
+            raise _Invalid("is required", where)
+        elif isinstance(field.default, attrs.Factory):
+            continue  # computed from other fields by attrs
+        else:
+            raw = field.default
+        try:
+            values[name] = field.metadata["check"](raw, base)
+        except _Invalid as e:
+            raise _Invalid(e.message, where + e.key) from None
+    return cls(**values)
+
+
+def _items(data: dict, name: str) -> list[dict]:
+    items = data.get(name, [])
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise _Invalid(f"must be an array of tables ([[{name}]]), not {_show(items)}", name)
+    return items
+
+
+def _extension(data: dict, key: str) -> Extension:
+    # Unknown keys are refused here, in the config's words; the rest is the model's validation,
+    # shared with the HTTP API and the store.
+    _check_keys(data, EXTENSION_FIELDS, key)
+    try:
+        return Extension.from_dict(data)
+    except InvalidField as e:
+        raise _Invalid(e.message, _join(key, e.field)) from None
+
+
+# Choosing a provider makes some of its settings mandatory: (setting, choice) -> settings.
+_NEEDS = {
+    ("speech.tts", "openai"): ("speech.openai.url", "speech.openai.model", "speech.openai.voice"),
+    ("speech.tts", "azure"): ("speech.azure.region", "speech.azure.voice"),
+    ("speech.stt", "whisper"): ("speech.whisper.url", "speech.whisper.model"),
+    ("speech.stt", "vosk"): ("speech.vosk.model_dir",),
+    ("speech.stt", "azure"): ("speech.azure.region", "speech.azure.language"),
+    ("speech.nlu", "llm"): ("speech.llm.url", "speech.llm.model"),
+    ("dialer.kind", "http"): ("dialer.url",),
+    ("dialer.kind", "ami"): ("dialer.ami.host", "dialer.ami.username"),
+}
+
+
+def _get(config: Config, dotted: str) -> Any:
+    return functools.reduce(getattr, dotted.split("."), config)
+
+
+def _check_rules(config: Config) -> None:
+    """The rules that join two or more settings."""
+    for (setting, choice), needed in _NEEDS.items():
+        if _get(config, setting) == choice:
+            for key in needed:
+                if not _get(config, key):
+                    raise _Invalid(f'is required when {setting} = "{choice}"', key)
+    vosk = config.speech.vosk.model_dir
+    if config.speech.stt == "vosk" and not vosk.is_dir():
+        raise _Invalid(f"no such directory: {vosk}", "speech.vosk.model_dir")
+
+    if not config.api.is_loopback and not config.api.requires_token:
+        raise _Invalid(
+            "is required (or api.token_env) when the API is not on loopback "
+            f'("{config.api.endpoint}")',
+            "api.token",
+        )
+
+    audio = config.audio
+    if audio.max_utterance_ms < audio.min_utterance_ms:
+        raise _Invalid(
+            f"must be at least audio.min_utterance_ms ({audio.min_utterance_ms}), "
+            f"not {audio.max_utterance_ms}",
+            "audio.max_utterance_ms",
+        )
+
+    condominium_ids: dict[int, str] = {}
+    for i, condominium in enumerate(config.condominiums):
+        key = f"condominiums[{i}].id"
+        if condominium.id in condominium_ids:
+            raise _Invalid(
+                f"duplicate id {condominium.id} (also {condominium_ids[condominium.id]})", key
+            )
+        condominium_ids[condominium.id] = key
+
+    kind, args, _ = _endpoint_parts(config.api.endpoint)
+    api_port = 0 if kind == "unix" else int(args[0])
+    ports = {api_port: "api.endpoint"} if api_port else {}
+    extension_ids: dict[int, str] = {}
+    for i, extension in enumerate(config.extensions):
+        key = f"extensions[{i}]"
+        if extension.id in extension_ids:
+            raise _Invalid(
+                f"duplicate id {extension.id} (also {extension_ids[extension.id]})", f"{key}.id"
+            )
+        extension_ids[extension.id] = f"{key}.id"
+        if extension.condominium_id not in condominium_ids:
+            raise _Invalid(
+                f"no condominium has id {extension.condominium_id}", f"{key}.condominium_id"
+            )
+        for name in ("ai_port", "return_port"):
+            port = getattr(extension, name)
+            if port in ports:
+                raise _Invalid(f"port {port} is already used by {ports[port]}", f"{key}.{name}")
+            ports[port] = f"{key}.{name}"
+
+
+def parse_config(data: dict, path: str | os.PathLike) -> Config:
+    """
+    Validate C{data} (as from C{tomllib}) read from C{path}; relative paths in it are relative
+    to C{path}'s directory.
+
+    @raise ConfigError: naming C{path} and the first bad key.
+    """
+    absolute = Path(os.path.abspath(path))
+    base = absolute.parent
+    try:
+        _check_keys(data, [*_SECTIONS, "condominiums", "extensions"], "")
+        sections = {
+            name: _build(cls, data.get(name, {}), name, base) for name, cls in _SECTIONS.items()
+        }
+        condominiums = tuple(
+            _build(Condominium, item, f"condominiums[{i}]", base)
+            for i, item in enumerate(_items(data, "condominiums"))
+        )
+        if not condominiums:
+            raise _Invalid("at least one [[condominiums]] table is required", "condominiums")
+        extensions = tuple(
+            _extension(item, f"extensions[{i}]")
+            for i, item in enumerate(_items(data, "extensions"))
+        )
+        config = Config(path=absolute, condominiums=condominiums, extensions=extensions, **sections)
+        _check_rules(config)
+    except _Invalid as e:
+        raise ConfigError(path, e.key or None, e.message) from None
+    return config
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """
+    Read, parse and validate the TOML file at C{path}.
+
+    @raise ConfigError: the file cannot be read, is not TOML, or has a bad setting.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(path, None, f"cannot read config: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, None, f"invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, None, f"invalid TOML: not UTF-8 ({e.reason})") from None
+    return parse_config(data, path)

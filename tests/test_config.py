@@ -1,0 +1,657 @@
+"""
+Tests for L{audiosocket.config}: the shipped files, defaults, and one error per kind of mistake,
+each naming the file and the exact dotted key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from audiosocket.config import (
+    Config,
+    ConfigError,
+    load_config,
+    parse_config,
+)
+from audiosocket.model import Extension
+
+ETC = Path(__file__).resolve().parent.parent / "etc"
+
+CONDOMINIUM = """
+[[condominiums]]
+id = 1
+name = "Condomínio Teste"
+directory = "apartments.json"
+"""
+
+
+def extension(**fields) -> str:
+    """An [[extensions]] table: extension 1 on 8080/8081, with C{fields} changed or removed."""
+    values = dict(
+        id=1,
+        ai_extension="1001",
+        ai_port=8080,
+        return_extension="1002",
+        return_port=8081,
+        host="127.0.0.1",
+        condominium_id=1,
+    )
+    values.update(fields)
+    lines = [f"{k} = {json.dumps(v)}" for k, v in values.items() if v is not None]
+    return "[[extensions]]\n" + "\n".join(lines) + "\n"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    """
+    Write a config file (and an empty apartments.json beside it). C{text} is put before a
+    minimal condominium unless it sets condominiums itself.
+    """
+    (tmp_path / "apartments.json").write_text("[]")
+    if not re.search(r"^\[*condominiums\b", text, re.M):
+        text += CONDOMINIUM
+    path = tmp_path / "audiosocket.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def load(tmp_path: Path, text: str = "") -> Config:
+    return load_config(write(tmp_path, text))
+
+
+def error(path: Path) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return info.value
+
+
+# --- the shipped files ----------------------------------------------------------------------
+
+
+def test_shipped_config_loads():
+    """
+    etc/audiosocket.toml runs as is: one condominium with its directory beside the file, one
+    extension on 8080/8081, API on loopback 8082, embedded Redis, espeak, DTMF only, log dialer.
+    """
+    config = load_config(ETC / "audiosocket.toml")
+    (condominium,) = config.condominiums
+    assert condominium.name == "Condomínio Apoena"
+    assert condominium.greeting == "Condomínio Apoena, em que posso ajudar?"
+    assert condominium.directory == ETC / "apartments.json"
+    assert config.extensions == (
+        Extension(
+            id=1,
+            ai_extension="1001",
+            ai_port=8080,
+            return_extension="1002",
+            return_port=8081,
+            host="127.0.0.1",
+            condominium_id=1,
+        ),
+    )
+    assert config.api.endpoint == "tcp:8082:interface=127.0.0.1"
+    assert config.api.is_loopback and not config.api.requires_token
+    assert config.redis.embedded
+    assert (config.speech.tts, config.speech.stt, config.speech.nlu) == ("espeak", "none", "rules")
+    assert config.dialer.kind == "log"
+    assert config.server.state_dir == ETC / "var"
+
+
+def test_shipped_commented_examples_are_valid(tmp_path):
+    """
+    The provider sub-tables shown commented out in the shipped file use only known keys and
+    valid values, so an integrator can uncomment them as they are.
+    """
+    text = (ETC / "audiosocket.toml").read_text(encoding="utf-8")
+    example = re.compile(r'^# (\[[\w.]+\]|\w+ = ["\d\[].*)$')
+    uncommented = "\n".join(line[2:] if example.match(line) else line for line in text.splitlines())
+    assert uncommented.count("[speech.") > text.count("\n[speech.")  # something was uncommented
+    path = tmp_path / "audiosocket.toml"
+    path.write_text(uncommented, encoding="utf-8")
+    (tmp_path / "apartments.json").write_text("[]")
+    config = load_config(path)
+    assert config.speech.whisper.url == "http://127.0.0.1:9000/v1"
+    assert config.dialer.ami.secret_env == "AMI_SECRET"
+    assert "busy" in config.flow.prompts
+
+
+def test_shipped_directory_format():
+    """
+    etc/apartments.json is the original's format: a list of apartments with a plain-digit
+    number, one or more resident names and a dial string; numbers are unique.
+    """
+    apartments = json.loads((ETC / "apartments.json").read_text(encoding="utf-8"))
+    assert len(apartments) >= 10
+    for apartment in apartments:
+        assert set(apartment) == {"apartment_number", "residents", "voip_number"}
+        assert apartment["apartment_number"].isdigit()
+        assert apartment["residents"] and all(isinstance(r, str) for r in apartment["residents"])
+        assert apartment["voip_number"].startswith("SIP/")
+    numbers = [a["apartment_number"] for a in apartments]
+    assert len(set(numbers)) == len(numbers)
+    assert any(len(a["residents"]) > 1 for a in apartments)
+
+
+# --- defaults and values --------------------------------------------------------------------
+
+
+def test_defaults(tmp_path):
+    """A file with only a condominium gets every documented default."""
+    config = load(tmp_path)
+    assert config.path == tmp_path / "audiosocket.toml"
+    server = config.server
+    assert (server.bind, server.max_calls, server.allowed_peers) == ("0.0.0.0", 100, ())
+    assert server.state_dir == tmp_path / "var"
+    assert (server.port_fallback, server.port_fallback_range) == (False, (20000, 20999))
+    assert server.handshake_timeout_s == 5.0
+    assert (config.api.endpoint, config.api.token, config.api.token_env) == (
+        "tcp:8082:interface=127.0.0.1",
+        "",
+        "",
+    )
+    assert (config.redis.url, config.redis.timeout_s) == ("", 2.0)
+    speech = config.speech
+    assert (speech.tts, speech.stt, speech.nlu, speech.cache_size) == (
+        "espeak",
+        "none",
+        "rules",
+        256,
+    )
+    assert (speech.espeak.voice, speech.espeak.speed, speech.espeak.pitch) == ("pt-br", 165, 50)
+    assert (speech.whisper.url, speech.whisper.model, speech.whisper.language) == (
+        "",
+        "whisper-1",
+        "pt",
+    )
+    assert speech.openai.api_key_env == "OPENAI_API_KEY"
+    assert speech.azure.key_env == "AZURE_SPEECH_KEY"
+    assert speech.vosk.model_dir is None
+    assert (speech.llm.url, speech.llm.timeout_s) == ("", 5.0)
+    dialer = config.dialer
+    assert (dialer.kind, dialer.url, dialer.timeout_s) == ("log", "", 5.0)
+    assert (dialer.ami.host, dialer.ami.port, dialer.ami.context) == (
+        "127.0.0.1",
+        5038,
+        "audiosocket-resident",
+    )
+    assert config.audio.vad_aggressiveness == 2 and config.audio.barge_in is True
+    assert (config.audio.visitor_silence_ms, config.audio.max_utterance_ms) == (700, 15000)
+    flow = config.flow
+    assert (flow.ring_timeout_s, flow.attempts, flow.max_call_s) == (30.0, 2, 180.0)
+    assert dict(flow.prompts) == {}
+    assert config.extensions == ()
+
+
+def test_greeting_defaults_to_name(tmp_path):
+    """A condominium without a greeting is greeted with its name."""
+    (condominium,) = load(tmp_path).condominiums
+    assert condominium.greeting == "Condomínio Teste, em que posso ajudar?"
+    assert condominium.max_calls is None
+
+
+def test_integers_accepted_as_floats(tmp_path):
+    """Where a number of seconds is expected, an integer is accepted and stored as a float."""
+    config = load(tmp_path, "[flow]\ndtmf_timeout_s = 4\n[redis]\ntimeout_s = 1\n")
+    assert config.flow.dtmf_timeout_s == 4.0 and isinstance(config.flow.dtmf_timeout_s, float)
+    assert isinstance(config.redis.timeout_s, float)
+
+
+def test_prompts_are_a_read_only_mapping(tmp_path):
+    """[flow.prompts] overrides are kept by name and cannot be changed after loading."""
+    prompts = load(tmp_path, '[flow.prompts]\ngreeting = "Olá!"\n').flow.prompts
+    assert dict(prompts) == {"greeting": "Olá!"}
+    with pytest.raises(TypeError):
+        prompts["greeting"] = "x"
+
+
+def test_condominium_lookup(tmp_path):
+    """Config.condominium(id) finds a condominium by id and raises KeyError for others."""
+    config = load(tmp_path)
+    assert config.condominium(1).name == "Condomínio Teste"
+    with pytest.raises(KeyError):
+        config.condominium(2)
+
+
+def test_parse_config_takes_a_dict(tmp_path):
+    """parse_config validates an already-parsed dict, resolving paths against C{path}."""
+    (tmp_path / "apartments.json").write_text("[]")
+    data = tomllib.loads(CONDOMINIUM + extension())
+    config = parse_config(data, tmp_path / "x.toml")
+    assert config.extensions[0].ai_port == 8080
+    assert config.condominiums[0].directory == tmp_path / "apartments.json"
+
+
+# --- paths ----------------------------------------------------------------------------------
+
+
+def test_relative_paths_resolve_against_config_directory(tmp_path, monkeypatch):
+    """
+    state_dir and a condominium's directory are relative to the config file's directory, not
+    the working directory; absolute paths are kept.
+    """
+    etc = tmp_path / "etc"
+    (etc / "dirs").mkdir(parents=True)
+    (etc / "dirs" / "apoena.json").write_text("[]")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    (etc / "audiosocket.toml").write_text(
+        '[server]\nstate_dir = "../state"\n'
+        '[speech.vosk]\nmodel_dir = "%s"\n'
+        '[[condominiums]]\nid = 1\nname = "A"\ndirectory = "dirs/apoena.json"\n' % elsewhere
+    )
+    config = load_config(Path("../etc/audiosocket.toml"))
+    assert config.path == etc / "audiosocket.toml"
+    assert config.server.state_dir == tmp_path / "state"
+    assert config.condominiums[0].directory == etc / "dirs" / "apoena.json"
+    assert config.speech.vosk.model_dir == elsewhere
+
+
+# --- secrets --------------------------------------------------------------------------------
+
+
+def test_secrets_come_from_environment_at_use_time(tmp_path, monkeypatch):
+    """
+    Keys ending in _env name variables; Config.secret reads them when called, so a value set
+    after loading is seen, and an unset or unnamed variable is None.
+    """
+    monkeypatch.delenv("TEST_WHISPER_KEY", raising=False)
+    config = load(tmp_path, '[speech.whisper]\napi_key_env = "TEST_WHISPER_KEY"\n')
+    name = config.speech.whisper.api_key_env
+    assert config.secret(name) is None
+    monkeypatch.setenv("TEST_WHISPER_KEY", "sk-123")
+    assert config.secret(name) == "sk-123"
+    assert config.secret("") is None
+
+
+def test_api_token_from_environment(tmp_path, monkeypatch):
+    """
+    An API off loopback may take its token from token_env instead of the file; the token is
+    read when asked for and never shown in the config's repr.
+    """
+    config = load(
+        tmp_path,
+        '[api]\nendpoint = "tcp:8082"\ntoken_env = "TEST_API_TOKEN"\n',
+    )
+    assert not config.api.is_loopback and config.api.requires_token
+    monkeypatch.setenv("TEST_API_TOKEN", "s3cret")
+    assert config.api.bearer_token() == "s3cret"
+    inline = load(tmp_path, '[api]\nendpoint = "tcp:8082"\ntoken = "in-file"\n')
+    assert inline.api.bearer_token() == "in-file"
+    assert "in-file" not in repr(inline)
+
+
+@pytest.mark.parametrize(
+    "endpoint, loopback",
+    [
+        ("tcp:8082:interface=127.0.0.1", True),
+        ("tcp:8082:interface=127.0.0.53", True),
+        (r"tcp:8082:interface=\:\:1", True),
+        ("tcp:8082:interface=localhost", True),
+        ("unix:/run/audiosocket.sock", True),
+        ("tcp:8082", False),
+        ("tcp:8082:interface=0.0.0.0", False),
+        ("ssl:8443:privateKey=key.pem:interface=192.168.0.10", False),
+    ],
+)
+def test_api_is_loopback(tmp_path, endpoint, loopback):
+    """ApiConfig.is_loopback is true only for unix sockets and loopback interfaces."""
+    config = load(tmp_path, f'[api]\nendpoint = {json.dumps(endpoint)}\ntoken = "t"\n')
+    assert config.api.is_loopback is loopback
+
+
+def test_peer_allowed(tmp_path):
+    """
+    allowed_peers keeps the addresses and networks as written, allowed_networks parses them;
+    a peer is allowed when in one of them, also when it arrives as an IPv4-mapped IPv6
+    address; an empty list allows anyone.
+    """
+    server = load(
+        tmp_path, '[server]\nallowed_peers = ["10.0.0.5", "192.168.1.0/24", "fd00::/8"]\n'
+    ).server
+    assert server.allowed_peers == ("10.0.0.5", "192.168.1.0/24", "fd00::/8")
+    assert server.allowed_networks[0] == ipaddress.ip_network("10.0.0.5/32")
+    assert server.peer_allowed("10.0.0.5")
+    assert server.peer_allowed("192.168.1.77")
+    assert server.peer_allowed("::ffff:192.168.1.77")
+    assert server.peer_allowed("fd00::1")
+    assert not server.peer_allowed("10.0.0.6")
+    assert not server.peer_allowed("not-an-ip")
+    assert load(tmp_path).server.peer_allowed("203.0.113.9")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://localhost",
+        "redis://10.0.0.2:6380/3",
+        "redis://user@host/0",
+        "unix:///run/redis.sock",
+    ],
+)
+def test_redis_urls_accepted(tmp_path, url):
+    """Redis URLs without a password, by host or unix socket, are accepted as written."""
+    config = load(tmp_path, f"[redis]\nurl = {json.dumps(url)}\n")
+    assert config.redis.url == url and not config.redis.embedded
+
+
+# --- errors about the file ------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    """A config file that does not exist is a ConfigError naming the file, with no key."""
+    path = tmp_path / "nope.toml"
+    e = error(path)
+    assert (e.path, e.key) == (str(path), None)
+    assert str(e) == f"{path}: cannot read config: No such file or directory"
+
+
+def test_directory_instead_of_file(tmp_path):
+    """Naming a directory as the config file is a ConfigError saying so."""
+    assert str(error(tmp_path)) == f"{tmp_path}: cannot read config: Is a directory"
+
+
+def test_bad_toml_names_line_and_column(tmp_path):
+    """Invalid TOML is a ConfigError carrying TOML's own message with line and column."""
+    path = tmp_path / "bad.toml"
+    path.write_text("[server]\nmax_calls = = 3\n")
+    e = error(path)
+    assert e.key is None
+    assert str(e).startswith(f"{path}: invalid TOML: ")
+    assert "line 2, column 13" in str(e)
+
+
+def test_not_utf8(tmp_path):
+    """A file that is not UTF-8 is a ConfigError, not a UnicodeDecodeError."""
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('[[condominiums]]\nname = "Condomínio"\n'.encode("latin-1"))
+    assert str(error(path)).startswith(f"{path}: invalid TOML: not UTF-8")
+
+
+def test_error_is_one_line():
+    """ConfigError keeps path, key and message, and its text is one line whatever the message."""
+    e = ConfigError("etc/x.toml", "server.bind", "bad\n  value")
+    assert (e.path, e.key, e.message) == ("etc/x.toml", "server.bind", "bad value")
+    assert str(e) == "etc/x.toml: server.bind: bad value"
+
+
+# --- one error per kind of mistake, naming the exact key --------------------------------------
+
+SECOND_CONDOMINIUM = CONDOMINIUM.replace("Teste", "Outro")
+
+MISTAKES = {
+    # unknown keys, at every level
+    "unknown top-level key": ("bogus = 1\n", "bogus", "unknown key"),
+    "unknown section key": (
+        "[server]\nmax_call = 5\n",
+        "server.max_call",
+        'unknown key; did you mean "max_calls"?',
+    ),
+    "unknown sub-table key": (
+        '[speech.whisper]\nurll = "http://x"\n',
+        "speech.whisper.urll",
+        'unknown key; did you mean "url"?',
+    ),
+    "unknown sub-table": ("[speech.festival]\n", "speech.festival", "unknown key"),
+    "unknown condominium key": (
+        CONDOMINIUM + 'gretting = "Oi"\n',
+        "condominiums[0].gretting",
+        'unknown key; did you mean "greeting"?',
+    ),
+    "unknown extension key": (
+        extension(hots="x"),
+        "extensions[0].hots",
+        'unknown key; did you mean "host"?',
+    ),
+    # wrong types
+    "string for int": (
+        '[server]\nmax_calls = "abc"\n',
+        "server.max_calls",
+        'must be an integer between 1 and 100000, not "abc"',
+    ),
+    "bool for int": (
+        "[server]\nmax_calls = true\n",
+        "server.max_calls",
+        "must be an integer between 1 and 100000, not true",
+    ),
+    "bool for float": (
+        "[flow]\nring_timeout_s = true\n",
+        "flow.ring_timeout_s",
+        "must be a number greater than 0, not true",
+    ),
+    "int for bool": ("[audio]\nbarge_in = 1\n", "audio.barge_in", "must be true or false, not 1"),
+    "int for string": (
+        "[speech.espeak]\nvoice = 5\n",
+        "speech.espeak.voice",
+        "must be a non-empty string, not 5",
+    ),
+    "value for section": ("server = 5\n", "server", "must be a table, not 5"),
+    "table for array of tables": (
+        "[condominiums]\nid = 1\n",
+        "condominiums",
+        'must be an array of tables ([[condominiums]]), not {"id": 1}',
+    ),
+    # out of range and bad values
+    "int too small": (
+        "[server]\nmax_calls = 0\n",
+        "server.max_calls",
+        "must be an integer between 1 and 100000, not 0",
+    ),
+    "int too large": (
+        "[speech.espeak]\nspeed = 1000\n",
+        "speech.espeak.speed",
+        "must be an integer between 80 and 450, not 1000",
+    ),
+    "negative cache": (
+        "[speech]\ncache_size = -1\n",
+        "speech.cache_size",
+        "must be an integer of at least 0, not -1",
+    ),
+    "zero seconds": (
+        "[redis]\ntimeout_s = 0\n",
+        "redis.timeout_s",
+        "must be a number greater than 0, not 0",
+    ),
+    "nan seconds": (
+        "[flow]\nmax_call_s = nan\n",
+        "flow.max_call_s",
+        "must be a number greater than 0, not NaN",
+    ),
+    "ms too large": (
+        "[audio]\npreroll_ms = 60001\n",
+        "audio.preroll_ms",
+        "must be an integer between 0 and 60000, not 60001",
+    ),
+    "unknown choice": (
+        '[speech]\ntts = "festival"\n',
+        "speech.tts",
+        'must be one of "espeak", "openai", "azure", not "festival"',
+    ),
+    "reversed port range": (
+        "[server]\nport_fallback_range = [2000, 1000]\n",
+        "server.port_fallback_range",
+        "must be [low, high] with low <= high, not [2000, 1000]",
+    ),
+    "bad port in range": (
+        "[server]\nport_fallback_range = [0, 1000]\n",
+        "server.port_fallback_range[0]",
+        "must be an integer between 1 and 65535, not 0",
+    ),
+    "bad bind": (
+        '[server]\nbind = "example.com"\n',
+        "server.bind",
+        'must be an IP address, not "example.com"',
+    ),
+    "bad peer": (
+        '[server]\nallowed_peers = ["10.0.0.1", "gateway"]\n',
+        "server.allowed_peers[1]",
+        'must be an IP address or network, not "gateway"',
+    ),
+    "redis url scheme": (
+        '[redis]\nurl = "http://localhost"\n',
+        "redis.url",
+        'must be "" (embedded), redis://host[:port][/db] or unix:///path, not "http://localhost"',
+    ),
+    "redis url db": (
+        '[redis]\nurl = "redis://localhost/zero"\n',
+        "redis.url",
+        'must be "" (embedded), redis://host[:port][/db] or unix:///path, not "redis://localhost/zero"',
+    ),
+    "redis url password": (
+        '[redis]\nurl = "redis://:hunter2@localhost"\n',
+        "redis.url",
+        "must not contain a password; name its variable in redis.password_env",
+    ),
+    "secret pasted into _env": (
+        '[speech.openai]\napi_key_env = "sk-abc123"\n',
+        "speech.openai.api_key_env",
+        "must be the name of an environment variable (letters, digits, _), not the secret itself",
+    ),
+    "endpoint kind": (
+        '[api]\nendpoint = "udp:8082"\n',
+        "api.endpoint",
+        'must be a tcp:, ssl: or unix: endpoint string, not "udp:8082"',
+    ),
+    "endpoint port": (
+        '[api]\nendpoint = "tcp:http"\n',
+        "api.endpoint",
+        'must give a port between 0 and 65535, not "http"',
+    ),
+    "endpoint option": (
+        '[api]\nendpoint = "tcp:8082:interfac=127.0.0.1"\n',
+        "api.endpoint",
+        'unknown tcp: endpoint option "interfac" in "tcp:8082:interfac=127.0.0.1"',
+    ),
+    "ssl without key": (
+        '[api]\nendpoint = "ssl:8443"\ntoken = "t"\n',
+        "api.endpoint",
+        'must name a privateKey= for an ssl: endpoint, not "ssl:8443"',
+    ),
+    "empty prompt": (
+        '[flow.prompts]\ngreeting = ""\n',
+        "flow.prompts.greeting",
+        'must be a non-empty string, not ""',
+    ),
+    # rules joining settings
+    "public API without token": (
+        '[api]\nendpoint = "tcp:8082:interface=0.0.0.0"\n',
+        "api.token",
+        'is required (or api.token_env) when the API is not on loopback ("tcp:8082:interface=0.0.0.0")',
+    ),
+    "whisper without url": (
+        '[speech]\nstt = "whisper"\n',
+        "speech.whisper.url",
+        'is required when speech.stt = "whisper"',
+    ),
+    "llm without model": (
+        '[speech]\nnlu = "llm"\n[speech.llm]\nurl = "http://127.0.0.1:8000/v1"\n',
+        "speech.llm.model",
+        'is required when speech.nlu = "llm"',
+    ),
+    "azure tts without region": (
+        '[speech]\ntts = "azure"\n',
+        "speech.azure.region",
+        'is required when speech.tts = "azure"',
+    ),
+    "vosk without model": (
+        '[speech]\nstt = "vosk"\n',
+        "speech.vosk.model_dir",
+        'is required when speech.stt = "vosk"',
+    ),
+    "vosk model missing": (
+        '[speech]\nstt = "vosk"\n[speech.vosk]\nmodel_dir = "models/vosk"\n',
+        "speech.vosk.model_dir",
+        "no such directory: {dir}/models/vosk",
+    ),
+    "http dialer without url": (
+        '[dialer]\nkind = "http"\n',
+        "dialer.url",
+        'is required when dialer.kind = "http"',
+    ),
+    "dialer url scheme": (
+        '[dialer]\nurl = "ftp://example.com/"\n',
+        "dialer.url",
+        'must be an http or https URL, not "ftp://example.com/"',
+    ),
+    "utterance bounds": (
+        "[audio]\nmin_utterance_ms = 500\nmax_utterance_ms = 400\n",
+        "audio.max_utterance_ms",
+        "must be at least audio.min_utterance_ms (500), not 400",
+    ),
+    # condominiums
+    "no condominiums": (
+        "condominiums = []\n",
+        "condominiums",
+        "at least one [[condominiums]] table is required",
+    ),
+    "condominium without name": (
+        '[[condominiums]]\nid = 1\ndirectory = "apartments.json"\n',
+        "condominiums[0].name",
+        "is required",
+    ),
+    "missing directory file": (
+        '[[condominiums]]\nid = 1\nname = "A"\ndirectory = "missing.json"\n',
+        "condominiums[0].directory",
+        "no such file: {dir}/missing.json",
+    ),
+    "duplicate condominium id": (
+        CONDOMINIUM + SECOND_CONDOMINIUM,
+        "condominiums[1].id",
+        "duplicate id 1 (also condominiums[0].id)",
+    ),
+    # extensions
+    "extension field invalid": (
+        extension(ai_port=70000),
+        "extensions[0].ai_port",
+        "must be between 1 and 65535, not 70000",
+    ),
+    "extension field missing": (extension(host=None), "extensions[0].host", "is required"),
+    "duplicate extension id": (
+        extension() + extension(ai_port=9080, return_port=9081),
+        "extensions[1].id",
+        "duplicate id 1 (also extensions[0].id)",
+    ),
+    "duplicate port": (
+        extension() + extension(id=2, ai_port=8081, return_port=9081),
+        "extensions[1].ai_port",
+        "port 8081 is already used by extensions[0].return_port",
+    ),
+    "port taken by API": (
+        extension(return_port=8082),
+        "extensions[0].return_port",
+        "port 8082 is already used by api.endpoint",
+    ),
+    "unknown condominium": (
+        extension(condominium_id=7),
+        "extensions[0].condominium_id",
+        "no condominium has id 7",
+    ),
+}
+
+
+@pytest.mark.parametrize("text, key, message", MISTAKES.values(), ids=MISTAKES.keys())
+def test_mistake_names_file_and_key(tmp_path, text, key, message):
+    """
+    Each kind of mistake is a ConfigError whose one line names the file, the exact dotted key
+    and what is wrong.
+    """
+    path = write(tmp_path, text)
+    e = error(path)
+    message = message.replace("{dir}", str(tmp_path))
+    assert (e.path, e.key, e.message) == (str(path), key, message)
+    assert str(e) == f"{path}: {key}: {message}"
+
+
+def test_secrets_are_not_echoed_in_errors(tmp_path):
+    """A secret written where it does not belong is not repeated in the error message."""
+    for text, leaked in [
+        ('[redis]\nurl = "redis://:hunter2@localhost"\n', "hunter2"),
+        ('[speech.openai]\napi_key_env = "sk-abc123"\n', "sk-abc123"),
+        ("[api]\ntoken = 123456\n", "123456"),
+    ]:
+        assert leaked not in str(error(write(tmp_path, text)))
