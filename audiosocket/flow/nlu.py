@@ -1,0 +1,1048 @@
+"""
+Rules-based understanding of Brazilian Portuguese at the gate: offline, the default NLU.
+
+Two jobs:
+  - L{extract_facts}: from what the visitor said, the four facts the doorman needs (purpose,
+    visitor name, apartment, resident name) plus the block/tower when one is named;
+  - L{classify_decision}: whether the resident's answer authorises the visit, refuses it, asks
+    who it is, or is unclear.
+
+Everything works on words, never on substrings: the original system authorised "não, assim não"
+because the text contains "sim". Text is accent-folded and lower-cased for matching (a
+transcript may or may not carry accents); names are returned as the visitor said them,
+title-cased.
+
+Pure Python, no I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import unicodedata
+from collections.abc import Iterable, Sequence
+from typing import ClassVar
+
+from attrs import field, fields, frozen
+from attrs.validators import in_, optional
+
+from audiosocket.flow.directory import Directory, normalize
+
+VISITA = "visita"
+ENTREGA = "entrega"
+SERVICO = "servico"
+INTENTS = (VISITA, ENTREGA, SERVICO)
+
+
+@frozen
+class Facts:
+    """
+    What is known about a visit. Every field is optional; the flow asks for what is missing.
+
+    C{intent} is one of L{INTENTS}; C{apartment} is digits ("101"); C{block} is the block or
+    tower ("B", "2") when the visitor named one.
+    """
+
+    intent: str | None = field(default=None, validator=optional(in_(INTENTS)))
+    visitor_name: str | None = None
+    apartment: str | None = None
+    resident_name: str | None = None
+    block: str | None = None
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("intent", "visitor_name", "apartment", "resident_name")
+
+    def merge(self, other: Facts) -> Facts:
+        """
+        These facts, with the gaps filled from C{other}: a known value is never overwritten.
+        """
+        return Facts(
+            **{
+                a.name: getattr(self, a.name)
+                if getattr(self, a.name) is not None
+                else getattr(other, a.name)
+                for a in fields(Facts)
+            }
+        )
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        """
+        The names of the required facts still unknown, in the order the flow asks for them.
+        """
+        return tuple(name for name in self.REQUIRED if getattr(self, name) is None)
+
+
+# -- tokens ----------------------------------------------------------------------------------
+
+
+@frozen
+class _Token:
+    text: str  # as written, for names
+    word: str  # accent-folded, lower-case, for matching
+
+    @property
+    def is_word(self) -> bool:
+        return self.word[:1].isalnum()
+
+    @property
+    def is_digits(self) -> bool:
+        return self.word.isdigit()
+
+
+# A phone number, CPF or similar: six or more digits with separators. Never an apartment.
+_LONG_NUMBER = re.compile(r"\+?\(?\d[\d\s().\-]{4,}\d")
+_TOKEN = re.compile(r"\d+|[^\W\d_]+|[^\w\s]")
+
+
+def _drop_long_number(match: re.Match) -> str:
+    if sum(c.isdigit() for c in match.group()) > 5:
+        return " ; "
+    return match.group()
+
+
+def _tokenize(text: str) -> list[_Token]:
+    text = unicodedata.normalize("NFC", text or "")
+    text = _LONG_NUMBER.sub(_drop_long_number, text)
+    return [_Token(t, normalize(t)) for t in _TOKEN.findall(text)]
+
+
+def _phrases(*texts: str) -> list[tuple[str, ...]]:
+    return [tuple(t.split()) for t in texts]
+
+
+def _word_matches(word: str, pattern: str) -> bool:
+    if pattern.endswith("*"):
+        return word.startswith(pattern[:-1])
+    return word == pattern
+
+
+def _match_at(tokens: Sequence[_Token], i: int, phrase: Sequence[str]) -> bool:
+    """
+    Whether the words of C{phrase} (a pattern word ending in * matches by prefix) are the
+    tokens starting at C{i}, contiguous.
+    """
+    if i + len(phrase) > len(tokens):
+        return False
+    return all(_word_matches(tokens[i + k].word, p) for k, p in enumerate(phrase))
+
+
+class _Cues:
+    """
+    Phrases, each with a payload, found by their first word (so a sentence is not matched
+    against every phrase at every word). Phrases at the same word come back in the order given.
+    """
+
+    def __init__(self, entries: Iterable[tuple[tuple[str, ...], object]]):
+        self._by_word: dict[str, list[tuple[tuple[str, ...], object]]] = {}
+        self._by_prefix: list[tuple[str, tuple[str, ...], object]] = []
+        for phrase, payload in entries:
+            first = phrase[0]
+            if first.endswith("*"):
+                self._by_prefix.append((first[:-1], phrase, payload))
+            else:
+                self._by_word.setdefault(first, []).append((phrase, payload))
+
+    def at(self, tokens: Sequence[_Token], i: int) -> list[tuple[tuple[str, ...], object]]:
+        word = tokens[i].word
+        candidates = list(self._by_word.get(word, ()))
+        candidates += [(p, x) for prefix, p, x in self._by_prefix if word.startswith(prefix)]
+        return [(p, x) for p, x in candidates if _match_at(tokens, i, p)]
+
+
+# -- numbers ---------------------------------------------------------------------------------
+
+_UNITS = {
+    "zero": 0, "um": 1, "uma": 1, "dois": 2, "duas": 2, "tres": 3, "quatro": 4, "cinco": 5,
+    "seis": 6, "sete": 7, "oito": 8, "nove": 9,
+}  # fmt: skip
+_TEENS = {
+    "dez": 10, "onze": 11, "doze": 12, "treze": 13, "quatorze": 14, "catorze": 14,
+    "quinze": 15, "dezesseis": 16, "dezasseis": 16, "dezessete": 17, "dezassete": 17,
+    "dezoito": 18, "dezenove": 19, "dezanove": 19,
+}  # fmt: skip
+_TENS = {
+    "vinte": 20, "trinta": 30, "quarenta": 40, "cinquenta": 50, "cincoenta": 50,
+    "sessenta": 60, "setenta": 70, "oitenta": 80, "noventa": 90,
+}  # fmt: skip
+_HUNDREDS = {
+    "cem": 100, "cento": 100, "duzentos": 200, "duzentas": 200, "trezentos": 300,
+    "trezentas": 300, "quatrocentos": 400, "quatrocentas": 400, "quinhentos": 500,
+    "quinhentas": 500, "seiscentos": 600, "seiscentas": 600, "setecentos": 700,
+    "setecentas": 700, "oitocentos": 800, "oitocentas": 800, "novecentos": 900,
+    "novecentas": 900,
+}  # fmt: skip
+# "meia" (meia dúzia) is 6 when digits are read one by one ("três meia" = 36), and only then:
+# alone it is a sock or a half ("meia hora").
+_MEIA = "meia"
+# Words that are always a digit of their own, never part of a bigger number.
+_DIGIT_WORDS = {"zero": 0, _MEIA: 6}
+NUMBER_WORDS = frozenset(_UNITS) | set(_TEENS) | set(_TENS) | set(_HUNDREDS) | {"mil", _MEIA}
+
+# Order of magnitude of each kind of word: a word joins the number being built only if it is
+# smaller than everything already in it ("mil" > "duzentos" > "vinte" > "um").
+_THOUSANDS, _HUNDRED, _TEN, _TEEN, _UNIT = 4, 3, 2, 1.5, 1
+
+
+def _kind(word: str) -> tuple[float, int] | None:
+    if word in _UNITS:
+        return _UNIT, _UNITS[word]
+    if word in _TEENS:
+        return _TEEN, _TEENS[word]
+    if word in _TENS:
+        return _TEN, _TENS[word]
+    if word in _HUNDREDS:
+        return _HUNDRED, _HUNDREDS[word]
+    if word == "mil":
+        return _THOUSANDS, 1000
+    return None
+
+
+def _chunks(words: Sequence[str]) -> list[int] | None:
+    """
+    Split number words into the numbers they say: C{["cento", "e", "dois"]} is C{[102]},
+    C{["dois", "zero", "um"]} is C{[2, 0, 1]} (digits read one by one), C{["doze", "zero",
+    "um"]} is C{[12, 0, 1]}. C{None} if the words are not a number ("e" at an edge, "e"
+    between two numbers that do not combine, a word that is not a number).
+    """
+    chunks: list[int] = []
+    value = 0
+    smallest: float | None = None  # magnitude of the smallest part of the current number
+    closed = True  # the current number takes no more parts (none started, "zero", "meia")
+    after_e = False
+    for word in words:
+        if word == "e":
+            if smallest is None or closed or after_e:
+                return None
+            after_e = True
+            continue
+        if word in _DIGIT_WORDS or word.isdigit():
+            if after_e:
+                return None
+            if smallest is not None:
+                chunks.append(value)
+            chunks.append(_DIGIT_WORDS[word] if word in _DIGIT_WORDS else int(word))
+            value, smallest, closed = 0, None, True
+            continue
+        kind = _kind(word)
+        if kind is None:
+            return None
+        magnitude, amount = kind
+        if magnitude == _THOUSANDS and not closed and smallest is not None:
+            # "dois mil", "doze mil": what came before multiplies the thousand.
+            if after_e or smallest == _THOUSANDS:
+                return None  # "dois e mil", "mil mil"
+            value, smallest = value * 1000, _THOUSANDS
+            continue
+        joins = (
+            not closed
+            and smallest is not None
+            and smallest != _TEEN  # "doze um" is two numbers
+            and magnitude < smallest
+        )
+        if joins and magnitude == _TEEN and smallest not in (_HUNDRED, _THOUSANDS):
+            joins = False  # "vinte doze" is two numbers
+        if joins:
+            value += amount
+            smallest = magnitude
+        else:
+            if after_e:
+                return None  # "vinte e cem": the "e" joins nothing
+            if smallest is not None:
+                chunks.append(value)
+            value, smallest, closed = amount, magnitude, False
+        after_e = False
+    if after_e:
+        return None
+    if smallest is not None:
+        chunks.append(value)
+    return chunks or None
+
+
+def _chunks_value(chunks: Sequence[int], words: Sequence[str]) -> str | None:
+    if len(chunks) == 1 and _MEIA in words:
+        return None
+    if len(chunks) == 1:
+        return str(chunks[0])
+    # Read one by one ("dois zero um", "doze zero um"): the parts are written side by side.
+    return str(int("".join(str(c) for c in chunks)))
+
+
+def spoken_number(words: str | Iterable[str]) -> int | None:
+    """
+    The number said in Portuguese words, or C{None} if they are not one.
+
+    Compositional ("cento e dois" = 102, "mil e duzentos" = 1200, "duzentas e uma" = 201) and
+    digit by digit ("dois zero um" = 201, "três meia" = 36: "meia" is 6 only there). C{words}
+    is a string or a sequence of words; accents and case do not matter.
+    """
+    if isinstance(words, str):
+        words = words.split()
+    folded = [normalize(w) for w in words]
+    folded = [w for w in folded if w]
+    if not folded:
+        return None
+    chunks = _chunks(folded)
+    if chunks is None:
+        return None
+    value = _chunks_value(chunks, folded)
+    return None if value is None else int(value)
+
+
+# -- intent ----------------------------------------------------------------------------------
+
+# (weight, phrase): the intent with the strongest cue wins, the earliest on a tie. Strong cues
+# name the purpose ("encomenda", "técnico", "visitar"); weak ones only hint at it ("pizza",
+# "internet", "amiga"), so "vim visitar minha mãe, trouxe uma pizza" is a visit.
+_INTENT_CUES: dict[str, list[tuple[int, tuple[str, ...]]]] = {
+    ENTREGA: [(3, p) for p in _phrases(
+        "entreg*", "encomend*", "pacote*", "correio*", "sedex", "ifood", "rappi", "delivery",
+        "uber eats", "mercado livre", "amazon", "shopee", "loggi", "jadlog", "magalu",
+        "aliexpress", "shein", "carteiro*", "motoboy*", "correspondencia*", "vim trazer",
+        "vim deixar", "mercadoria*", "caixa do correio",
+    )] + [(2, p) for p in _phrases(
+        "trouxe uma", "trouxe um", "trouxe o", "trouxe a", "comida", "pizza*", "lanche*",
+        "marmita*", "pedido", "encomendou", "compra*", "remedio*", "farmacia", "flores",
+        "botijao",
+    )] + [(1, p) for p in _phrases(
+        "caixa", "caixas", "presente", "gas",
+    )],  # fmt: skip
+    SERVICO: [(3, p) for p in _phrases(
+        "servico*", "tecnico*", "tecnica*", "consert*", "manutenc*", "instalac*", "instalar",
+        "reparo*", "reparar", "faxina*", "faxineir*", "diarista*", "eletricista*",
+        "encanador*", "pintor*", "pintura", "pedreiro*", "marceneiro*", "jardineiro*",
+        "piscineiro*", "chaveiro*", "dedetiz*", "vistoria", "orcamento", "reforma", "obra",
+        "mudanca", "frete", "carreto", "prestador*", "manicure", "cabeleireir*", "baba",
+        "cuidador*", "vim arrumar", "vim limpar",
+    )] + [(1, p) for p in _phrases(
+        "vim fazer",
+        "internet", "wifi", "vazamento", "ar condicionado", "limpeza", "leitura", "medidor",
+    )],  # fmt: skip
+    VISITA: [(3, p) for p in _phrases(
+        "visit*",
+    )] + [(2, p) for p in _phrases(
+        "vim ver", "vim falar com", "me esperando", "me aguardando", "esta esperando",
+        "ta esperando", "combinei com", "convidad*", "me chamou", "me convidou", "vim buscar",
+    )] + [(1, p) for p in _phrases(
+        "falar com", "amig*", "parente*", "mae", "pai", "irmao", "irma", "namorad*", "filho",
+        "filha", "tio", "tia", "primo", "prima", "avo", "sogro", "sogra", "cunhad*",
+        "esposa", "marido", "neto", "neta", "afilhad*", "madrinha", "padrinho", "colega",
+        "festa", "aniversario", "churrasco", "ver",
+    )],  # fmt: skip
+}
+_NEGATORS = frozenset({"nao", "nem", "nunca", "jamais"})
+
+
+def _negated(tokens: Sequence[_Token], i: int) -> bool:
+    """
+    Whether the cue at C{i} is denied ("não é entrega", "não sou técnico"): a negation among
+    the two words before it, in the same clause. "Não, é entrega" keeps its entrega.
+    """
+    for k in range(i - 1, max(-1, i - 3), -1):
+        if not tokens[k].is_word:
+            return False
+        if tokens[k].word in _NEGATORS:
+            return True
+    return False
+
+
+_INTENT_INDEX = _Cues(
+    (phrase, (intent, weight))
+    for intent, cues in _INTENT_CUES.items()
+    for weight, phrase in cues
+)
+
+
+def _intent(tokens: Sequence[_Token]) -> str | None:
+    best: dict[str, tuple[int, int]] = {}  # intent -> (weight, first position)
+    for i in range(len(tokens)):
+        if not tokens[i].is_word:
+            continue
+        for _, (intent, weight) in _INTENT_INDEX.at(tokens, i):
+            if not _negated(tokens, i):
+                old_weight, first = best.get(intent, (0, i))
+                best[intent] = (max(weight, old_weight), min(first, i))
+    if not best:
+        return None
+    return max(best, key=lambda intent: (best[intent][0], -best[intent][1]))
+
+
+# -- names -----------------------------------------------------------------------------------
+
+_PARTICLES = frozenset({"da", "de", "do", "das", "dos"})
+_ARTICLES = frozenset({"o", "a"})
+_TITLES = frozenset(
+    {"dona", "seu", "senhor", "senhora", "sr", "sra", "srta", "doutor", "doutora", "dr", "dra"}
+)
+_KINSHIP = (
+    "amigo amiga amigos amigas parente mae pai irmao irma namorado namorada filho filha tio tia "
+    "primo prima avo sogro sogra cunhado cunhada esposa marido neto neta afilhado afilhada "
+    "colega funcionario funcionaria empregada sobrinho sobrinha"
+).split()
+# People who work for a resident: "a babá da Clara", "o motorista do seu Paulo".
+_ROLES = (
+    "baba diarista faxineira cuidadora cuidador enfermeira enfermeiro professor professora"
+    " personal motorista secretaria"
+).split()
+# Words that are never (part of) a person's name here. Anything else after a name cue is taken
+# as a name; the intent cues and number words are added below.
+_NOT_NAMES = frozenset(
+    (
+        "a o as os um uma uns umas e ou de da do das dos em no na nos nas num numa ao aos"
+        " para pra pro pras pros com sem por pelo pela que se ja so mas entao ne ai ali la"
+        " aqui agora hoje tambem mesmo muito bem bom boa dia tarde noite oi ola alo opa tudo"
+        " obrigado obrigada favor licenca desculpa eu ele ela eles elas voce voces nos me te"
+        " lhe meu minha meus minhas seu sua seus suas dele dela deles esse essa isso este"
+        " esta isto aquele aquela sim nao talvez"
+        " vim venho vou vai fui estou to tou tava estava esta ta sou somos e era quero queria"
+        " gostaria preciso precisa posso pode tenho tem trouxe trago chegou cheguei chegando"
+        " falar falando ver buscar pegar levar deixar fazer trazer entregar visitar consertar"
+        " instalar arrumar limpar esperando aguardando procurando procuro chamar chama"
+        " mora morador moradora moradores vizinho vizinha condominio portaria porteiro"
+        " portao interfone sindico zelador administradora empresa casa apartamento apto ap"
+        " apt unidade bloco torre predio edificio andar numero terreo cobertura garagem"
+        " entregador entregadora motorista mototaxi uber taxi app aplicativo"
+        " net vivo claro tim sky oi correios sabesp enel light cemig copasa comgas gas luz"
+        " agua mercado supermercado padaria drogaria pizzaria restaurante lanchonete loja"
+        " problema vazamento chuveiro torneira geladeira maquina fogao tv televisao sinal"
+        " cliente pessoa pessoal equipe gente senhor senhora moca moco rapaz menino menina"
+        " crianca fora dentro cima baixo frente tras perto longe direto logo rapidinho ar"
+        " condicionado lavar roupa chave porta janela parede teto cozinha banheiro sala quarto"
+        " faculdade escola trabalho igreja academia clube botijao documento documentos"
+        " pediu encomendou comprou chamou contratou marcou mandou convidou"
+        " dona seu doutor doutora dr dra sr sra srta"
+    ).split()
+    + _KINSHIP
+    + _ROLES
+)
+
+
+# Kinship words that are also surnames after a first name: "José Carlos Filho", "João Neto".
+_KIN_SURNAMES = frozenset({"filho", "neto", "sobrinho", "junior"})
+
+
+# One-word intent cues are not names either ("sou o eletricista").
+_CUE_WORDS = frozenset(
+    p[0] for cues in _INTENT_CUES.values() for _, p in cues if len(p) == 1 and "*" not in p[0]
+)
+_CUE_PREFIXES = tuple(
+    p[0][:-1] for cues in _INTENT_CUES.values() for _, p in cues if len(p) == 1 and "*" in p[0]
+)
+
+
+def _is_name_word(token: _Token) -> bool:
+    word = token.word
+    return not (
+        len(word) < 2
+        or not word.isalpha()
+        or word in _NOT_NAMES
+        or word in NUMBER_WORDS
+        or word in _CUE_WORDS
+        or word.startswith(_CUE_PREFIXES)
+    )
+
+
+def _title(token: _Token) -> str:
+    if token.word in _PARTICLES:
+        return token.word
+    text = token.text.lower()
+    return text[:1].upper() + text[1:]
+
+
+@frozen
+class _Name:
+    text: str
+    start: int  # first token of the name
+    end: int  # one past the last token of the name
+
+
+def _take_name(
+    tokens: Sequence[_Token], i: int, stop: int | None = None, max_words: int = 3
+) -> _Name | None:
+    """
+    The name starting at (or, after an article and a form of address, just after) token C{i}
+    and ending before C{stop}: up to C{max_words} name words, with particles ("da", "dos")
+    inside when a name word follows them. "pedro da silva do 101" gives "Pedro da Silva";
+    "maria do ifood" gives "Maria".
+    """
+    n = len(tokens) if stop is None else stop
+    if i < n and tokens[i].word in _ARTICLES:
+        i += 1
+    if i < n and tokens[i].word in _TITLES:
+        i += 1
+        if i < n and tokens[i].word == ".":
+            i += 1
+    parts: list[int] = []
+    content = 0
+    j = i
+    while j < n and content < max_words:
+        token = tokens[j]
+        if token.word in _PARTICLES and content and j + 1 < n and _is_name_word(tokens[j + 1]):
+            parts.append(j)
+        elif _is_name_word(token) or (content and token.word in _KIN_SURNAMES):
+            parts.append(j)
+            content += 1
+        else:
+            break
+        j += 1
+    if not content:
+        return None
+    return _Name(" ".join(_title(tokens[k]) for k in parts), parts[0], parts[-1] + 1)
+
+
+def _name_before(tokens: Sequence[_Token], i: int) -> _Name | None:
+    """
+    The name just before token C{i} ("... Pedro Souza falando").
+    """
+    start = i
+    content = 0
+    while start > 0 and content < 3:
+        token = tokens[start - 1]
+        if _is_name_word(token):
+            content += 1
+        elif not (
+            token.word in _PARTICLES and content and start >= 2 and _is_name_word(tokens[start - 2])
+        ):
+            break
+        start -= 1
+    if not content:
+        return None
+    return _take_name(tokens, start, stop=i)
+
+
+_SENTENCE_ENDS = frozenset({".", "!", "?", ";", ":"})
+
+
+def _capitalises_names(tokens: Sequence[_Token]) -> bool:
+    """
+    Whether the text capitalises words inside sentences (as Whisper does for names), so that
+    a lower-case word there is evidence against a name. All-lower-case text (Vosk, a typist in
+    a hurry) and sentence-initial capitals say nothing.
+    """
+    sentence_start = True
+    for token in tokens:
+        if not token.is_word:
+            sentence_start = sentence_start or token.word in _SENTENCE_ENDS
+            continue
+        if not sentence_start and token.text[:1].isupper() and not token.text.isupper():
+            return True
+        sentence_start = False
+    return False
+
+
+_VISITOR_CUES = _Cues(
+    (p, None)
+    for p in _phrases(
+        "meu nome e", "meu nome", "me chamo", "sou eu ,", "sou eu", "sou", "aqui e",
+        "aqui quem fala e", "quem fala e", "quem fala", "aqui fala",
+    )
+)  # fmt: skip
+# "É o Pedro" names the visitor only at the start of what they say ("oi, é o Pedro"): later
+# in a sentence "é o" is anything ("o apartamento é o 101").
+_OPENING_FILLERS = frozenset(
+    "oi ola alo opa bom boa dia tarde noite tudo bem ai eae entao".split()
+)
+
+
+def _visitor_name(tokens: Sequence[_Token]) -> _Name | None:
+    for i, token in enumerate(tokens):
+        if not token.is_word:
+            continue
+        for cue, _ in _VISITOR_CUES.at(tokens, i):
+            name = _take_name(tokens, i + len(cue))
+            if name is not None:
+                return name
+        if (
+            token.word == "e"
+            and i + 1 < len(tokens)
+            and tokens[i + 1].word in _ARTICLES
+            and all(not t.is_word or t.word in _OPENING_FILLERS for t in tokens[:i])
+        ):
+            name = _take_name(tokens, i + 1)
+            if name is not None:
+                return name
+        if token.word == "falando":
+            name = _name_before(tokens, i)
+            if name is not None:
+                return name
+    return None
+
+
+# Cues right before the resident's name: "para a Ana", "falar com o seu José", "amiga da
+# Ana", "encomenda em nome de Ana Souza", "casa da dona Maria", "a dona Maria".
+_RESIDENT_CUES = _Cues((p, None) for p in _phrases(
+    "para", "pra", "pro", "falar com", "procurando", "procuro", "visitar", "chamar",
+    "chama", "casa da", "casa do", "casa de", "nome de", "nome da", "nome do", "morador",
+    "moradora", "encomenda da", "encomenda do", "encomenda de", "encomendas da",
+    "encomendas do", "pacote da", "pacote do", "pacote de", "entrega da", "entrega do",
+    "pedido da", "pedido do", "correspondencia da", "correspondencia do", "aniversario da",
+    "aniversario do", "festa da", "festa do", "churrasco da", "churrasco do",
+    "dona", "seu", "senhora", "senhor", "doutor", "doutora",
+) + [(k, p) for k in _KINSHIP + _ROLES for p in ("da", "do", "de")])  # fmt: skip
+# Weaker cues, often followed by a thing rather than a person ("vim ver o vazamento"): in text
+# that capitalises names, the word after them must be capitalised.
+_WEAK_RESIDENT_CUES = _Cues((p, None) for p in _phrases("ver") + [(k,) for k in _KINSHIP])
+# Verbs whose subject, in what a visitor says, is the resident: "a Ana tá me esperando",
+# "o Carlos pediu uma pizza", "o Caio está em casa?".
+_RESIDENT_VERBS = _Cues((p, None) for p in _phrases(
+    "ta me esper*", "esta me esper*", "ta me aguard*", "esta me aguard*", "me chamou",
+    "me convidou", "me pediu", "pediu", "encomendou", "comprou", "chamou", "contratou",
+    "marcou", "mora", "ta em casa", "esta em casa", "ta ai", "esta ai", "se encontra",
+))  # fmt: skip
+# "... da Ana do 101": a name right before the apartment, after one of these.
+_BEFORE_APARTMENT = frozenset({"da", "do", "de", "a", "o"})
+_APARTMENT_LINKS = frozenset({"do", "da", "no", "na", "de"})
+
+
+def _resident_name(
+    tokens: Sequence[_Token], visitor: _Name | None, runs: Sequence[_Run]
+) -> _Name | None:
+    run_starts = {run.start for run in runs}
+    cased = _capitalises_names(tokens)
+
+    def usable(name: _Name | None, weak: bool) -> bool:
+        if name is None:
+            return False
+        if visitor is not None and name.start < visitor.end and visitor.start < name.end:
+            return False
+        return not (weak and cased and not tokens[name.start].text[:1].isupper())
+
+    def before_apartment(name: _Name | None) -> bool:
+        return (
+            name is not None
+            and name.end + 1 < len(tokens)
+            and tokens[name.end].word in _APARTMENT_LINKS
+            and (name.end + 1 in run_starts or tokens[name.end + 1].word in _UNIT_CUES)
+        )
+
+    for i, token in enumerate(tokens):
+        if not token.is_word:
+            continue
+        if visitor is not None and visitor.start - 1 <= i < visitor.end:
+            continue  # "sou o Pedro da Silva": not "Silva"
+        for cue, _ in _RESIDENT_CUES.at(tokens, i):
+            name = _take_name(tokens, i + len(cue))
+            if usable(name, weak=False):
+                return name
+        for cue, _ in _WEAK_RESIDENT_CUES.at(tokens, i):
+            name = _take_name(tokens, i + len(cue))
+            if usable(name, weak=True):
+                return name
+        if _RESIDENT_VERBS.at(tokens, i):
+            name = _name_before(tokens, i)
+            if usable(name, weak=True):
+                return name
+        if token.word in _BEFORE_APARTMENT:
+            name = _take_name(tokens, i + 1)
+            if before_apartment(name) and usable(name, weak=token.word in _ARTICLES):
+                return name
+    return None
+
+
+# -- apartment and block ---------------------------------------------------------------------
+
+_UNIT_CUES = frozenset(
+    {"apartamento", "apartamentos", "apto", "apt", "ap", "apart", "unidade", "casa"}
+)
+_BLOCK_CUES = frozenset({"bloco", "bl", "torre", "predio", "edificio"})
+# Between a cue and its number: "apartamento número 101", "ap. 33", "apto nº 12".
+_CUE_GAP = frozenset({".", ":", "#", "-", "numero", "n", "no"})
+_ABBREVIATED_NUMERO = frozenset({"n", "no"})
+_LETTERS = {
+    "a": "A", "b": "B", "be": "B", "c": "C", "ce": "C", "d": "D", "de": "D", "e": "E",
+    "f": "F", "efe": "F", "g": "G", "ge": "G", "h": "H", "aga": "H",
+}  # fmt: skip
+# A number followed by one of these counts something; it is not an apartment.
+_COUNTED = frozenset(
+    (
+        "hora horas h minuto minutos min segundo segundos dia dias ano anos mes meses real"
+        " reais pessoa pessoas caixa caixas volume volumes pacote pacotes encomenda encomendas"
+        " item itens vez vezes kg quilo quilos unidades sacola sacolas pizza pizzas food pop"
+    ).split()
+)
+_NOT_BEFORE_APARTMENT = frozenset({"sedex", "as"})  # "sedex 10", "às dez"
+# What may surround a small bare number that is the whole answer ("é o 5", "no cinco").
+_ANSWER_FILLERS = frozenset(
+    "e o a no na do da pro pra para ao eu numero oi apartamento".split()
+)
+# Separators allowed between digits read one by one: "2, 0, 1" / "dois-zero-um".
+_DIGIT_SEPARATORS = frozenset({",", "-", "."})
+
+
+@frozen
+class _Run:
+    start: int  # first token
+    end: int  # one past the last token
+    chunks: tuple[int, ...]
+    words: tuple[str, ...]  # the number words, or () for digits
+
+
+_SINGLE_DIGIT_WORDS = frozenset(_UNITS) | {_MEIA}
+
+
+def _is_single_digit(token: _Token) -> bool:
+    return (token.is_digits and len(token.word) == 1) or token.word in _SINGLE_DIGIT_WORDS
+
+
+def _number_runs(tokens: Sequence[_Token]) -> list[_Run]:
+    """
+    Every stretch of tokens that says a number: digits ("101", "1.201", "1 0 1") or words
+    ("cento e um", "dois zero um"). Digit and word stretches are kept apart.
+    """
+    runs: list[_Run] = []
+    n = len(tokens)
+    i = 0
+    while i < n:
+        token = tokens[i]
+        if token.is_digits:
+            j = i + 1
+            if (
+                j + 1 < n
+                and tokens[j].word == "."
+                and tokens[j + 1].is_digits
+                and len(tokens[j + 1].word) == 3
+            ):
+                runs.append(_Run(i, j + 2, (int(token.word + tokens[j + 1].word),), ()))
+                i = j + 2
+                continue
+            end = j
+            if len(token.word) == 1:
+                while True:
+                    k = end
+                    if k < n and tokens[k].word in _DIGIT_SEPARATORS:
+                        k += 1
+                    if k < n and tokens[k].is_digits and len(tokens[k].word) == 1:
+                        end = k + 1
+                    else:
+                        break
+            digits = [int(t.word) for t in tokens[i:end] if t.is_digits]
+            runs.append(_Run(i, end, tuple(digits), ()))
+            i = end
+            continue
+        if token.word in NUMBER_WORDS:
+            run = _spoken_run(tokens, i)
+            if run is not None:
+                runs.append(run)
+                i = run.end
+                continue
+        i += 1
+    return runs
+
+
+def _spoken_run(tokens: Sequence[_Token], i: int) -> _Run | None:
+    n = len(tokens)
+    # Gather the longest stretch of number words, "e" between them, and separators between
+    # digits read one by one; then keep the longest prefix that is a number.
+    taken = [i]
+    j = i + 1
+    while j < n:
+        word = tokens[j].word
+        if word in NUMBER_WORDS:
+            taken.append(j)
+            j += 1
+        elif word == "e" and j + 1 < n and tokens[j + 1].word in NUMBER_WORDS:
+            taken.append(j)
+            j += 1
+        elif (
+            word in _DIGIT_SEPARATORS
+            and j + 1 < n
+            and _is_single_digit(tokens[j - 1])
+            and _is_single_digit(tokens[j + 1])
+        ):
+            j += 1
+        else:
+            break
+    while taken:
+        words = [tokens[k].word for k in taken]
+        chunks = _chunks(words)
+        if chunks is not None and _chunks_value(chunks, words) is not None:
+            return _Run(i, taken[-1] + 1, tuple(chunks), tuple(words))
+        taken.pop()
+    return None
+
+
+def _previous_word(tokens: Sequence[_Token], i: int) -> str | None:
+    """
+    The cue word before token C{i}, looking past "número", "nº" and punctuation:
+    "apartamento" for "apartamento número 101" and "ap. 33".
+    """
+    k = i - 1
+    while k >= 0 and k >= i - 4 and tokens[k].word in _CUE_GAP:
+        if tokens[k].word in _ABBREVIATED_NUMERO and not (
+            k >= 1 and tokens[k - 1].word in _UNIT_CUES | {"."}
+        ):
+            break  # "no 101" is "in 101", not "nº 101"
+        k -= 1
+    if k < 0:
+        return None
+    return tokens[k].word
+
+
+def _apartment_and_block(
+    tokens: Sequence[_Token], runs: Sequence[_Run]
+) -> tuple[str | None, str | None]:
+    """
+    The apartment and the block named in C{tokens}, given their number runs.
+
+    A number after "apartamento"/"apto"/"ap"/"casa", or right after the block, is the
+    apartment; failing that, the first other number that is not a count ("2 caixas"), a time
+    ("às 10"), "sedex 10", or a small spoken number that is probably an article ("um"). The
+    first number after "bloco"/"torre" is the block, as is a letter ("bloco B").
+    """
+    block: str | None = None
+    hard: list[str] = []  # numbers after "apartamento", "ap", a block...
+    soft: list[tuple[_Run, str]] = []
+    block_end = -1  # a number right after the block is the apartment
+
+    for i, token in enumerate(tokens):
+        if block is None and token.word in _BLOCK_CUES and i + 1 < len(tokens):
+            letter = _LETTERS.get(tokens[i + 1].word)
+            if letter is not None:
+                block = letter
+                block_end = i + 2
+
+    for run in runs:
+        prev_word = _previous_word(tokens, run.start)
+        chunks = list(run.chunks)
+        words = list(run.words)
+        if prev_word in _BLOCK_CUES:
+            if block is None:
+                block = str(chunks[0])
+            block_end = run.end
+            chunks = chunks[1:]
+            words = words[1:] if words else words
+            if not chunks:
+                continue
+            is_hard = True
+        else:
+            # "apartamento 101", or a number right after the block ("bloco B 101").
+            is_hard = prev_word in _UNIT_CUES or run.start == block_end
+        if prev_word in _NOT_BEFORE_APARTMENT:
+            continue
+        if run.end < len(tokens) and tokens[run.end].word in _COUNTED:
+            # "cento e um duas caixas": the last number counts the caixas. A lone number
+            # counts them too, unless a cue says it is the apartment ("apto 504 encomenda").
+            if len(chunks) > 1:
+                chunks, words = chunks[:-1], words[:-1]
+            elif not is_hard:
+                continue
+        value = _chunks_value(chunks, words)
+        if value is None or len(value) > 5 or int(value) == 0:
+            continue
+        if is_hard:
+            hard.append(value)
+        else:
+            soft.append((run, value))
+
+    if hard:
+        return hard[0], block
+    for run, value in soft:
+        if not run.words or int(value) >= 10:
+            # Written digits are a number for sure; a small spoken one ("um", "duas") is
+            # usually an article or a count.
+            return value, block
+        others = [
+            t.word
+            for k, t in enumerate(tokens)
+            if t.is_word and not run.start <= k < run.end
+        ]
+        if all(w in _ANSWER_FILLERS for w in others):
+            return value, block
+    return None, block
+
+
+# -- facts -----------------------------------------------------------------------------------
+
+
+def extract_facts(text: str, directory: Directory | None = None) -> Facts:
+    """
+    The facts in one thing the visitor said.
+
+    With a C{directory}, a resident's name is matched to it (within the apartment said, if
+    any, then anywhere) and returned as the directory spells it; without one, or with no
+    match, the name is returned as said, title-cased.
+    """
+    tokens = _tokenize(text)
+    runs = _number_runs(tokens)
+    visitor = _visitor_name(tokens)
+    apartment, block = _apartment_and_block(tokens, runs)
+    resident = _resident_name(tokens, visitor, runs)
+    resident_name = resident.text if resident else None
+    if resident_name and directory is not None:
+        match = None
+        if apartment is not None and directory.apartment(apartment) is not None:
+            match = directory.find_resident(resident_name, apartment=apartment)
+        if match is None:
+            match = directory.find_resident(resident_name)
+        if match is not None:
+            resident_name = match.resident
+    return Facts(
+        intent=_intent(tokens),
+        visitor_name=visitor.text if visitor else None,
+        apartment=apartment,
+        resident_name=resident_name,
+        block=block,
+    )
+
+
+# -- the resident's decision -----------------------------------------------------------------
+
+
+class Decision(enum.Enum):
+    """
+    What the resident answered.
+    """
+
+    AUTHORIZED = "authorized"
+    DENIED = "denied"
+    WHO = "who"  # asks who it is, or for the message again
+    UNCLEAR = "unclear"
+
+
+_POS, _NEG, _WHO, _NEUTRAL = "<+>", "<->", "<?>", "<~>"
+
+# Set phrases first, longest match wins; each becomes one marker word.
+_IDIOMS: list[tuple[tuple[str, ...], str]] = sorted(
+    [(p, _WHO) for p in _phrases(
+        "quem", "o que", "como", "qual", "que nome", "nao entendi", "nao entendo",
+        "nao ouvi", "nao escutei", "nao deu pra ouvir", "nao deu para ouvir",
+        "nao deu pra entender", "nao deu para entender", "repete", "repita", "repetir",
+        "de novo", "outra vez", "hein", "mais alto", "nome dele", "nome dela",
+    )]
+    + [(p, _POS) for p in _phrases(
+        "nao tem problema", "nao ha problema", "sem problema", "sem problemas",
+        "problema nenhum", "nenhum problema", "por que nao", "porque nao", "pq nao",
+        "claro que sim", "claro que pode", "acho que sim", "com certeza", "tudo bem",
+        "tudo certo", "ta bom", "ta bem", "ta certo", "ta ok", "ta liberado", "pode ser",
+        "isso mesmo", "pode deixar", "uhum", "aham", "afirmativo", "pois nao",
+    )]
+    + [(p, _NEG) for p in _phrases(
+        "nem pensar", "de jeito nenhum", "de jeito algum", "de forma nenhuma",
+        "de forma alguma", "de maneira nenhuma", "de maneira alguma", "de modo nenhum",
+        "manda embora", "mandar embora", "manda ir embora", "pode mandar embora",
+        "pode ir embora", "pede pra ir embora", "pede para ir embora", "vai embora",
+        "ir embora", "pode dispensar", "dispensa", "claro que nao", "logico que nao",
+        "acho que nao", "melhor nao", "agora nao", "hoje nao", "recuso", "nego",
+        "proibido", "negativo", "manda voltar",
+    )]
+    + [(p, _NEUTRAL) for p in _phrases(
+        "nao sei", "sei la", "talvez", "depende", "perai", "espera", "um momento",
+        "um minuto", "calma", "deixa eu ver", "deixa ver", "vou ver", "pode esperar",
+        "pode aguardar", "manda esperar", "manda aguardar", "pede pra esperar",
+        "pede para esperar",
+    )],  # fmt: skip
+    key=lambda item: -len(item[0]),
+)
+# A whole answer that is only one of these asks what was said ("oi?", "quê?", "alô?").
+_WHO_ALONE = frozenset({"que", "oi", "ue", "ahn", "han", "hum", "alo", "ola", "e"})
+_POSITIVE = frozenset(
+    (
+        "sim pode podem autorizo autorizado autorizada autoriza autorizar libera liberar"
+        " liberado liberada liberem claro ok okay beleza blz certo positivo isso aceito"
+        " confirmo confirmado confirma sobe subir suba entra entrar manda mandar deixa"
+        " deixar abre abrir esperando aguardando conheco conhece bora show perfeito otimo"
+        " tranquilo"
+    ).split()
+    + [_POS]
+)
+_DECISION_NEGATORS = frozenset({"nao", "nunca", "nem", "jamais", "nada", "ninguem", _NEG})
+# How far back a negation reaches over a positive word in the same clause:
+# "não pode subir", "não é pra subir", "não estou esperando ninguém".
+_NEGATION_REACH = 3
+
+
+def _mark(words: Sequence[str]) -> list[str]:
+    marked: list[str] = []
+    i = 0
+    while i < len(words):
+        for phrase, marker in _IDIOMS:
+            if tuple(words[i : i + len(phrase)]) == phrase:
+                marked.append(marker)
+                i += len(phrase)
+                break
+        else:
+            marked.append(words[i])
+            i += 1
+    return marked
+
+
+def classify_decision(text: str) -> Decision:
+    """
+    Classify the resident's answer to "você autoriza a entrada?".
+
+    The rules, on words (never substrings) after folding accents and case:
+      1. Set phrases are read first: "não tem problema", "por que não", "tudo bem" are
+         positive (a negation word inside a positive idiom does not negate);
+         "nem pensar", "de jeito nenhum", "manda embora", "claro que não" are negative;
+         "não entendi", "quem", "o quê", "como", "repete" ask who it is / to repeat;
+         "não sei", "talvez" are hesitation and count for nothing.
+      2. A negation ("não", "nunca", "nem", ...) negates a positive word up to three words
+         after it in the same clause ("não pode subir", "não autorizo") and the positive
+         words right before it ("pode não", "pode subir não", Brazilian post-negation); a
+         negated positive counts as negative.
+         Punctuation ends a clause: "não, tudo bem" is a "não" and a "tudo bem".
+      3. A question ("quem é?") reopens the decision: only what comes after the last one
+         counts ("quem é? ah, pode subir" authorises; "não... quem é?" asks who).
+         With nothing after it, the answer is L{Decision.WHO}.
+      4. Negative and positive both present ("não, pode subir"): L{Decision.UNCLEAR}, so the
+         resident is asked again rather than guessed for — a wrong "yes" lets a stranger in.
+      5. Otherwise any negative: L{Decision.DENIED}; any positive: L{Decision.AUTHORIZED};
+         nothing recognised (or nothing said): L{Decision.UNCLEAR}.
+    """
+    tokens = _tokenize(text)
+    words = [t.word for t in tokens if t.is_word]
+    if not words:
+        return Decision.UNCLEAR
+    if " ".join(words) in _WHO_ALONE or " ".join(words) == "o que":
+        return Decision.WHO
+
+    # Keep punctuation as clause boundaries ("|") for negation scope.
+    stream: list[str] = []
+    clause: list[str] = []
+    for token in tokens:
+        if token.is_word:
+            clause.append(token.word)
+        elif clause:
+            stream.extend(_mark(clause))
+            stream.append("|")
+            clause = []
+    stream.extend(_mark(clause))
+
+    last_who = max((k for k, w in enumerate(stream) if w == _WHO), default=None)
+    if last_who is not None:
+        stream = stream[last_who + 1 :]
+
+    positive = negative = 0
+    for k, word in enumerate(stream):
+        if word in _DECISION_NEGATORS:
+            negative += 1
+        elif word in _POSITIVE:
+            before = stream[max(0, k - _NEGATION_REACH) : k]
+            if "|" in before:
+                before = before[len(before) - before[::-1].index("|") :]
+            # Post-negation reaches back over a run of positive words: "pode subir não".
+            after = next((w for w in stream[k + 1 :] if w not in _POSITIVE), None)
+            if any(w in _NEGATORS for w in before) or after in _NEGATORS:
+                continue  # counted through the negation itself
+            positive += 1
+
+    if last_who is not None and not positive and not negative:
+        return Decision.WHO
+    if positive and negative:
+        return Decision.UNCLEAR
+    if negative:
+        return Decision.DENIED
+    if positive:
+        return Decision.AUTHORIZED
+    return Decision.UNCLEAR
+
+
+def classify_dtmf(digit: str) -> Decision:
+    """
+    The resident's keypad answer: 1 authorises, 2 refuses, anything else is unclear.
+    """
+    digit = (digit or "").strip()
+    if digit == "1":
+        return Decision.AUTHORIZED
+    if digit == "2":
+        return Decision.DENIED
+    return Decision.UNCLEAR
