@@ -330,10 +330,13 @@ class AudioSocketProtocol(Protocol):
         return self._drop_playback()
 
     def _drop_playback(self) -> int:
+        # Detach the queue before telling anyone: a callback may queue new audio at once
+        # (the goodbye after a barge-in), and that must not be dropped with the old.
+        items, self._out = self._out, collections.deque()
         dropped = 0
-        while self._out:
-            item = self._out.popleft()
+        for item in items:
             dropped += (len(item.pcm) - item.offset) // item.size
+        for item in items:
             item.done.callback(False)
         return dropped
 

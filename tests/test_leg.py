@@ -420,3 +420,22 @@ def test_peer_not_allowed():
     assert h.factory.refused["peer_not_allowed"] == 1
     ok, to = h.connect("10.1.2.3")
     assert ok is not None
+
+
+def test_audio_queued_by_a_dropped_prompts_callback_survives():
+    """
+    Stopping playback tells each dropped prompt at once; audio queued from that callback (the
+    goodbye after a barge-in) is new and must play, not be dropped with the old queue.
+    """
+    h = Harness()
+    leg, transport = h.call()
+    goodbye = b"\x20\x4e" * 160
+    played = []
+    leg.play(TONE * 10).addCallback(lambda ok: played.append(leg.play(goodbye)))
+    h.ticks(2)
+    leg.stop_playback()
+    transport.clear()
+    h.ticks(2)
+    sent = frames(transport)
+    assert sent[0].payload == goodbye
+    assert played[0].called and played[0].result is True
