@@ -1,0 +1,712 @@
+"""
+Calling the resident: the L{IDialer} interface and its three kinds (DESIGN §7).
+
+Every kind receives the same L{DialRequest}. A dialer only I{starts} the resident's call: its
+Deferred fires L{None} once the attempt is accepted (or answered, for AMI) and fails with
+L{DialFailed} as soon as the attempt is known to have failed. The resident's leg itself arrives
+later on the extension's return port carrying the same UUID; the flow waits for it with its own
+ring timeout and cancels the dial Deferred when it gives up.
+
+  - L{LogDialer} only logs the request (trying the server without a PBX).
+  - L{HttpDialer} POSTs the request as JSON to a webhook; 2xx means accepted.
+  - L{AmiDialer} is an Asterisk Manager Interface client (L{AmiProtocol}) that logs in once,
+    reconnects with backoff and sends C{Originate}; Asterisk's C{OriginateResponse} event
+    reports the outcome.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid as _uuid
+from typing import Callable, Iterable
+from urllib.parse import urlsplit
+
+import attrs
+import treq
+from attrs import frozen
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import Service
+from twisted.internet import defer, error
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
+from zope.interface import Attribute, Interface, implementer
+
+__all__ = [
+    "AmiDialer",
+    "AmiProtocol",
+    "DialFailed",
+    "DialRequest",
+    "HttpDialer",
+    "IDialer",
+    "LogDialer",
+    "make_dialer",
+]
+
+REASONS = ("busy", "no_answer", "congestion", "rejected", "unreachable", "timeout", "error")
+
+
+class DialFailed(Exception):
+    """
+    The attempt to call the resident failed.
+
+    @ivar reason: one of L{REASONS}: C{busy}, C{no_answer}, C{congestion}, C{rejected} (the
+        PBX or webhook refused the request), C{unreachable} (no connection to it),
+        C{timeout} (it did not answer in time) or C{error}.
+    @ivar message: what happened, for logs and the call record.
+    """
+
+    def __init__(self, reason: str, message: str):
+        if reason not in REASONS:
+            raise ValueError("unknown dial failure reason {!r}".format(reason))
+        super().__init__("{}: {}".format(reason, message))
+        self.reason = reason
+        self.message = message
+
+
+# -- the request ---------------------------------------------------------------------------
+
+
+def _text(field_name: str, *, empty: bool = False):
+    def check(instance, attribute, value):
+        if not isinstance(value, str):
+            raise ValueError("{}: must be a string, not {!r}".format(field_name, value))
+        if not empty and not value.strip():
+            raise ValueError("{}: must not be empty".format(field_name))
+        # Every field may end up in an AMI header or a log line: a line break would let a
+        # directory entry inject headers into the Originate action.
+        if "\r" in value or "\n" in value:
+            raise ValueError("{}: must not contain a line break".format(field_name))
+
+    return check
+
+
+def _uuid_text(instance, attribute, value):
+    _text("uuid")(instance, attribute, value)
+    try:
+        _uuid.UUID(value)
+    except ValueError:
+        raise ValueError("uuid: must be a UUID, not {!r}".format(value)) from None
+
+
+def _host_port(instance, attribute, value):
+    _text("audiosocket")(instance, attribute, value)
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("audiosocket: must be host:port, not {!r}".format(value))
+
+
+def _extension_id(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("extension_id: must be an integer, not {!r}".format(value))
+
+
+def _timeout(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError("timeout_s: must be a positive number, not {!r}".format(value))
+
+
+@frozen
+class DialRequest:
+    """
+    What every dialer receives (DESIGN §7).
+
+    @ivar uuid: the session's UUID; the resident's leg must come back with it.
+    @ivar dial: the resident's dial string from the directory (C{PJSIP/501}).
+    @ivar audiosocket: C{host:return_port} where Asterisk connects the resident's leg.
+    @ivar timeout_s: how long the resident's phone may ring.
+    """
+
+    uuid: str = attrs.field(validator=_uuid_text)
+    dial: str = attrs.field(validator=_text("dial"))
+    apartment: str = attrs.field(validator=_text("apartment", empty=True))
+    resident: str = attrs.field(validator=_text("resident", empty=True))
+    extension_id: int = attrs.field(validator=_extension_id)
+    return_extension: str = attrs.field(validator=_text("return_extension", empty=True))
+    audiosocket: str = attrs.field(validator=_host_port)
+    timeout_s: float = attrs.field(validator=_timeout)
+
+    def to_dict(self) -> dict:
+        """The request as DESIGN §7's JSON object."""
+        return {
+            "uuid": self.uuid,
+            "dial": self.dial,
+            "apartment": self.apartment,
+            "resident": self.resident,
+            "extension_id": self.extension_id,
+            "return_extension": self.return_extension,
+            "audiosocket": self.audiosocket,
+            "timeout_s": self.timeout_s,
+        }
+
+
+class IDialer(Interface):
+    """Something that can ask the PBX to call a resident."""
+
+    name = Attribute("The dialer kind: C{'log'}, C{'http'} or C{'ami'}.")
+
+    def dial(request: DialRequest) -> Deferred:
+        """
+        Start calling the resident.
+
+        @return: a Deferred firing L{None} when the attempt is accepted or proceeding, or
+            failing with L{DialFailed} as soon as it is known to have failed. Cancelling it
+            forgets the attempt and frees what it held.
+        """
+
+
+# -- log -------------------------------------------------------------------------------------
+
+
+@implementer(IDialer)
+class LogDialer:
+    """Only logs the request, for trying the server without a PBX; the ring timeout applies."""
+
+    name = "log"
+    log = Logger()
+
+    def dial(self, request: DialRequest) -> Deferred:
+        self.log.info(
+            "would dial {dial} for apartment {apartment} ({resident}), session {uuid}, "
+            "back to {audiosocket} (extension {extension_id}, ring {timeout_s} s)",
+            **request.to_dict(),
+        )
+        return succeed(None)
+
+
+# -- http ------------------------------------------------------------------------------------
+
+
+@implementer(IDialer)
+class HttpDialer:
+    """
+    POSTs the request as JSON to a webhook. A 2xx status means accepted; any other status,
+    a connection error or no answer within C{timeout_s} is a failed attempt. HTTPS
+    certificates are verified (the Agent's default browser-like policy).
+    """
+
+    name = "http"
+    log = Logger()
+
+    def __init__(self, url: str, *, timeout_s: float = 5.0, treq_client=None, reactor=None):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("dialer url: must be an http or https URL, not {!r}".format(url))
+        if not timeout_s > 0:
+            raise ValueError("dialer timeout_s: must be positive, not {!r}".format(timeout_s))
+        if reactor is None:
+            from twisted.internet import reactor
+        self._reactor = reactor
+        self._url = url
+        self._timeout_s = timeout_s
+        if treq_client is None:
+            # Not treq's global persistent pool: one webhook call per attempt, and no idle
+            # connection outliving it.
+            pool = HTTPConnectionPool(reactor, persistent=False)
+            treq_client = treq.client.HTTPClient(Agent(reactor, pool=pool))
+        self._treq = treq_client
+
+    def dial(self, request: DialRequest) -> Deferred:
+        # Cancelling an Agent request fails it with ResponseNeverReceived, not
+        # CancelledError, so addTimeout cannot tell a timeout from the caller's cancel:
+        # remember which one stopped the request.
+        stopped_by = []
+        inner = Deferred.fromCoroutine(self._post(request))
+
+        def stop(why):
+            stopped_by.append(why)
+            inner.cancel()
+
+        outer = Deferred(lambda _: stop("cancel"))
+        timer = self._reactor.callLater(self._timeout_s, stop, "timeout")
+
+        def settle(result):
+            if timer.active():
+                timer.cancel()
+            if outer.called:
+                return None
+            if stopped_by == ["cancel"]:
+                outer.errback(defer.CancelledError())
+            elif isinstance(result, Failure):
+                outer.errback(self._failed(result, request, timed_out=bool(stopped_by)))
+            else:
+                outer.callback(None)
+            return None
+
+        inner.addBoth(settle)
+        return outer
+
+    async def _post(self, request: DialRequest) -> None:
+        response = await self._treq.post(self._url, json=request.to_dict())
+        # Read the body so the connection finishes cleanly; its content is not part of the
+        # contract.
+        await response.content()
+        if not 200 <= response.code < 300:
+            raise DialFailed(
+                "rejected" if 400 <= response.code < 500 else "error",
+                "webhook answered HTTP {}".format(response.code),
+            )
+        self.log.info(
+            "webhook accepted dial {dial} for session {uuid} (HTTP {code})",
+            dial=request.dial,
+            uuid=request.uuid,
+            code=response.code,
+        )
+
+    def _failed(self, failure: Failure, request: DialRequest, *, timed_out: bool) -> Failure:
+        if timed_out:
+            exc = DialFailed(
+                "timeout", "webhook did not answer within {} s".format(self._timeout_s)
+            )
+        elif failure.check(DialFailed):
+            exc = failure.value
+        elif failure.check(error.ConnectError, error.DNSLookupError):
+            exc = DialFailed(
+                "unreachable", "cannot connect to webhook: {}".format(failure.value)
+            )
+        elif failure.check(ResponseNeverReceived):
+            exc = DialFailed("unreachable", "webhook closed the connection without answering")
+        else:
+            exc = DialFailed("error", "webhook request failed: {!r}".format(failure.value))
+        self.log.warn(
+            "dial {dial} for session {uuid} failed: {why}",
+            dial=request.dial,
+            uuid=request.uuid,
+            why=exc,
+        )
+        return Failure(exc)
+
+
+# -- AMI -------------------------------------------------------------------------------------
+
+
+def _check_header_value(what: str, value: str) -> None:
+    if "\r" in value or "\n" in value:
+        raise ValueError("{} must not contain a line break".format(what))
+
+
+class AmiProtocol(LineReceiver):
+    """
+    The Asterisk Manager Interface framing, client side.
+
+    Asterisk first sends one banner line (C{Asterisk Call Manager/5.0.4}); after that every
+    message is a block of C{Key: Value} lines ended by an empty line. A block with C{Event}
+    is an event; one with C{Response} answers the action whose C{ActionID} it echoes.
+    Messages are dicts keyed by the lower-cased header name.
+
+    @ivar banner: the banner line, once received.
+    @ivar ready: fires with the banner; fails if the connection ends before it.
+    @ivar on_event: called with each event message.
+    @ivar on_lost: called with the reason when the connection ends.
+    """
+
+    delimiter = b"\r\n"
+    MAX_LENGTH = 65536
+    BANNER_PREFIX = "Asterisk Call Manager/"
+    log = Logger()
+
+    def __init__(self, action_ids: Iterable[str] | None = None):
+        self.banner: str | None = None
+        self.ready: Deferred = Deferred()
+        self.on_event: Callable[[dict], None] = lambda message: None
+        self.on_lost: Callable[[Failure], None] = lambda reason: None
+        self._action_ids = iter(action_ids) if action_ids is not None else (
+            "{}-{}".format(_uuid.uuid4().hex[:8], n) for n in itertools.count(1)
+        )
+        self._block: dict[str, str] = {}
+        self._pending: dict[str, Deferred] = {}
+
+    def lineReceived(self, line: bytes) -> None:
+        text = line.decode("utf-8", "replace")
+        if self.banner is None:
+            if not text.startswith(self.BANNER_PREFIX):
+                self.log.error("not an Asterisk Manager Interface: banner {banner!r}", banner=text)
+                self.transport.loseConnection()
+                return
+            self.banner = text
+            self.ready.callback(text)
+            return
+        if not text:
+            if self._block:
+                message, self._block = self._block, {}
+                self._dispatch(message)
+            return
+        key, sep, value = text.partition(":")
+        if sep:
+            self._block[key.strip().lower()] = value.strip()
+        else:
+            # Output of a "Response: Follows" command: kept, though no action here uses it.
+            previous = self._block.get("output")
+            self._block["output"] = text if previous is None else previous + "\n" + text
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.log.error("AMI line longer than {max} bytes; disconnecting", max=self.MAX_LENGTH)
+        self.transport.loseConnection()
+
+    def _dispatch(self, message: dict) -> None:
+        if "event" in message:
+            self.on_event(message)
+            return
+        pending = self._pending.pop(message.get("actionid", ""), None)
+        if pending is None:
+            self.log.debug("AMI message for no pending action: {keys}", keys=sorted(message))
+            return
+        pending.callback(message)
+
+    def send_action(
+        self, action: str, headers: Iterable[tuple[str, str]], action_id: str | None = None
+    ) -> Deferred:
+        """
+        Send one action as a single write.
+
+        @param headers: C{(key, value)} pairs in order; a key may repeat (C{Variable}).
+        @return: a Deferred firing with the response message, whatever its C{Response}
+            value; failing with the reason if the connection ends first. Cancelling it
+            forgets the action (a later response is ignored).
+        @raise ValueError: a value contains a line break.
+        """
+        if action_id is None:
+            action_id = next(self._action_ids)
+        lines = [("Action", action), ("ActionID", action_id), *headers]
+        for key, value in lines:
+            _check_header_value("AMI header {}".format(key), value)
+        payload = "".join("{}: {}\r\n".format(k, v) for k, v in lines) + "\r\n"
+        d = Deferred(lambda _: self._pending.pop(action_id, None))
+        self._pending[action_id] = d
+        self.transport.write(payload.encode("utf-8"))
+        return d
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:
+        pending, self._pending = self._pending, {}
+        for d in pending.values():
+            d.errback(reason)
+        if not self.ready.called:
+            self.ready.errback(reason)
+        self.on_lost(reason)
+
+
+# Asterisk's OriginateResponse "Reason" is the last AST_CONTROL_* frame the channel saw.
+_ORIGINATE_REASONS = {
+    "0": ("unreachable", "no such extension or number, or the channel could not be created"),
+    "1": ("no_answer", "hung up before answering"),
+    "3": ("no_answer", "rang without answer until the timeout"),
+    "5": ("busy", "busy"),
+    "8": ("congestion", "congestion"),
+}
+
+
+@attrs.define(eq=False, repr=False)
+class _Attempt:
+    request: DialRequest
+    protocol: AmiProtocol
+    result: Deferred
+    guard: object = None
+    response: Deferred | None = None
+
+
+class _AmiFactory(Factory):
+    def __init__(self, dialer: "AmiDialer"):
+        self._dialer = dialer
+
+    def buildProtocol(self, addr):
+        protocol = AmiProtocol(self._dialer._action_ids)
+        protocol.factory = self
+        self._dialer._connected(protocol)
+        return protocol
+
+
+@implementer(IDialer)
+class AmiDialer(Service):
+    """
+    Originates the resident's call through the Asterisk Manager Interface.
+
+    A L{ClientService} keeps one connection, reconnecting with backoff; each connection logs
+    in (C{Events: call}, needed for C{OriginateResponse}). A refused login is logged and
+    retried with a growing delay. L{dial} sends an async C{Originate} and fires when
+    Asterisk's C{OriginateResponse} reports the resident answered, or fails with the reason
+    it gives. Add it to the service tree: it connects at start and disconnects at stop.
+    """
+
+    name = "ami"
+    log = Logger()
+
+    # If Asterisk never sends OriginateResponse, give up this long after the ring timeout.
+    GRACE_S = 15.0
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        username: str,
+        secret: str,
+        *,
+        context: str = "audiosocket-resident",
+        reactor=None,
+        retry_policy: Callable[[int], float] | None = None,
+    ):
+        for what, value in (("AMI host", host), ("AMI username", username),
+                            ("AMI context", context)):
+            if not isinstance(value, str) or not value:
+                raise ValueError("{} must be a non-empty string".format(what))
+            _check_header_value(what, value)
+        if not isinstance(secret, str):
+            raise ValueError("AMI secret must be a string")
+        _check_header_value("AMI secret", secret)
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ValueError(
+                "AMI port must be an integer between 1 and 65535, not {!r}".format(port)
+            )
+        if reactor is None:
+            from twisted.internet import reactor
+        self._reactor = reactor
+        self.host = host
+        self.port = port
+        self.username = username
+        self._secret = secret
+        self.context = context
+        self._action_ids = (
+            "audiosocket-{}-{}".format(_uuid.uuid4().hex[:8], n) for n in itertools.count(1)
+        )
+        self._protocol: AmiProtocol | None = None
+        self._attempts: dict[str, _Attempt] = {}
+        self._ready_waiters: list[Deferred] = []
+        self._login_failures = 0
+        self._stopping = False
+        self.factory = _AmiFactory(self)
+        policy = retry_policy if retry_policy is not None else backoffPolicy()
+        # ClientService resets its failure count on every TCP connect, so a refused login
+        # would be retried at the first delay forever; count login failures in as well.
+        self._client = ClientService(
+            HostnameEndpoint(reactor, host, port, timeout=10),
+            self.factory,
+            retryPolicy=lambda failures: policy(failures + self._login_failures),
+            clock=reactor,
+        )
+
+    def __repr__(self):
+        return "<AmiDialer {}@{}:{}>".format(self.username, self.host, self.port)
+
+    # -- service -----------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Connected and logged in."""
+        return self._protocol is not None
+
+    @property
+    def pending(self) -> int:
+        """Originate attempts waiting for their outcome."""
+        return len(self._attempts)
+
+    def when_ready(self) -> Deferred:
+        """A Deferred firing once connected and logged in (at once if already)."""
+        if self._protocol is not None:
+            return succeed(None)
+        d = Deferred(lambda d: self._ready_waiters.remove(d))
+        self._ready_waiters.append(d)
+        return d
+
+    def startService(self):
+        super().startService()
+        self._stopping = False
+        self._client.startService()
+
+    def stopService(self):
+        super().stopService()
+        self._stopping = True
+        return self._client.stopService()
+
+    # -- connection --------------------------------------------------------------------------
+
+    def _connected(self, protocol: AmiProtocol) -> None:
+        protocol.on_event = self._event
+        protocol.on_lost = lambda reason: self._lost(protocol, reason)
+        d = Deferred.fromCoroutine(self._login(protocol))
+        d.addErrback(lambda f: self.log.failure("AMI login to {host}:{port} failed",
+                                                f, host=self.host, port=self.port))
+
+    async def _login(self, protocol: AmiProtocol) -> None:
+        try:
+            await protocol.ready
+            response = await protocol.send_action(
+                "Login",
+                [("Username", self.username), ("Secret", self._secret), ("Events", "call")],
+            )
+        except (error.ConnectionDone, error.ConnectionLost):
+            return
+        if response.get("response", "").lower() != "success":
+            self._login_failures += 1
+            self.log.error(
+                "AMI login as {username} to {host}:{port} refused: {message}; "
+                "retrying with backoff (failure {count})",
+                username=self.username,
+                host=self.host,
+                port=self.port,
+                message=response.get("message", "no message"),
+                count=self._login_failures,
+            )
+            protocol.transport.loseConnection()
+            return
+        self._login_failures = 0
+        self._protocol = protocol
+        self.log.info(
+            "AMI logged in as {username} to {host}:{port} ({banner})",
+            username=self.username,
+            host=self.host,
+            port=self.port,
+            banner=protocol.banner,
+        )
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for w in waiters:
+            w.callback(None)
+
+    def _lost(self, protocol: AmiProtocol, reason: Failure) -> None:
+        if protocol is self._protocol:
+            self._protocol = None
+            (self.log.info if self._stopping else self.log.warn)(
+                "AMI connection to {host}:{port} closed: {reason}",
+                host=self.host,
+                port=self.port,
+                reason=reason.getErrorMessage(),
+            )
+        for action_id, attempt in list(self._attempts.items()):
+            if attempt.protocol is protocol:
+                self._finish(
+                    action_id,
+                    DialFailed("unreachable", "AMI connection lost while originating"),
+                )
+
+    # -- dialing -----------------------------------------------------------------------------
+
+    def dial(self, request: DialRequest) -> Deferred:
+        protocol = self._protocol
+        if protocol is None:
+            return fail(DialFailed(
+                "unreachable",
+                "not connected to the Asterisk Manager at {}:{}".format(self.host, self.port),
+            ))
+        action_id = next(self._action_ids)
+        result = Deferred(lambda _: self._forget(action_id))
+        attempt = _Attempt(request, protocol, result)
+        self._attempts[action_id] = attempt
+        headers = [
+            ("Channel", request.dial),
+            ("Context", self.context),
+            ("Exten", "s"),
+            ("Priority", "1"),
+            ("Async", "true"),
+            ("Timeout", str(int(round(request.timeout_s * 1000)))),
+            ("CallerID", request.return_extension),
+            ("Variable", "AUDIOSOCKET_UUID={}".format(request.uuid)),
+            ("Variable", "AUDIOSOCKET_HOST={}".format(request.audiosocket)),
+        ]
+        attempt.guard = self._reactor.callLater(
+            request.timeout_s + self.GRACE_S,
+            self._finish,
+            action_id,
+            DialFailed("timeout", "Asterisk sent no OriginateResponse"),
+        )
+        attempt.response = protocol.send_action("Originate", headers, action_id=action_id)
+        attempt.response.addCallbacks(
+            lambda message: self._originate_answered(action_id, message),
+            lambda failure: None,  # connection loss is handled by _lost
+        )
+        self.log.info(
+            "AMI originate {action_id}: {dial} for session {uuid}, back to {audiosocket}",
+            action_id=action_id,
+            dial=request.dial,
+            uuid=request.uuid,
+            audiosocket=request.audiosocket,
+        )
+        return result
+
+    def _originate_answered(self, action_id: str, message: dict) -> None:
+        if message.get("response", "").lower() == "success":
+            return  # queued; the outcome comes as OriginateResponse
+        self._finish(
+            action_id,
+            DialFailed(
+                "rejected",
+                "Asterisk refused Originate: {}".format(message.get("message", "no message")),
+            ),
+        )
+
+    def _event(self, message: dict) -> None:
+        if message.get("event", "").lower() != "originateresponse":
+            return
+        action_id = message.get("actionid", "")
+        if action_id not in self._attempts:
+            return
+        if message.get("response", "").lower() == "success":
+            self._finish(action_id, None)
+            return
+        code = message.get("reason", "")
+        reason, text = _ORIGINATE_REASONS.get(code, ("error", "failed"))
+        self._finish(
+            action_id,
+            DialFailed(reason, "Asterisk could not call {}: {} (reason {})".format(
+                self._attempts[action_id].request.dial, text, code or "missing")),
+        )
+
+    def _forget(self, action_id: str) -> _Attempt | None:
+        attempt = self._attempts.pop(action_id, None)
+        if attempt is not None:
+            if attempt.guard is not None and attempt.guard.active():
+                attempt.guard.cancel()
+            if attempt.response is not None and not attempt.response.called:
+                attempt.response.cancel()
+        return attempt
+
+    def _finish(self, action_id: str, outcome: DialFailed | None) -> None:
+        attempt = self._forget(action_id)
+        if attempt is None:
+            return
+        if outcome is None:
+            self.log.info(
+                "AMI originate {action_id}: {dial} answered", action_id=action_id,
+                dial=attempt.request.dial,
+            )
+            attempt.result.callback(None)
+        else:
+            self.log.warn(
+                "AMI originate {action_id}: {dial} failed: {why}", action_id=action_id,
+                dial=attempt.request.dial, why=outcome,
+            )
+            attempt.result.errback(outcome)
+
+
+# -- wiring ----------------------------------------------------------------------------------
+
+
+def make_dialer(dialer_config, secret_lookup: Callable[[str], str | None], *, reactor=None):
+    """
+    Build the dialer C{[dialer]} asks for.
+
+    @param dialer_config: an L{audiosocket.config.DialerConfig}.
+    @param secret_lookup: maps an environment variable name to its value (C{os.environ.get}).
+    @return: an L{IDialer}; the AMI one is also an C{IService} to add to the service tree.
+    @raise ValueError: naming the setting that is missing or wrong.
+    """
+    kind = dialer_config.kind
+    if kind == "log":
+        return LogDialer()
+    if kind == "http":
+        if not dialer_config.url:
+            raise ValueError("dialer.url: required when dialer.kind is \"http\"")
+        return HttpDialer(dialer_config.url, timeout_s=dialer_config.timeout_s, reactor=reactor)
+    if kind == "ami":
+        ami = dialer_config.ami
+        secret = secret_lookup(ami.secret_env)
+        if not secret:
+            raise ValueError(
+                "dialer.ami.secret_env: environment variable {} is not set".format(
+                    ami.secret_env)
+            )
+        return AmiDialer(
+            ami.host, ami.port, ami.username, secret, context=ami.context, reactor=reactor
+        )
+    raise ValueError("dialer.kind: unknown dialer {!r}".format(kind))

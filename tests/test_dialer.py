@@ -1,0 +1,770 @@
+"""
+Tests for L{audiosocket.dialer}: the request, the log dialer, the HTTP webhook dialer against
+a real local twisted.web server, and the AMI client — its framing on a StringTransport and the
+whole dialer against a scripted Asterisk Manager on real TCP.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, tcp
+from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+from zope.interface.verify import verifyObject
+
+from audiosocket.config import AmiConfig, DialerConfig
+from audiosocket.dialer import (
+    AmiDialer,
+    AmiProtocol,
+    DialFailed,
+    DialRequest,
+    HttpDialer,
+    IDialer,
+    LogDialer,
+    make_dialer,
+)
+
+TIMEOUT_S = 5
+UUID = "5e0b3f6c-9d0a-4c39-8f43-2b7c7d6f1a10"
+SECRET = "s3cr3t-do-not-log"
+
+
+def request(**kw) -> DialRequest:
+    fields = dict(
+        uuid=UUID,
+        dial="PJSIP/501",
+        apartment="501",
+        resident="Maria Souza",
+        extension_id=1,
+        return_extension="1002",
+        audiosocket="127.0.0.1:8081",
+        timeout_s=30.0,
+    )
+    fields.update(kw)
+    return DialRequest(**fields)
+
+
+def log_text(events) -> str:
+    from twisted.logger import formatEvent
+
+    return "\n".join(formatEvent(e) for e in events)
+
+
+# -- request -------------------------------------------------------------------------------
+
+
+def test_request_to_dict_has_exactly_the_contract_keys():
+    """C{to_dict} gives DESIGN §7's JSON object, key for key."""
+    assert request().to_dict() == {
+        "uuid": UUID,
+        "dial": "PJSIP/501",
+        "apartment": "501",
+        "resident": "Maria Souza",
+        "extension_id": 1,
+        "return_extension": "1002",
+        "audiosocket": "127.0.0.1:8081",
+        "timeout_s": 30.0,
+    }
+
+
+def test_request_refuses_a_uuid_that_is_not_one():
+    """AudioSocket needs a real UUID; anything else is refused naming the field."""
+    with pytest.raises(ValueError, match="uuid"):
+        request(uuid="not-a-uuid")
+
+
+def test_request_refuses_line_breaks_in_the_dial_string():
+    """A line break would inject AMI headers; it is refused naming the field."""
+    with pytest.raises(ValueError, match="dial: must not contain a line break"):
+        request(dial="PJSIP/501\r\nAction: Logoff")
+
+
+def test_request_refuses_an_audiosocket_address_without_port():
+    """C{audiosocket} must be C{host:port}."""
+    with pytest.raises(ValueError, match="audiosocket"):
+        request(audiosocket="127.0.0.1")
+
+
+def test_request_refuses_a_non_positive_timeout():
+    """The ring timeout must be positive."""
+    with pytest.raises(ValueError, match="timeout_s"):
+        request(timeout_s=0)
+
+
+def test_dial_failed_refuses_unknown_reasons():
+    """A L{DialFailed} reason is one of the documented ones."""
+    with pytest.raises(ValueError, match="unknown dial failure reason"):
+        DialFailed("sleepy", "x")
+
+
+# -- log -----------------------------------------------------------------------------------
+
+
+def test_log_dialer_provides_idialer():
+    """L{LogDialer} provides L{IDialer}."""
+    assert verifyObject(IDialer, LogDialer())
+
+
+def test_log_dialer_fires_at_once_and_logs_the_request_fields():
+    """The log dialer fires L{None} at once and logs every request field."""
+    with capturedLogs() as events:
+        d = LogDialer().dial(request())
+    assert d.called and d.result is None
+    [event] = [e for e in events if e.get("dial") == "PJSIP/501"]
+    for key, value in request().to_dict().items():
+        assert event[key] == value
+    assert "would dial PJSIP/501" in log_text([event])
+
+
+# -- http ----------------------------------------------------------------------------------
+
+
+class Webhook(Resource):
+    """A fake dialer webhook: records requests, answers with a set status or never."""
+
+    isLeaf = True
+
+    def __init__(self, code=202, answer=True):
+        super().__init__()
+        self.code = code
+        self.answer = answer
+        self.bodies = []
+        self.headers = []
+        self.stalled = []
+
+    def render_POST(self, req):
+        self.bodies.append(req.content.read())
+        self.headers.append(req.requestHeaders.getRawHeaders(b"content-type"))
+        if not self.answer:
+            self.stalled.append(req)
+            return NOT_DONE_YET
+        req.setResponseCode(self.code)
+        return b"{}"
+
+
+class TrackingSite(Site):
+    """A Site whose server-side connections can be awaited until closed."""
+
+    def __init__(self, resource):
+        super().__init__(resource)
+        self.lost = []
+
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        closed = Deferred()
+        self.lost.append(closed)
+        original = protocol.connectionLost
+
+        def connectionLost(reason):
+            original(reason)
+            closed.callback(None)
+
+        protocol.connectionLost = connectionLost
+        return protocol
+
+
+@pytest_twisted.async_yield_fixture
+async def webhook_server():
+    """Start a real HTTP server on 127.0.0.1:0; yield (resource, site, url)."""
+    servers = []
+
+    async def start(resource):
+        site = TrackingSite(resource)
+        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(site)
+        servers.append((port, site))
+        return site, "http://127.0.0.1:{}/dial".format(port.getHost().port)
+
+    clients_before = http_clients()
+    yield start
+    for port, site in servers:
+        await defer.gatherResults(site.lost).addTimeout(TIMEOUT_S, reactor)
+        await port.stopListening()
+    await clients_closed(clients_before).addTimeout(TIMEOUT_S, reactor)
+
+
+def http_clients():
+    return {s for s in reactor.getReaders() + reactor.getWriters() if isinstance(s, tcp.Client)}
+
+
+def clients_closed(before):
+    """
+    Fire once the client side of every new connection has closed too: the server side
+    closes first, and the client reads the EOF in a later reactor turn.
+    """
+
+    async def wait():
+        while http_clients() - before:
+            await deferLater(0)
+
+    return Deferred.fromCoroutine(wait())
+
+
+def test_http_dialer_provides_idialer():
+    """L{HttpDialer} provides L{IDialer}."""
+    assert verifyObject(IDialer, HttpDialer("http://127.0.0.1:1/x"))
+
+
+def test_http_dialer_refuses_a_non_http_url():
+    """A URL that is not http(s) is refused naming it."""
+    with pytest.raises(ValueError, match="ftp://x"):
+        HttpDialer("ftp://x/y")
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_dialer_posts_the_request_json_and_succeeds_on_2xx(webhook_server):
+    """A 2xx answer fires L{None}; the body POSTed is exactly the request's JSON."""
+    webhook = Webhook(code=202)
+    site, url = await webhook_server(webhook)
+    result = await HttpDialer(url).dial(request()).addTimeout(TIMEOUT_S, reactor)
+    assert result is None
+    [body] = webhook.bodies
+    assert json.loads(body) == request().to_dict()
+    [[content_type]] = webhook.headers
+    assert content_type.startswith(b"application/json")
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_dialer_fails_on_500_naming_the_status(webhook_server):
+    """A 500 answer is a failed attempt whose message names the status."""
+    site, url = await webhook_server(Webhook(code=500))
+    d = HttpDialer(url).dial(request()).addTimeout(TIMEOUT_S, reactor)
+    with pytest.raises(DialFailed) as info:
+        await d
+    assert info.value.reason == "error"
+    assert "HTTP 500" in str(info.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_dialer_fails_as_rejected_on_4xx(webhook_server):
+    """A 4xx answer is a refused request."""
+    site, url = await webhook_server(Webhook(code=404))
+    with pytest.raises(DialFailed) as info:
+        await HttpDialer(url).dial(request()).addTimeout(TIMEOUT_S, reactor)
+    assert info.value.reason == "rejected"
+    assert "HTTP 404" in info.value.message
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_dialer_times_out_when_the_server_never_answers(webhook_server):
+    """A webhook that never answers is a C{timeout} failure after C{timeout_s}."""
+    webhook = Webhook(answer=False)
+    site, url = await webhook_server(webhook)
+    d = HttpDialer(url, timeout_s=0.2).dial(request()).addTimeout(TIMEOUT_S, reactor)
+    with pytest.raises(DialFailed) as info:
+        await d
+    assert info.value.reason == "timeout"
+    assert len(webhook.stalled) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_dialer_connection_refused_is_unreachable():
+    """Nothing listening on the webhook's port is an C{unreachable} failure."""
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Factory())
+    number = port.getHost().port
+    await port.stopListening()
+    d = HttpDialer("http://127.0.0.1:{}/dial".format(number)).dial(request())
+    with pytest.raises(DialFailed) as info:
+        await d.addTimeout(TIMEOUT_S, reactor)
+    assert info.value.reason == "unreachable"
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_dialer_cancel_is_a_cancel(webhook_server):
+    """Cancelling the dial aborts the request and fails with CancelledError, no reason."""
+    webhook = Webhook(answer=False)
+    site, url = await webhook_server(webhook)
+    d = HttpDialer(url).dial(request())
+    while not webhook.stalled:
+        await deferLater(0.01)
+    d.cancel()
+    with pytest.raises(defer.CancelledError):
+        await d
+
+
+def deferLater(seconds):
+    from twisted.internet.task import deferLater as _later
+
+    return _later(reactor, seconds)
+
+
+# -- AMI framing (StringTransport) -----------------------------------------------------------
+
+
+def connected_protocol():
+    protocol = AmiProtocol(action_ids=("id-{}".format(n) for n in range(1, 100)))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_ami_protocol_reads_the_banner():
+    """The first line is the banner; C{ready} fires with it."""
+    protocol, _ = connected_protocol()
+    protocol.dataReceived(b"Asterisk Call Manager/5.0.4\r\n")
+    assert protocol.banner == "Asterisk Call Manager/5.0.4"
+    assert protocol.ready.result == "Asterisk Call Manager/5.0.4"
+
+
+def test_ami_protocol_disconnects_on_a_foreign_banner():
+    """A peer that is not an AMI is dropped."""
+    protocol, transport = connected_protocol()
+    protocol.ready.addErrback(lambda f: None)
+    protocol.dataReceived(b"SSH-2.0-OpenSSH_9.6\r\n")
+    assert transport.disconnecting
+
+
+def test_ami_protocol_writes_an_action_as_one_block():
+    """An action is written whole: C{Action}, C{ActionID}, headers in order, empty line."""
+    protocol, transport = connected_protocol()
+    protocol.send_action("Ping", [("Variable", "A=1"), ("Variable", "B=2")])
+    assert transport.value() == (
+        b"Action: Ping\r\nActionID: id-1\r\nVariable: A=1\r\nVariable: B=2\r\n\r\n"
+    )
+
+
+def test_ami_protocol_refuses_line_breaks_in_header_values():
+    """A header value with a line break is refused before anything is written."""
+    protocol, transport = connected_protocol()
+    with pytest.raises(ValueError, match="line break"):
+        protocol.send_action("Ping", [("X", "a\r\nAction: Logoff")])
+    assert transport.value() == b""
+
+
+def test_ami_protocol_routes_a_multi_line_response_by_action_id():
+    """A multi-line response block reaches the action with its ActionID, keys lower-cased."""
+    protocol, _ = connected_protocol()
+    protocol.dataReceived(b"Asterisk Call Manager/5.0.4\r\n")
+    first = protocol.send_action("Ping", [])
+    second = protocol.send_action("Ping", [])
+    protocol.dataReceived(
+        b"Response: Success\r\nActionID: id-2\r\nPing: Pong\r\nTimestamp: 1.0\r\n\r\n"
+    )
+    assert not first.called
+    assert second.result == {
+        "response": "Success",
+        "actionid": "id-2",
+        "ping": "Pong",
+        "timestamp": "1.0",
+    }
+
+
+def test_ami_protocol_reassembles_split_packets():
+    """A message split across reads at any byte is parsed the same."""
+    protocol, _ = connected_protocol()
+    events = []
+    protocol.on_event = events.append
+    data = (
+        b"Asterisk Call Manager/5.0.4\r\n"
+        b"Event: OriginateResponse\r\nActionID: id-9\r\nResponse: Failure\r\nReason: 5\r\n\r\n"
+    )
+    for i in range(len(data)):
+        protocol.dataReceived(data[i:i + 1])
+    assert events == [
+        {"event": "OriginateResponse", "actionid": "id-9", "response": "Failure", "reason": "5"}
+    ]
+
+
+def test_ami_protocol_ignores_unknown_events_and_stray_responses():
+    """Events go to C{on_event}; a response for no pending action is dropped quietly."""
+    protocol, _ = connected_protocol()
+    events = []
+    protocol.on_event = events.append
+    pending = protocol.send_action("Ping", [])
+    protocol.dataReceived(
+        b"Asterisk Call Manager/5.0.4\r\n"
+        b"Event: FullyBooted\r\nPrivilege: system,all\r\nStatus: Fully Booted\r\n\r\n"
+        b"Response: Success\r\nActionID: nobody\r\n\r\n"
+    )
+    assert [e["event"] for e in events] == ["FullyBooted"]
+    assert not pending.called
+
+
+def test_ami_protocol_fails_pending_actions_on_connection_lost():
+    """Actions still waiting when the connection ends fail with its reason."""
+    protocol, _ = connected_protocol()
+    protocol.dataReceived(b"Asterisk Call Manager/5.0.4\r\n")
+    pending = protocol.send_action("Ping", [])
+    failures = []
+    pending.addErrback(failures.append)
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert failures and failures[0].check(ConnectionDone)
+
+
+def logged_in_on_clock():
+    """An AmiDialer on a MemoryReactorClock, fed a logged-in connection over a
+    StringTransport."""
+    clock = MemoryReactorClock()
+    dialer = AmiDialer("127.0.0.1", 5038, "audiosocket", SECRET, reactor=clock)
+    protocol = dialer.factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"Asterisk Call Manager/5.0.4\r\n")
+    [login_id] = [
+        line.split(b": ")[1] for line in transport.value().split(b"\r\n")
+        if line.startswith(b"ActionID")
+    ]
+    transport.clear()
+    protocol.dataReceived(b"Response: Success\r\nActionID: " + login_id + b"\r\n\r\n")
+    return clock, dialer, protocol, transport
+
+
+def test_ami_dialer_gives_up_when_no_originate_response_ever_comes():
+    """With no OriginateResponse, the dial fails C{timeout} a grace after the ring timeout."""
+    clock, dialer, protocol, transport = logged_in_on_clock()
+    assert dialer.ready
+    failures = []
+    dialer.dial(request(timeout_s=30)).addErrback(failures.append)
+    clock.advance(30 + AmiDialer.GRACE_S - 0.1)
+    assert not failures
+    clock.advance(0.2)
+    [failure] = failures
+    assert failure.value.reason == "timeout"
+    assert dialer.pending == 0
+    assert clock.getDelayedCalls() == []
+
+
+def test_ami_dialer_event_before_the_queued_response_still_counts():
+    """An OriginateResponse arriving before the action's own response settles the dial;
+    the late response is then ignored."""
+    clock, dialer, protocol, transport = logged_in_on_clock()
+    results = []
+    dialer.dial(request()).addBoth(results.append)
+    action_id = [
+        line.split(b": ")[1] for line in transport.value().split(b"\r\n")
+        if line.startswith(b"ActionID")
+    ][0]
+    protocol.dataReceived(
+        b"Event: OriginateResponse\r\nActionID: " + action_id
+        + b"\r\nResponse: Failure\r\nReason: 8\r\n\r\n"
+        + b"Response: Success\r\nActionID: " + action_id + b"\r\n\r\n"
+    )
+    [result] = results
+    assert result.value.reason == "congestion"
+    assert clock.getDelayedCalls() == []
+
+
+# -- AMI dialer against a scripted Asterisk Manager (real TCP) -------------------------------
+
+
+class FakeAsteriskProtocol(LineReceiver):
+    """Speaks the server side of AMI: banner, Login, and hands other actions to the test."""
+
+    delimiter = b"\r\n"
+
+    def connectionMade(self):
+        self.block = []
+        self.closed = Deferred()
+        self.factory.connections.append(self)
+        self.sendLine(b"Asterisk Call Manager/5.0.4")
+
+    def lineReceived(self, line):
+        if line:
+            key, _, value = line.decode().partition(": ")
+            self.block.append((key, value))
+            return
+        action, self.block = self.block, []
+        fields = dict(action)
+        if fields["Action"] == "Login":
+            self.factory.logins.append(action)
+            ok = fields.get("Secret") == self.factory.secret
+            self.send(
+                Response="Success" if ok else "Error",
+                ActionID=fields["ActionID"],
+                Message="Authentication accepted" if ok else "Authentication failed",
+            )
+            if ok:
+                self.factory.logged_in.put(self)
+            return
+        self.factory.actions.put((self, action))
+
+    def send(self, **headers):
+        self.transport.write(
+            "".join("{}: {}\r\n".format(k, v) for k, v in headers.items()).encode() + b"\r\n"
+        )
+
+    def connectionLost(self, reason):
+        self.closed.callback(None)
+
+
+class FakeAsterisk(Factory):
+    protocol = FakeAsteriskProtocol
+
+    def __init__(self, secret=SECRET):
+        self.secret = secret
+        self.connections = []
+        self.logins = []
+        self.logged_in = DeferredQueue()
+        self.actions = DeferredQueue()
+
+
+@pytest_twisted.async_yield_fixture
+async def asterisk():
+    """A scripted AMI server on 127.0.0.1:0 and an AmiDialer for it (started)."""
+    made = []
+
+    async def start(secret=SECRET, dialer_secret=SECRET):
+        server = FakeAsterisk(secret)
+        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(server)
+        dialer = AmiDialer(
+            "127.0.0.1",
+            port.getHost().port,
+            "audiosocket",
+            dialer_secret,
+            context="audiosocket-resident",
+            retry_policy=lambda failures: 0.01 * failures,
+        )
+        made.append((port, server, dialer))
+        dialer.startService()
+        return server, dialer
+
+    yield start
+    for port, server, dialer in made:
+        await dialer.stopService()
+        await defer.gatherResults([c.closed for c in server.connections]).addTimeout(
+            TIMEOUT_S, reactor
+        )
+        await port.stopListening()
+
+
+async def get(queue):
+    return await queue.get().addTimeout(TIMEOUT_S, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ami_dialer_logs_in_with_call_events(asterisk):
+    """On connect the dialer logs in with its username, secret and C{Events: call}."""
+    server, dialer = await asterisk()
+    await dialer.when_ready().addTimeout(TIMEOUT_S, reactor)
+    assert verifyObject(IDialer, dialer)
+    [login] = server.logins
+    fields = dict(login)
+    assert [k for k, _ in login] == ["Action", "ActionID", "Username", "Secret", "Events"]
+    assert fields["Username"] == "audiosocket"
+    assert fields["Secret"] == SECRET
+    assert fields["Events"] == "call"
+    assert dialer.ready
+    assert dialer.when_ready().called
+
+
+@pytest_twisted.ensureDeferred
+async def test_ami_dialer_sends_every_originate_field(asterisk):
+    """Originate carries Channel, Context, Exten, Priority, Async, Timeout, CallerID and
+    both Variables, one C{Variable:} line each."""
+    server, dialer = await asterisk()
+    await dialer.when_ready().addTimeout(TIMEOUT_S, reactor)
+    d = dialer.dial(request(timeout_s=25.5))
+    _, action = await get(server.actions)
+    fields = dict(action)
+    assert fields["Action"] == "Originate"
+    assert fields["ActionID"]
+    assert [(k, v) for k, v in action if k not in ("Action", "ActionID")] == [
+        ("Channel", "PJSIP/501"),
+        ("Context", "audiosocket-resident"),
+        ("Exten", "s"),
+        ("Priority", "1"),
+        ("Async", "true"),
+        ("Timeout", "25500"),
+        ("CallerID", "1002"),
+        ("Variable", "AUDIOSOCKET_UUID=" + UUID),
+        ("Variable", "AUDIOSOCKET_HOST=127.0.0.1:8081"),
+    ]
+    d.cancel()
+    with pytest.raises(defer.CancelledError):
+        await d
+
+
+@pytest_twisted.ensureDeferred
+async def test_ami_dialer_fires_on_originate_response_success(asterisk):
+    """Queued, then C{OriginateResponse: Success} for that ActionID: the dial fires None."""
+    server, dialer = await asterisk()
+    await dialer.when_ready().addTimeout(TIMEOUT_S, reactor)
+    d = dialer.dial(request())
+    peer, action = await get(server.actions)
+    action_id = dict(action)["ActionID"]
+    peer.send(Response="Success", ActionID=action_id, Message="Originate successfully queued")
+    peer.send(Event="OriginateResponse", ActionID="someone-else", Response="Failure", Reason="5")
+    await deferLater(0.05)
+    assert not d.called
+    peer.send(
+        Event="OriginateResponse",
+        Privilege="call,all",
+        ActionID=action_id,
+        Response="Success",
+        Channel="PJSIP/501-00000001",
+        Reason="4",
+    )
+    assert await d.addTimeout(TIMEOUT_S, reactor) is None
+    assert dialer.pending == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_ami_dialer_busy_originate_response_fails_busy(asterisk):
+    """C{OriginateResponse: Failure} with Reason 5 is a C{busy} failure."""
+    server, dialer = await asterisk()
+    await dialer.when_ready().addTimeout(TIMEOUT_S, reactor)
+    d = dialer.dial(request())
+    peer, action = await get(server.actions)
+    action_id = dict(action)["ActionID"]
+    peer.send(Response="Success", ActionID=action_id, Message="Originate successfully queued")
+    peer.send(Event="OriginateResponse", ActionID=action_id, Response="Failure", Reason="5")
+    with pytest.raises(DialFailed) as info:
+        await d.addTimeout(TIMEOUT_S, reactor)
+    assert info.value.reason == "busy"
+    assert dialer.pending == 0
+
+
+@pytest.mark.parametrize(
+    "code, reason",
+    [("0", "unreachable"), ("1", "no_answer"), ("3", "no_answer"), ("8", "congestion"),
+     ("2", "error")],
+)
+@pytest_twisted.ensureDeferred
+async def test_ami_dialer_maps_originate_reason_codes(asterisk, code, reason):
+    """Asterisk's Reason codes map to the documented failure reasons."""
+    server, dialer = await asterisk()
+    await dialer.when_ready().addTimeout(TIMEOUT_S, reactor)
+    d = dialer.dial(request())
+    peer, action = await get(server.actions)
+    peer.send(Event="OriginateResponse", ActionID=dict(action)["ActionID"],
+              Response="Failure", Reason=code)
+    with pytest.raises(DialFailed) as info:
+        await d.addTimeout(TIMEOUT_S, reactor)
+    assert info.value.reason == reason
+    assert "reason {}".format(code) in info.value.message
+
+
+@pytest_twisted.ensureDeferred
+async def test_ami_dialer_response_error_is_rejected_at_once(asterisk):
+    """C{Response: Error} to the Originate action fails the dial as C{rejected} at once."""
+    server, dialer = await asterisk()
+    await dialer.when_ready().addTimeout(TIMEOUT_S, reactor)
+    d = dialer.dial(request())
+    peer, action = await get(server.actions)
+    peer.send(Response="Error", ActionID=dict(action)["ActionID"],
+              Message="Extension does not exist.")
+    with pytest.raises(DialFailed) as info:
+        await d.addTimeout(TIMEOUT_S, reactor)
+    assert info.value.reason == "rejected"
+    assert "Extension does not exist." in info.value.message
+
+
+@pytest_twisted.ensureDeferred
+async def test_ami_dialer_not_logged_in_fails_unreachable_at_once():
+    """A dial before the dialer is connected fails C{unreachable} at once, without queuing."""
+    dialer = AmiDialer("127.0.0.1", 5038, "audiosocket", SECRET)
+    d = dialer.dial(request())
+    assert d.called
+    with pytest.raises(DialFailed) as info:
+        await d
+    assert info.value.reason == "unreachable"
+
+
+@pytest_twisted.ensureDeferred
+async def test_ami_dialer_connection_lost_fails_the_pending_originate(asterisk):
+    """The connection dropping while an originate waits fails it C{unreachable}."""
+    server, dialer = await asterisk()
+    await dialer.when_ready().addTimeout(TIMEOUT_S, reactor)
+    d = dialer.dial(request())
+    peer, action = await get(server.actions)
+    peer.send(Response="Success", ActionID=dict(action)["ActionID"], Message="queued")
+    peer.transport.loseConnection()
+    with pytest.raises(DialFailed) as info:
+        await d.addTimeout(TIMEOUT_S, reactor)
+    assert info.value.reason == "unreachable"
+    assert dialer.pending == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_ami_dialer_reconnects_and_logs_in_again(asterisk):
+    """When the server drops the connection, the dialer reconnects and logs in again."""
+    server, dialer = await asterisk()
+    first = await get(server.logged_in)
+    first.transport.loseConnection()
+    await first.closed.addTimeout(TIMEOUT_S, reactor)
+    second = await get(server.logged_in)
+    assert second is not first
+    assert len(server.logins) == 2
+    await dialer.when_ready().addTimeout(TIMEOUT_S, reactor)
+    d = dialer.dial(request())
+    peer, _ = await get(server.actions)
+    assert peer is second
+    d.cancel()
+    with pytest.raises(defer.CancelledError):
+        await d
+
+
+@pytest_twisted.ensureDeferred
+async def test_ami_dialer_login_failure_is_logged_without_secret_and_retried(asterisk):
+    """A refused login is logged clearly, never with the secret, and retried with backoff."""
+    with capturedLogs() as events:
+        server, dialer = await asterisk(secret="other", dialer_secret=SECRET)
+        while len(server.logins) < 3:
+            await deferLater(0.01)
+        assert not dialer.ready
+        with pytest.raises(DialFailed) as info:
+            await dialer.dial(request())
+        assert info.value.reason == "unreachable"
+    text = log_text(events)
+    assert "AMI login as audiosocket to 127.0.0.1" in text
+    assert "refused: Authentication failed" in text
+    assert SECRET not in text
+    # The retry delay grows with consecutive login failures.
+    delays = [e["delay"] for e in events if "delay" in e and "attempt" in e]
+    assert delays[:2] == sorted(delays[:2]) and delays[1] > delays[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_ami_dialer_cancel_forgets_the_attempt(asterisk):
+    """Cancelling a pending dial forgets it and its guard timer; a late event is ignored."""
+    server, dialer = await asterisk()
+    await dialer.when_ready().addTimeout(TIMEOUT_S, reactor)
+    d = dialer.dial(request())
+    peer, action = await get(server.actions)
+    d.cancel()
+    with pytest.raises(defer.CancelledError):
+        await d
+    assert dialer.pending == 0
+    peer.send(Event="OriginateResponse", ActionID=dict(action)["ActionID"],
+              Response="Success", Reason="4")
+    await deferLater(0.05)
+    assert dialer.ready
+
+
+# -- make_dialer ------------------------------------------------------------------------------
+
+
+def test_make_dialer_log():
+    """C{kind = "log"} builds a L{LogDialer}."""
+    assert isinstance(make_dialer(DialerConfig(), {}.get), LogDialer)
+
+
+def test_make_dialer_http():
+    """C{kind = "http"} builds an L{HttpDialer} for the configured URL."""
+    dialer = make_dialer(DialerConfig(kind="http", url="https://pbx.example/dial"), {}.get)
+    assert isinstance(dialer, HttpDialer)
+
+
+def test_make_dialer_ami_reads_the_secret_from_the_named_variable():
+    """C{kind = "ami"} builds an L{AmiDialer} whose secret comes from C{secret_env}."""
+    config = DialerConfig(kind="ami", ami=AmiConfig(secret_env="MY_AMI", context="ctx"))
+    dialer = make_dialer(config, {"MY_AMI": SECRET}.get)
+    assert isinstance(dialer, AmiDialer)
+    assert dialer.context == "ctx"
+    assert SECRET not in repr(dialer)
+
+
+def test_make_dialer_ami_without_secret_names_the_variable():
+    """A missing AMI secret is an error naming the environment variable."""
+    with pytest.raises(ValueError, match="AMI_SECRET is not set"):
+        make_dialer(DialerConfig(kind="ami"), {}.get)
