@@ -1,0 +1,628 @@
+"""
+The doorman conversation, as coroutines over a L{Session}.
+
+Visitor: greeting (with the keypad offer) → the facts (apartment by keypad, or by voice with
+name, purpose and resident when speech recognition is on) → the directory → "aguarde" and
+the dialer, with a wait message while the phone rings → the resident's decision → the
+visitor is told → both legs say goodbye and get the hangup frame after it has played.
+
+Resident: the announcement → 1/2 or "sim"/"não" (negation-aware) → "quem é?" gets the
+detail → unclear is asked again (bounded) → silence past the timeout is a denial.
+
+Everything the flow waits for has a timeout, and every path ends in L{_finish}, which is the
+only place legs are hung up.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from attrs import frozen
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from audiosocket.dialer import DialFailed, DialRequest
+from audiosocket.flow.directory import Directory, Match
+from audiosocket.flow.io import LegGone, LegIO
+from audiosocket.flow.nlu import Decision, Facts, classify_decision, classify_dtmf
+from audiosocket.flow.prompts import Prompts, announcement
+from audiosocket.leg import Dtmf
+from audiosocket import session as S
+
+#: How long the visitor has to start answering a question before it is asked again.
+ANSWER_TIMEOUT_S = 8.0
+
+
+@frozen
+class Site:
+    """What the flow needs of one condominium (swapped whole on a config reload)."""
+
+    id: int
+    name: str
+    greeting: str
+    directory: Directory
+    prompts: Prompts
+
+
+class DoormanFlow:
+    """
+    Runs the calls. One instance serves every session; per-call state lives in the session
+    and in the coroutine's locals.
+
+    @param sites: condominium id → L{Site} (looked up at the start of each call, so a
+        reload applies to the next call and never changes one in progress).
+    @param stt: an L{ISTT}, or C{None} for keypad-only calls.
+    @param listener_for: C{listener_for(leg) -> Listener} when speech is on.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        *,
+        tts,
+        dialer,
+        sites: Callable[[int], Site],
+        flow_config,
+        reactor,
+        stt=None,
+        nlu=None,
+        listener_for: Callable[[Any], Any] | None = None,
+        match_threshold: float = 80.0,
+    ):
+        self._tts = tts
+        self._dialer = dialer
+        self._sites = sites
+        self._config = flow_config
+        self._reactor = reactor
+        self._stt = stt
+        self._nlu = nlu
+        self._listener_for = listener_for if stt is not None else None
+        self._threshold = match_threshold
+
+    @property
+    def voice(self) -> bool:
+        return self._stt is not None
+
+    def _io(self, leg) -> LegIO:
+        listener = self._listener_for(leg) if self._listener_for is not None else None
+        io = LegIO(leg, self._tts, reactor=self._reactor, listener=listener)
+        io.start()
+        return io
+
+    # ------------------------------------------------------------ entry points
+
+    def run(self, session: S.Session) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(self._run(session))
+
+    def run_busy(self, session: S.Session) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(self._busy(session))
+
+    async def _busy(self, session: S.Session) -> None:
+        session.outcome = "busy"
+        session.state = S.FINISHING
+        site = self._sites(session.extension.condominium_id)
+        io = LegIO(session.visitor, self._tts, reactor=self._reactor)
+        io.start()
+        await io.finish(site.prompts.say("busy"))
+
+    async def _run(self, session: S.Session) -> None:
+        site = self._sites(session.extension.condominium_id)
+        call = _Call(self, session, site)
+        await call.run()
+
+
+class _Call:
+    """One call's conversation (its locals would not fit in one coroutine readably)."""
+
+    log = Logger()
+
+    def __init__(self, flow: DoormanFlow, session: S.Session, site: Site):
+        self.flow = flow
+        self.session = session
+        self.site = site
+        self.prompts = site.prompts
+        self.config = flow._config
+        self.reactor = flow._reactor
+        self.visitor = flow._io(session.visitor)
+        self.resident: LegIO | None = None
+        self.apartment = None  # the directory's Apartment once known
+        self.keypad_only = not flow.voice
+
+    # ------------------------------------------------------------ the call
+
+    async def run(self) -> None:
+        session = self.session
+        to_visitor: str | None = self.prompts.say("goodbye")
+        to_resident: str | None = None
+        try:
+            try:
+                outcome = await self._converse()
+            except LegGone as e:
+                if e.role == "visitor":
+                    session.ended_by = session.ended_by or "visitor"
+                    session.outcome = session.outcome or "abandoned"
+                    to_visitor = None
+                    to_resident = self.prompts.say("visitor_left")
+                    return
+                raise
+            session.outcome = outcome
+            to_visitor, to_resident = self._farewells(outcome)
+        except defer.CancelledError:
+            # Ended from outside: the call's time ran out, an operator, or shutdown.
+            by = session.ended_by or "operator"
+            session.ended_by = by
+            if session.outcome is None:
+                session.outcome = "no_decision" if session.resident is not None else "abandoned"
+            text = self.prompts.say("max_call" if by == "max_call" else "hangup")
+            to_visitor = to_resident = text
+        finally:
+            session.state = S.FINISHING
+            session.stop_expecting()
+            await self._finish(to_visitor, to_resident)
+
+    def _farewells(self, outcome: str) -> tuple[str | None, str | None]:
+        """What each leg hears last, after the decision has been told."""
+        p = self.prompts
+        resident = {
+            "authorized": p.say("resident_authorized"),
+            "denied": p.say("resident_denied"),
+            "no_decision": p.say("resident_no_decision"),
+        }.get(outcome, p.say("goodbye"))
+        return p.say("goodbye"), resident
+
+    async def _finish(self, to_visitor: str | None, to_resident: str | None) -> None:
+        legs = [self.visitor.finish(to_visitor)]
+        if self.resident is not None:
+            legs.append(self.resident.finish(to_resident))
+        elif self.session.resident is not None:
+            self.resident = self.flow._io(self.session.resident)
+            legs.append(self.resident.finish(to_resident))
+        await defer.gatherResults(
+            [defer.Deferred.fromCoroutine(c) for c in legs], consumeErrors=True
+        )
+
+    async def _converse(self) -> str:
+        session = self.session
+        session.state = S.GREETING
+        await self.visitor.say(self._greeting(), interruptible=True)
+        session.state = S.COLLECTING
+        found = await self._find_apartment()
+        if found is None:
+            return "unknown_apartment"
+        outcome = await self._call_resident()
+        await self._tell_visitor(outcome)
+        return outcome
+
+    def _greeting(self) -> str:
+        greeting = self.prompts.say("greeting", greeting=self.site.greeting)
+        return greeting + " " + self.prompts.say("keypad_hint")
+
+    # ------------------------------------------------------------ the visitor's facts
+
+    async def _find_apartment(self):
+        """
+        Gather the facts until the apartment is known and in the directory. The apartment is
+        asked again up to C{max_retries} times; then the visitor is told and the call ends.
+
+        @return: the directory's Apartment, or C{None}.
+        """
+        tries = 0
+        asked = 0
+        while True:
+            facts = await self._gather(asked)
+            asked += 1
+            if facts is None:
+                # Nothing said or typed in time.
+                if asked > self.config.max_retries + 1:
+                    await self.visitor.say(self.prompts.say("unknown_apartment_final"))
+                    return None
+                await self._ask_missing()
+                continue
+            match = self._lookup(facts)
+            if match is not None and not match.exact:
+                if not await self._confirm(match.apartment.number):
+                    match = None
+            if match is not None:
+                self.apartment = match.apartment
+                resident = match.resident or self._resident_for(facts, match.apartment)
+                self.session.facts = Facts(
+                    intent=facts.intent,
+                    visitor_name=facts.visitor_name,
+                    apartment=match.apartment.number,
+                    resident_name=resident,
+                    block=facts.block,
+                )
+                await self._complete_facts()
+                return match.apartment
+            tries += 1
+            heard = facts.apartment or ""
+            self.session.facts = Facts(
+                intent=facts.intent, visitor_name=facts.visitor_name
+            )
+            if tries > self.config.max_retries:
+                await self.visitor.say(self.prompts.say("unknown_apartment_final"))
+                return None
+            if heard:
+                await self.visitor.say(
+                    self.prompts.say("unknown_apartment", apartment=_spoken(heard)),
+                    interruptible=True,
+                )
+            else:
+                await self.visitor.say(self.prompts.say("not_understood"), interruptible=True)
+            await self._ask_missing()
+
+    async def _gather(self, asked: int) -> Facts | None:
+        """
+        Read the visitor's next answer: keys (the apartment) or an utterance (any facts).
+        Returns the facts known so far, merged, or C{None} when nothing came in time.
+        """
+        while True:
+            item = await self.visitor.next_input(ANSWER_TIMEOUT_S)
+            if item is None:
+                return None
+            if isinstance(item, Dtmf):
+                typed = await self.visitor.digits(item.digit, self.config.dtmf_timeout_s)
+                if not typed:
+                    return None
+                self.session.decision_input = None
+                return self.session.facts.merge(Facts(apartment=typed))
+            _, facts = await self._understand(item)
+            if facts is not None:
+                merged = self.session.facts.merge(facts)
+                self.session.facts = merged
+                if merged.apartment or merged.resident_name:
+                    return merged
+                await self._ask_missing()
+
+    async def _understand(self, utterance) -> tuple[str | None, Facts | None]:
+        """Transcribe and extract; a provider failure turns the call to the keypad."""
+        text = await self._transcribe(utterance)
+        if text is None or not text.strip():
+            return text, None
+        self.log.info(
+            "call {uuid}: visitor said {text!r}", uuid=str(self.session.uuid), text=text
+        )
+        try:
+            return text, await self.flow._nlu.extract(text, self.site.directory)
+        except defer.CancelledError:
+            raise
+        except Exception:
+            self.log.failure("call {uuid}: understanding failed", uuid=str(self.session.uuid))
+            return text, None
+
+    async def _transcribe(self, utterance) -> str | None:
+        try:
+            return await self.flow._stt.transcribe(utterance.pcm, utterance.rate)
+        except defer.CancelledError:
+            raise
+        except Exception as e:
+            self.log.warn(
+                "call {uuid}: speech recognition failed ({error}); offering the keypad",
+                uuid=str(self.session.uuid),
+                error=str(e),
+            )
+            if not self.keypad_only:
+                self.keypad_only = True
+                await self.visitor.say(self.prompts.say("use_keypad"))
+            return None
+
+    async def _ask_missing(self) -> None:
+        self.visitor.flush()
+        name = "ask_apartment_keypad" if self.keypad_only else "ask_apartment"
+        await self.visitor.say(self.prompts.say(name), interruptible=True)
+
+    async def _complete_facts(self) -> None:
+        """By voice, ask once for the visitor's name and purpose if they were not said."""
+        if self.keypad_only:
+            return
+        for fact, prompt in (("visitor_name", "ask_name"), ("intent", "ask_intent")):
+            if getattr(self.session.facts, fact) is not None:
+                continue
+            self.visitor.flush()
+            await self.visitor.say(self.prompts.say(prompt))
+            item = await self.visitor.next_input(ANSWER_TIMEOUT_S)
+            if item is None or isinstance(item, Dtmf):
+                continue
+            text, facts = await self._understand(item)
+            if fact == "visitor_name" and (facts is None or facts.visitor_name is None):
+                # "Pedro Santos." answers "qual é o seu nome?" without "sou o".
+                facts = Facts(visitor_name=_bare_name(text))
+            if facts is None:
+                continue
+            self.session.facts = self.session.facts.merge(facts)
+            if self.keypad_only:
+                return
+
+    def _lookup(self, facts: Facts) -> Match | None:
+        directory = self.site.directory
+        if facts.apartment:
+            match = directory.find_apartment(facts.apartment)
+            if match is not None and facts.resident_name:
+                named = directory.find_resident(
+                    facts.resident_name, match.apartment, threshold=self.flow._threshold
+                )
+                if named is not None:
+                    return Match(match.apartment, named.resident, named.score, match.exact)
+            return match
+        if facts.resident_name:
+            return directory.find_resident(facts.resident_name, threshold=self.flow._threshold)
+        return None
+
+    def _resident_for(self, facts: Facts, apartment) -> str | None:
+        # Nobody named: the apartment's first listed resident is its contact.
+        return apartment.residents[0] if apartment.residents else None
+
+    async def _confirm(self, number: str) -> bool:
+        """'Apartamento 101, correto?' — 1 or "sim" confirms; anything else does not."""
+        self.visitor.flush()
+        await self.visitor.say(
+            self.prompts.say("confirm_apartment", apartment=_spoken(number)), interruptible=True
+        )
+        item = await self.visitor.next_input(ANSWER_TIMEOUT_S)
+        if item is None:
+            return False
+        if isinstance(item, Dtmf):
+            return classify_dtmf(item.digit) is Decision.AUTHORIZED
+        text = await self._transcribe(item)
+        return text is not None and classify_decision(text) is Decision.AUTHORIZED
+
+    # ------------------------------------------------------------ calling the resident
+
+    def _dial_request(self) -> DialRequest:
+        session = self.session
+        ext = session.extension
+        return DialRequest(
+            uuid=str(session.uuid),
+            dial=self.apartment.dial,
+            apartment=self.apartment.number,
+            resident=session.facts.resident_name or "",
+            extension_id=ext.id,
+            return_extension=ext.return_extension,
+            audiosocket=session.return_address,
+            timeout_s=float(self.config.ring_timeout_s),
+        )
+
+    async def _call_resident(self) -> str:
+        """Ring the resident (with retries), then ask for the decision."""
+        session = self.session
+        session.state = S.DIALING
+        await self.visitor.say(
+            self.prompts.say("calling", apartment=_spoken(self.apartment.number))
+        )
+        leg = None
+        for attempt in range(1, self.config.attempts + 1):
+            session.attempts = attempt
+            leg = await self._ring(attempt)
+            if leg is not None:
+                break
+        session.stop_expecting()
+        if leg is None:
+            return "no_answer"
+        self.resident = self.flow._io(leg)
+        # The visitor hanging up while the resident decides ends the resident's part too.
+        session.visitor.when_closed().addCallback(self._visitor_left)
+        return await self._ask_resident()
+
+    def _visitor_left(self, _leg) -> None:
+        if self.session.state != S.FINISHING and self.resident is not None:
+            self.resident.interrupt(LegGone("visitor"))
+
+    async def _ring(self, attempt: int):
+        """
+        One attempt: the dialer is asked to call, and the visitor hears a wait message every
+        C{wait_message_interval_s} until the resident's leg joins, the dialer reports a
+        failure, or C{ring_timeout_s} passes.
+
+        @return: the resident's leg, or C{None}.
+        @raise LegGone: the visitor hung up meanwhile.
+        """
+        joined = self.session.expect_resident()
+        if joined.called:  # a late answer to the previous attempt: no need to ring again
+            return await joined
+        race = _Race(self.reactor)
+        race.add("joined", joined)
+        # A bad directory entry (a dial string the request refuses) is a failed attempt.
+        race.add("dial", defer.maybeDeferred(lambda: self.flow._dialer.dial(self._dial_request())))
+        race.add("visitor", defer.Deferred.fromCoroutine(self.visitor.next_input(None)))
+        ring_s = self.config.ring_timeout_s
+        deadline = self.reactor.seconds() + ring_s
+        try:
+            while True:
+                remaining = deadline - self.reactor.seconds()
+                if remaining <= 1e-6:
+                    self._dial_failed(attempt, "no_answer", "rang for {} s".format(ring_s))
+                    return None
+                which, result = await race.next(
+                    min(remaining, self.config.wait_message_interval_s)
+                )
+                if which == "joined":
+                    return result
+                if which == "dial":
+                    if isinstance(result, DialFailed):
+                        self._dial_failed(attempt, result.reason, str(result))
+                        return None
+                    if isinstance(result, Exception):
+                        self._dial_failed(attempt, "error", repr(result))
+                        return None
+                    continue  # accepted: the phone is ringing
+                if which == "visitor":
+                    if isinstance(result, Exception):
+                        raise result
+                    # A key or a word while it rings: nothing to do but keep listening.
+                    race.add("visitor", defer.Deferred.fromCoroutine(self.visitor.next_input(None)))
+                    continue
+                if deadline - self.reactor.seconds() > 1e-6:
+                    self.visitor.queue(self.prompts.say("still_calling"))
+        finally:
+            race.cancel()
+
+    def _dial_failed(self, attempt: int, reason: str, message: str) -> None:
+        self.session.dial_failures.append({"attempt": attempt, "reason": reason})
+        self.log.info(
+            "call {uuid}: attempt {attempt} to reach apartment {apartment} failed: {message}",
+            uuid=str(self.session.uuid),
+            attempt=attempt,
+            apartment=self.apartment.number,
+            message=message,
+        )
+
+    # ------------------------------------------------------------ the resident's decision
+
+    async def _ask_resident(self) -> str:
+        session = self.session
+        facts = session.facts
+        resident = self.resident
+        session.state = S.ANNOUNCING
+        try:
+            await resident.say(
+                announcement(self.prompts, _spoken(facts.apartment), facts.visitor_name, facts.intent)
+            )
+            session.state = S.DECIDING
+            ask = "ask_decision_keypad" if self.keypad_only_resident else "ask_decision"
+            await resident.say(self.prompts.say(ask), interruptible=True)
+            unclear = 0
+            while True:
+                item = await resident.next_input(self.config.decision_timeout_s)
+                if item is None:
+                    return self._decided("denied", "timeout")
+                if isinstance(item, Dtmf):
+                    decision = classify_dtmf(item.digit)
+                    evidence = "dtmf:" + item.digit
+                else:
+                    text = await self._resident_text(item)
+                    decision = classify_decision(text) if text else Decision.UNCLEAR
+                    evidence = "voice:" + (text or "")
+                if decision is Decision.AUTHORIZED:
+                    return self._decided("authorized", evidence)
+                if decision is Decision.DENIED:
+                    return self._decided("denied", evidence)
+                if decision is Decision.WHO:
+                    await resident.say(self._detail(), interruptible=True)
+                    await resident.say(self.prompts.say(ask), interruptible=True)
+                    continue
+                unclear += 1
+                if unclear > self.config.max_retries:
+                    session.decision_input = evidence
+                    return "no_decision"
+                resident.flush()
+                await resident.say(self.prompts.say("decision_again"), interruptible=True)
+        except LegGone as e:
+            if e.role != "resident":
+                raise
+            session.ended_by = "resident"
+            return "no_decision"
+
+    @property
+    def keypad_only_resident(self) -> bool:
+        return not self.flow.voice
+
+    async def _resident_text(self, utterance) -> str | None:
+        try:
+            return await self.flow._stt.transcribe(utterance.pcm, utterance.rate)
+        except defer.CancelledError:
+            raise
+        except Exception as e:
+            self.log.warn(
+                "call {uuid}: recognising the resident failed: {error}",
+                uuid=str(self.session.uuid),
+                error=str(e),
+            )
+            return None
+
+    def _detail(self) -> str:
+        facts = self.session.facts
+        return self.prompts.say(
+            "who_detail",
+            visitor=facts.visitor_name or "Um visitante",
+            purpose={"visita": " para uma visita", "entrega": " com uma entrega", "servico": " para um serviço"}.get(
+                facts.intent or "", ""
+            ),
+            resident=facts.resident_name or "o morador",
+        )
+
+    def _decided(self, outcome: str, evidence: str) -> str:
+        session = self.session
+        session.decided_at = self.reactor.seconds()
+        session.decision_input = evidence
+        self.log.info(
+            "call {uuid}: resident {outcome} ({evidence})",
+            uuid=str(session.uuid),
+            outcome=outcome,
+            evidence=evidence,
+        )
+        return outcome
+
+    async def _tell_visitor(self, outcome: str) -> None:
+        name = {
+            "authorized": "authorized",
+            "denied": "denied",
+            "no_decision": "no_decision",
+        }.get(outcome)
+        if outcome == "no_answer":
+            text = self.prompts.say("no_answer", apartment=_spoken(self.apartment.number))
+        elif name is not None:
+            text = self.prompts.say(name)
+        else:
+            return
+        await self.visitor.say(text)
+
+
+class _Race:
+    """
+    Several Deferreds raced over and over: each result is kept until it is taken, so a
+    result arriving between two waits is never lost, and failures are consumed (as values).
+    """
+
+    def __init__(self, reactor):
+        self._reactor = reactor
+        self._sources: dict[str, defer.Deferred] = {}
+        self._ready: list[tuple[str, Any]] = []
+        self._waiter: defer.Deferred | None = None
+
+    def add(self, name: str, d: defer.Deferred) -> None:
+        self._sources[name] = d
+
+        def fired(result):
+            if self._sources.get(name) is d:
+                del self._sources[name]
+                value = result.value if isinstance(result, Failure) else result
+                self._ready.append((name, value))
+                if self._waiter is not None and not self._waiter.called:
+                    self._waiter.callback(None)
+            return None
+
+        d.addBoth(fired)
+
+    async def next(self, timeout: float) -> tuple[str | None, Any]:
+        """The next C{(name, result)}, or C{(None, None)} after C{timeout} seconds."""
+        if not self._ready:
+            self._waiter = defer.Deferred()
+            self._waiter.addTimeout(timeout, self._reactor)
+            try:
+                await self._waiter
+            except defer.TimeoutError:
+                return None, None
+            finally:
+                self._waiter = None
+        return self._ready.pop(0)
+
+    def cancel(self) -> None:
+        sources, self._sources = self._sources, {}
+        for d in sources.values():
+            d.cancel()
+
+
+def _spoken(number: str) -> str:
+    """Apartment numbers read digit by digit in groups are clearer on a phone: '1 0 1'."""
+    return number
+
+
+def _bare_name(text: str | None) -> str | None:
+    if not text:
+        return None
+    words = [w for w in text.strip(" .,!?").split() if w.isalpha()]
+    if 1 <= len(words) <= 4:
+        return " ".join(w.capitalize() for w in words)
+    return None

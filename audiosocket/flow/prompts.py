@@ -1,0 +1,104 @@
+"""
+What the doorman says, in pt-BR, by name.
+
+Every text can be replaced in the config (C{[flow.prompts]}, same names). Texts are Python
+format strings; the fields each one may use are listed beside it and filled by L{Prompts.say}.
+Fixed texts (no fields) are synthesized once at start-up so the first call does not wait.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Mapping
+
+from audiosocket.flow.nlu import ENTREGA, SERVICO, VISITA
+
+#: name → default text. Fields in braces are filled in by the flow.
+DEFAULTS: dict[str, str] = {
+    # Visitor side.
+    "greeting": "{greeting}",
+    "keypad_hint": "Você também pode digitar o número do apartamento e teclar jogo da velha.",
+    "ask_apartment": "Para qual apartamento? Diga o número ou digite e tecle jogo da velha.",
+    "ask_apartment_keypad": "Por favor, digite o número do apartamento e tecle jogo da velha.",
+    "ask_name": "Qual é o seu nome, por favor?",
+    "ask_intent": "É uma visita, uma entrega ou um serviço?",
+    "confirm_apartment": "Apartamento {apartment}, correto? Diga sim ou tecle 1; não, tecle 2.",
+    "unknown_apartment": "Não encontrei o apartamento {apartment}.",
+    "unknown_apartment_final": "Não encontrei esse apartamento. Por favor, procure a portaria. Até logo.",
+    "not_understood": "Desculpe, não entendi.",
+    "use_keypad": "Não consegui ouvir bem. Por favor, use o teclado.",
+    "calling": "Aguarde, estou chamando o morador do apartamento {apartment}.",
+    "still_calling": "Continue na linha, por favor. Ainda estou chamando.",
+    "no_answer": "O morador do apartamento {apartment} não atendeu. Por favor, tente mais tarde. Até logo.",
+    "authorized": "Entrada autorizada. Pode entrar.",
+    "denied": "Desculpe, o morador não autorizou a entrada.",
+    "no_decision": "Não foi possível obter a resposta do morador. Por favor, tente mais tarde.",
+    "busy": "Todas as linhas estão ocupadas. Por favor, tente novamente em instantes.",
+    "goodbye": "Até logo.",
+    "max_call": "O tempo da ligação terminou. Até logo.",
+    "hangup": "A ligação será encerrada. Até logo.",
+    # Resident side.
+    "announce": "Olá, morador do apartamento {apartment}! {visitor} está na portaria{purpose}.",
+    "announce_unknown": "Olá, morador do apartamento {apartment}! Há um visitante na portaria{purpose}.",
+    "ask_decision": "Você autoriza a entrada? Diga sim ou não, ou tecle 1 para autorizar e 2 para negar.",
+    "ask_decision_keypad": "Tecle 1 para autorizar ou 2 para negar.",
+    "decision_again": "Não entendi. Tecle 1 para autorizar ou 2 para negar.",
+    "who_detail": "O visitante é {visitor}{purpose}, procurando {resident}.",
+    "visitor_left": "O visitante desligou. Até logo.",
+    "resident_authorized": "Obrigado. A entrada foi autorizada. Até logo.",
+    "resident_denied": "Obrigado. A entrada não foi autorizada. Até logo.",
+    "resident_no_decision": "Não recebi a sua resposta. A entrada não foi autorizada. Até logo.",
+}
+
+#: How the announcement names the purpose of the visit.
+PURPOSE = {
+    VISITA: " para uma visita",
+    ENTREGA: " para uma entrega",
+    SERVICO: " para um serviço",
+}
+
+
+def fields_of(text: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(text) if name}
+
+
+def check_overrides(overrides: Mapping[str, str]) -> None:
+    """
+    @raise ValueError: naming the first override that is not a known prompt, or that uses a
+        field its default does not offer (a typo would otherwise fail mid-call).
+    """
+    for name, text in overrides.items():
+        if name not in DEFAULTS:
+            raise ValueError(f"unknown prompt {name!r}")
+        extra = fields_of(text) - fields_of(DEFAULTS[name])
+        if extra:
+            allowed = ", ".join(sorted(fields_of(DEFAULTS[name]))) or "none"
+            raise ValueError(
+                f"prompt {name!r} uses unknown field {sorted(extra)[0]!r} (allowed: {allowed})"
+            )
+
+
+class Prompts:
+    """The defaults with a condominium's overrides."""
+
+    def __init__(self, overrides: Mapping[str, str] | None = None):
+        self._texts = dict(DEFAULTS)
+        self._texts.update(overrides or {})
+
+    def say(self, name: str, **values: str) -> str:
+        text = self._texts[name]
+        if not values and not fields_of(text):
+            return text
+        return text.format(**values)
+
+    def fixed(self) -> list[str]:
+        """The texts that need no field: synthesized ahead of the first call."""
+        return [t for t in self._texts.values() if not fields_of(t)]
+
+
+def announcement(prompts: Prompts, apartment: str, visitor: str | None, intent: str | None) -> str:
+    """'Olá, morador do apartamento 501! Pedro da Silva está na portaria para uma entrega.'"""
+    purpose = PURPOSE.get(intent or "", "")
+    if visitor:
+        return prompts.say("announce", apartment=apartment, visitor=visitor, purpose=purpose)
+    return prompts.say("announce_unknown", apartment=apartment, purpose=purpose)

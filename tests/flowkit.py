@@ -1,0 +1,241 @@
+"""
+A bench for the doorman flow: real legs, registry, flow and audio clock on StringTransports
+and a task.Clock, so every branch of a call runs in exact time with no sockets.
+
+What a leg heard is read back from its transport: the stand-in synthesizer gives each text
+its own constant sample value, so each outbound frame names the prompt it belongs to.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid as _uuid
+
+from attrs import define, field
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from zope.interface import implementer
+
+from audiosocket import wire
+from audiosocket.clock import AudioClock
+from audiosocket.config import FlowConfig
+from audiosocket.dialer import DialFailed, IDialer
+from audiosocket.flow.call import DoormanFlow, Site
+from audiosocket.flow.directory import Apartment, Directory
+from audiosocket.flow.prompts import Prompts
+from audiosocket.leg import RESIDENT, VISITOR, LegFactory
+from audiosocket.model import Extension
+from audiosocket.session import SessionRegistry
+from audiosocket.speech.tts import ITTS
+
+DIRECTORY = Directory(
+    [
+        Apartment("101", ("Ana Souza", "Carlos Souza"), "SIP/1101"),
+        Apartment("102", ("João Pereira",), "SIP/1102"),
+        Apartment("501", ("Gabriela Ribeiro",), "SIP/1501"),
+    ]
+)
+EXTENSION = Extension(
+    id=7,
+    ai_extension="1001",
+    ai_port=8080,
+    return_extension="1002",
+    return_port=8081,
+    host="10.0.0.2",
+    condominium_id=1,
+)
+
+
+@implementer(ITTS)
+class LabelTTS:
+    """Each distinct text becomes PCM of one constant sample value (its label), 0.2 s long."""
+
+    name = "label"
+    frames = 10
+
+    def __init__(self):
+        self.labels: dict[str, int] = {}
+        self.texts: list[str] = []
+        self.fail = False
+
+    def label(self, text: str) -> int:
+        if text not in self.labels:
+            self.labels[text] = len(self.labels) + 1
+            self.texts.append(text)
+        return self.labels[text]
+
+    def synthesize(self, text: str, rate: int):
+        if self.fail:
+            return defer.fail(RuntimeError("synthesizer broken"))
+        value = self.label(text)
+        samples = rate // 50 * self.frames
+        return defer.succeed(struct.pack("<h", value) * samples)
+
+
+@implementer(IDialer)
+class ScriptedDialer:
+    """Records requests; answers each with what C{script} says (None = accepted)."""
+
+    name = "scripted"
+
+    def __init__(self):
+        self.requests = []
+        self.script = []  # per attempt: None (accept) or a DialFailed
+        self.on_dial = None
+
+    def dial(self, request):
+        self.requests.append(request)
+        outcome = self.script.pop(0) if self.script else None
+        if self.on_dial is not None:
+            self.on_dial(request)
+        if isinstance(outcome, DialFailed):
+            return defer.fail(outcome)
+        return defer.succeed(None)
+
+
+@define
+class FakeExtensionService:
+    extension: Extension
+    bound_return_port: int = 8081
+
+
+@define(eq=False)
+class Peer:
+    """One connected leg and what it received."""
+
+    leg: object
+    transport: StringTransport
+    heard: list = field(factory=list)  # labels of non-silent frames, in order
+    frames: int = 0
+    counts: dict = field(factory=dict)  # label → frames heard
+    hangup_after_audio: bool | None = None
+    lost: bool = False
+    _decoder: wire.Decoder = field(factory=lambda: wire.Decoder(expect_uuid=False))
+
+    def read(self) -> None:
+        data = self.transport.value()
+        self.transport.clear()
+        for frame in self._decoder.feed(data):
+            if frame.kind == wire.Kind.HANGUP:
+                self.hangup_after_audio = self.frames > 0
+                continue
+            self.frames += 1
+            (value,) = struct.unpack_from("<h", frame.payload)
+            if value:
+                self.counts[value] = self.counts.get(value, 0) + 1
+            if value and (not self.heard or self.heard[-1] != value):
+                self.heard.append(value)
+
+    @property
+    def got_hangup(self) -> bool:
+        return self.hangup_after_audio is not None
+
+    def press(self, keys: str) -> None:
+        for key in keys:
+            self.leg.dataReceived(wire.dtmf(key))
+
+    def drop(self) -> None:
+        """The peer hangs up the way Asterisk does: by closing TCP."""
+        self.transport.loseConnection()
+        self.lost = True
+        self.leg.connectionLost()
+
+
+class Bench:
+    def __init__(self, *, max_calls=100, dialer=None, flow=None, **flow_overrides):
+        self.reactor = Clock()
+        self.clock = AudioClock(reactor=self.reactor)
+        self.clock.startService()
+        self.tts = LabelTTS()
+        self.dialer = dialer or ScriptedDialer()
+        settings = dict(
+            ring_timeout_s=30,
+            attempts=2,
+            max_call_s=180,
+            dtmf_timeout_s=3.0,
+            decision_timeout_s=10.0,
+            max_retries=2,
+            wait_message_interval_s=15.0,
+        )
+        settings.update(flow_overrides)
+        self.config = FlowConfig(**settings)
+        self.prompts = Prompts()
+        self.site = Site(1, "Condomínio Apoena", "Condomínio Apoena, em que posso ajudar?", DIRECTORY, self.prompts)
+        self.flow = flow or DoormanFlow(
+            tts=self.tts,
+            dialer=self.dialer,
+            sites=lambda cid: self.site,
+            flow_config=self.config,
+            reactor=self.reactor,
+        )
+        self.records = []
+        self.registry = SessionRegistry(
+            reactor=self.reactor,
+            run_flow=self.flow.run,
+            run_busy=self.flow.run_busy,
+            max_calls=max_calls,
+            max_call_s=self.config.max_call_s,
+            on_end=lambda s: self.records.append(s.record()),
+        )
+        self.service = FakeExtensionService(EXTENSION)
+        self.ai = self._factory(VISITOR)
+        self.ret = self._factory(RESIDENT)
+        self.peers: list[Peer] = []
+
+    def _factory(self, role):
+        return LegFactory(
+            role,
+            self.clock,
+            lambda leg: self.registry.on_leg(self.service, leg),
+            reactor=self.reactor,
+        )
+
+    def connect(self, role=VISITOR, uuid=None) -> Peer:
+        factory = self.ai if role == VISITOR else self.ret
+        addr = IPv4Address("TCP", "127.0.0.1", 40000 + len(self.peers))
+        leg = factory.buildProtocol(addr)
+        transport = StringTransport(peerAddress=addr)
+        leg.makeConnection(transport)
+        leg.dataReceived(wire.uuid_frame(uuid or _uuid.uuid4()))
+        peer = Peer(leg, transport)
+        self.peers.append(peer)
+        return peer
+
+    def resident_for(self, visitor: Peer) -> Peer:
+        return self.connect(RESIDENT, visitor.leg.uuid)
+
+    def text(self, name: str, **values) -> int:
+        return self.tts.label(self.prompts.say(name, **values))
+
+    def advance(self, seconds: float) -> None:
+        for _ in range(int(round(seconds / 0.02))):
+            self.reactor.advance(0.02)
+            for peer in self.peers:
+                peer.read()
+                if peer.transport.disconnecting and not peer.lost:
+                    # The server closed the connection: deliver what a real socket would.
+                    peer.lost = True
+                    peer.leg.connectionLost()
+
+    def until(self, predicate, max_s: float = 600.0) -> None:
+        steps = int(max_s / 0.02)
+        for _ in range(steps):
+            if predicate():
+                return
+            self.advance(0.02)
+        raise AssertionError("condition not reached in {} s".format(max_s))
+
+    def heard(self, peer: Peer, name: str, **values) -> bool:
+        return self.text(name, **values) in peer.heard
+
+    def ended(self) -> bool:
+        return len(self.registry) == 0 and len(self.records) > 0
+
+    def leftovers(self) -> list:
+        """DelayedCalls still pending other than the audio clock's own tick."""
+        return [c for c in self.reactor.getDelayedCalls() if c.active() and "LoopingCall" not in repr(c.func)]
+
+    def stop(self) -> None:
+        self.clock.stopService()

@@ -1,0 +1,426 @@
+"""
+Tests for the doorman flow (L{audiosocket.flow.call}) and the session registry, every branch
+of a keypad call driven in exact time: real legs, registry, flow and audio clock on
+StringTransports and a task.Clock (see L{flowkit}).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from audiosocket.dialer import DialFailed
+from audiosocket.flow.prompts import announcement
+from flowkit import Bench
+
+
+@pytest.fixture
+def bench():
+    b = Bench()
+    yield b
+    b.stop()
+
+
+def start_call(bench, keys="101#"):
+    """A visitor calls and types C{keys} once the greeting has started."""
+    visitor = bench.connect()
+    bench.advance(0.1)
+    visitor.press(keys)
+    return visitor
+
+
+def answer(bench, visitor):
+    """The dialer was asked to ring; the resident's leg arrives with the session's UUID."""
+    bench.until(lambda: bench.dialer.requests)
+    bench.advance(1.0)
+    resident = bench.resident_for(visitor)
+    return resident
+
+
+def test_authorized_by_keypad(bench):
+    """
+    101# → the resident is dialed with the directory's dial string, joins with the same UUID,
+    presses 1 → both legs hear their goodbye, each gets a hangup frame after audio, and the
+    record reads authorized with apartment and resident.
+    """
+    visitor = start_call(bench)
+    resident = answer(bench, visitor)
+    bench.until(lambda: bench.heard(resident, "ask_decision_keypad"))
+    resident.press("1")
+    bench.until(bench.ended)
+    (record,) = bench.records
+    assert record["outcome"] == "authorized"
+    assert record["facts"]["apartment"] == "101"
+    assert record["facts"]["resident"] == "Ana Souza"
+    assert record["decision_input"] == "dtmf:1"
+    assert record["uuid"] == str(visitor.leg.uuid)
+    (request,) = bench.dialer.requests
+    assert request.dial == "SIP/1101"
+    assert request.uuid == str(visitor.leg.uuid)
+    assert request.audiosocket == "10.0.0.2:8081"
+    assert request.return_extension == "1002"
+    assert bench.heard(visitor, "authorized")
+    assert bench.heard(resident, "resident_authorized")
+    assert visitor.hangup_after_audio and resident.hangup_after_audio
+    assert record["timings"]["to_resident_s"] < record["timings"]["to_decision_s"]
+
+
+def test_resident_hears_the_announcement(bench):
+    """The resident is told which apartment, then asked 1 or 2."""
+    visitor = start_call(bench)
+    resident = answer(bench, visitor)
+    bench.until(lambda: bench.heard(resident, "ask_decision_keypad"))
+    expected = announcement(bench.prompts, "101", None, None)
+    assert bench.tts.label(expected) in resident.heard
+    resident.press("2")
+    bench.until(bench.ended)
+
+
+def test_denied_by_keypad(bench):
+    """2 denies: the visitor hears the denial; the record says denied."""
+    visitor = start_call(bench)
+    resident = answer(bench, visitor)
+    bench.until(lambda: bench.heard(resident, "ask_decision_keypad"))
+    resident.press("2")
+    bench.until(bench.ended)
+    assert bench.records[0]["outcome"] == "denied"
+    assert bench.heard(visitor, "denied")
+    assert bench.heard(resident, "resident_denied")
+
+
+def test_silence_counts_as_denied(bench):
+    """No answer within decision_timeout_s is a denial, recorded as such."""
+    visitor = start_call(bench)
+    resident = answer(bench, visitor)
+    bench.until(lambda: bench.heard(resident, "ask_decision_keypad"))
+    bench.until(bench.ended, max_s=30)
+    record = bench.records[0]
+    assert record["outcome"] == "denied"
+    assert record["decision_input"] == "timeout"
+
+
+def test_unclear_key_is_asked_again(bench):
+    """A key other than 1 or 2 re-asks; a later 1 still authorizes."""
+    visitor = start_call(bench)
+    resident = answer(bench, visitor)
+    bench.until(lambda: bench.heard(resident, "ask_decision_keypad"))
+    resident.press("7")
+    bench.until(lambda: bench.heard(resident, "decision_again"))
+    resident.press("1")
+    bench.until(bench.ended)
+    assert bench.records[0]["outcome"] == "authorized"
+
+
+def test_unclear_answers_are_bounded(bench):
+    """After max_retries unclear answers the call ends without a decision (never a yes)."""
+    visitor = start_call(bench)
+    resident = answer(bench, visitor)
+    bench.until(lambda: bench.heard(resident, "ask_decision_keypad"))
+    for _ in range(3):
+        resident.press("9")
+        bench.advance(3)
+    bench.until(bench.ended)
+    assert bench.records[0]["outcome"] == "no_decision"
+    assert bench.heard(visitor, "no_decision")
+
+
+def test_unknown_apartment_asked_again_then_call_ends(bench):
+    """An apartment not in the directory is asked again (bounded), then the visitor is told."""
+    visitor = start_call(bench, "999#")
+    bench.until(lambda: bench.heard(visitor, "unknown_apartment", apartment="999"))
+    visitor.press("998#")
+    bench.advance(5)
+    visitor.press("997#")
+    bench.until(bench.ended)
+    record = bench.records[0]
+    assert record["outcome"] == "unknown_apartment"
+    assert bench.heard(visitor, "unknown_apartment_final")
+    assert bench.dialer.requests == []
+    assert visitor.hangup_after_audio
+
+
+def test_second_try_finds_the_apartment(bench):
+    """A wrong number then a right one goes on to the resident."""
+    visitor = start_call(bench, "999#")
+    bench.until(lambda: bench.heard(visitor, "unknown_apartment", apartment="999"))
+    visitor.press("102#")
+    bench.until(lambda: bench.dialer.requests)
+    assert bench.dialer.requests[0].dial == "SIP/1102"
+    visitor.drop()
+    bench.until(bench.ended)
+
+
+def test_digits_end_after_pause(bench):
+    """Without #, the digits typed are taken dtmf_timeout_s after the last key."""
+    visitor = start_call(bench, "501")
+    bench.advance(2.5)
+    assert bench.dialer.requests == []
+    bench.until(lambda: bench.dialer.requests, max_s=5)
+    assert bench.dialer.requests[0].apartment == "501"
+    visitor.drop()
+    bench.until(bench.ended)
+
+
+def test_star_clears_the_digits(bench):
+    """* throws away what was typed so far."""
+    visitor = start_call(bench, "99*101#")
+    bench.until(lambda: bench.dialer.requests)
+    assert bench.dialer.requests[0].apartment == "101"
+    visitor.drop()
+    bench.until(bench.ended)
+
+
+def test_key_press_cuts_the_greeting(bench):
+    """A visitor who types during the greeting does not have to hear it out."""
+    bench.tts.frames = 100  # a 2 s greeting
+    visitor = bench.connect()
+    bench.advance(0.2)
+    visitor.press("1")
+    bench.advance(1.0)
+    greeting = bench.tts.labels[bench.tts.texts[0]]
+    assert 5 <= visitor.counts[greeting] <= 12
+    visitor.drop()
+    bench.until(bench.ended)
+
+
+def test_greeting_plays_whole_without_keys(bench):
+    """The same greeting, untouched, plays every frame."""
+    bench.tts.frames = 100
+    visitor = bench.connect()
+    bench.advance(3.0)
+    greeting = bench.tts.labels[bench.tts.texts[0]]
+    assert visitor.counts[greeting] == 100
+    visitor.drop()
+    bench.until(bench.ended)
+
+
+def test_no_answer_after_all_attempts(bench):
+    """Nobody answers: attempts × ring timeout, then the visitor is told; the wait message plays."""
+    visitor = start_call(bench)
+    bench.until(bench.ended, max_s=120)
+    record = bench.records[0]
+    assert record["outcome"] == "no_answer"
+    assert record["attempts"] == 2
+    assert len(bench.dialer.requests) == 2
+    assert [f["reason"] for f in record["dial_failures"]] == ["no_answer", "no_answer"]
+    assert bench.heard(visitor, "still_calling")
+    assert bench.heard(visitor, "no_answer", apartment="101")
+
+
+def test_dial_failure_moves_to_next_attempt_at_once(bench):
+    """A busy line reported by the dialer ends that attempt without waiting out the ring."""
+    bench.dialer.script = [DialFailed("busy", "line busy"), DialFailed("busy", "line busy")]
+    visitor = start_call(bench)
+    bench.until(bench.ended, max_s=30)
+    record = bench.records[0]
+    assert record["outcome"] == "no_answer"
+    assert [f["reason"] for f in record["dial_failures"]] == ["busy", "busy"]
+    assert record["timings"]["total_s"] < 20
+
+
+def test_late_answer_to_first_attempt_counts(bench):
+    """A resident who answers the first attempt's call after it gave up still joins."""
+    visitor = start_call(bench)
+    bench.until(lambda: len(bench.dialer.requests) == 2, max_s=60)
+    resident = bench.resident_for(visitor)
+    bench.until(lambda: bench.heard(resident, "ask_decision_keypad"))
+    resident.press("1")
+    bench.until(bench.ended)
+    assert bench.records[0]["outcome"] == "authorized"
+
+
+def test_visitor_hangs_up_while_ringing(bench):
+    """The visitor leaving while it rings ends the call as abandoned; the ringing stops."""
+    visitor = start_call(bench)
+    bench.until(lambda: bench.dialer.requests)
+    visitor.drop()
+    bench.until(bench.ended, max_s=5)
+    assert bench.records[0]["outcome"] == "abandoned"
+    assert bench.records[0]["ended_by"] == "visitor"
+    assert bench.leftovers() == []
+
+
+def test_visitor_hangs_up_while_resident_decides(bench):
+    """The resident is told the visitor left, then hung up after hearing it."""
+    visitor = start_call(bench)
+    resident = answer(bench, visitor)
+    bench.until(lambda: bench.heard(resident, "ask_decision_keypad"))
+    visitor.drop()
+    bench.until(bench.ended)
+    assert bench.records[0]["outcome"] == "abandoned"
+    assert bench.heard(resident, "visitor_left")
+    assert resident.hangup_after_audio
+
+
+def test_resident_hangs_up_before_deciding(bench):
+    """Counted as no decision; the visitor is told."""
+    visitor = start_call(bench)
+    resident = answer(bench, visitor)
+    bench.until(lambda: bench.heard(resident, "ask_decision_keypad"))
+    resident.drop()
+    bench.until(bench.ended)
+    assert bench.records[0]["outcome"] == "no_decision"
+    assert bench.heard(visitor, "no_decision")
+    assert visitor.hangup_after_audio
+
+
+def test_over_max_calls_hears_busy(bench):
+    """Over max_calls a new visitor hears "linhas ocupadas" and is hung up; the first call goes on."""
+    bench.registry.max_calls = 1
+    first = start_call(bench)
+    second = bench.connect()
+    bench.until(lambda: second.got_hangup)
+    assert bench.heard(second, "busy")
+    assert second.hangup_after_audio
+    assert not first.leg.closed
+    assert [r["outcome"] for r in bench.records] == ["busy"]
+    first.drop()
+    bench.until(lambda: len(bench.records) == 2)
+
+
+def test_extension_limit_turns_visitors_away(bench):
+    """A per-extension max_calls applies on top of the global one."""
+    bench.service.extension = bench.service.extension.__class__(
+        **{**bench.service.extension.to_dict(), "max_calls": 1}
+    )
+    first = start_call(bench)
+    second = bench.connect()
+    bench.until(lambda: second.got_hangup)
+    assert bench.records[0]["outcome"] == "busy"
+    first.drop()
+    bench.until(lambda: len(bench.records) == 2)
+
+
+def test_resident_leg_not_originated_is_refused(bench):
+    """A resident leg with a UUID we did not dial is closed; no session is touched."""
+    visitor = start_call(bench)
+    stranger = bench.connect("resident", uuid.uuid4())
+    assert stranger.leg.closed and stranger.leg.close_reason == "unknown_uuid"
+    early = bench.resident_for(visitor)  # before the dialer was asked: not expected yet
+    assert early.leg.close_reason == "unknown_uuid"
+    visitor.drop()
+    bench.until(bench.ended)
+
+
+def test_second_visitor_leg_with_same_uuid_is_refused(bench):
+    """A UUID already in a call cannot open a second visitor leg."""
+    visitor = start_call(bench)
+    again = bench.connect(uuid=visitor.leg.uuid)
+    assert again.leg.close_reason == "uuid_in_use"
+    assert not visitor.leg.closed
+    visitor.drop()
+    bench.until(bench.ended)
+
+
+def test_second_resident_leg_is_refused(bench):
+    """Once the resident joined, another resident leg with the UUID is refused."""
+    visitor = start_call(bench)
+    resident = answer(bench, visitor)
+    bench.advance(0.1)
+    again = bench.connect("resident", visitor.leg.uuid)
+    assert again.leg.closed
+    resident.press("1")
+    bench.until(bench.ended)
+    assert bench.records[0]["outcome"] == "authorized"
+
+
+def test_max_call_time_while_ringing(bench):
+    """A call still ringing when max_call_s passes is ended with the time-up message."""
+    bench.registry.max_call_s = 20
+    visitor = start_call(bench)
+    bench.until(bench.ended, max_s=60)
+    record = bench.records[0]
+    assert record["ended_by"] == "max_call"
+    assert record["outcome"] == "abandoned"
+    assert bench.heard(visitor, "max_call")
+    assert visitor.hangup_after_audio
+
+
+def test_operator_hangup(bench):
+    """POST …/hangup: both legs hear a short goodbye, then the hangup frame."""
+    visitor = start_call(bench)
+    resident = answer(bench, visitor)
+    bench.until(lambda: bench.heard(resident, "ask_decision_keypad"))
+    done = bench.registry.hangup(str(visitor.leg.uuid))
+    bench.until(bench.ended)
+    assert done.called
+    record = bench.records[0]
+    assert record["ended_by"] == "operator"
+    assert record["outcome"] == "no_decision"
+    assert bench.heard(visitor, "hangup") and bench.heard(resident, "hangup")
+    assert visitor.hangup_after_audio and resident.hangup_after_audio
+
+
+def test_hangup_unknown_session(bench):
+    """Hanging up a UUID that is not a call raises KeyError (the API's 404)."""
+    with pytest.raises(KeyError):
+        bench.registry.hangup(str(uuid.uuid4()))
+    with pytest.raises(KeyError):
+        bench.registry.hangup("not-a-uuid")
+
+
+def test_nothing_remains_after_a_call(bench):
+    """When a session ends: no registry entry, no DelayedCall, no queue waiter, no clock entry."""
+    visitor = start_call(bench)
+    resident = answer(bench, visitor)
+    bench.until(lambda: bench.heard(resident, "ask_decision_keypad"))
+    resident.press("1")
+    bench.until(bench.ended)
+    bench.advance(0.1)
+    assert len(bench.registry) == 0
+    assert bench.leftovers() == []
+    assert len(bench.clock) == 0
+    for peer in (visitor, resident):
+        assert peer.leg.events.waiting == []
+        assert peer.leg.audio.waiting == []
+
+
+def test_synthesis_failure_does_not_end_the_call(bench):
+    """With the synthesizer broken the keypad flow still completes."""
+    bench.tts.fail = True
+    visitor = start_call(bench)
+    bench.until(lambda: bench.dialer.requests)
+    resident = bench.resident_for(visitor)
+    bench.advance(0.5)
+    resident.press("1")
+    bench.until(bench.ended)
+    assert bench.records[0]["outcome"] == "authorized"
+
+
+def test_session_is_visible_while_in_progress(bench):
+    """The registry describes a call in progress: state, legs, facts."""
+    visitor = start_call(bench)
+    bench.until(lambda: bench.dialer.requests)
+    (described,) = bench.registry.describe_all()
+    assert described["uuid"] == str(visitor.leg.uuid)
+    assert described["state"] == "dialing"
+    assert described["facts"]["apartment"] == "101"
+    assert described["legs"]["visitor"]["frames_out"] > 0
+    assert bench.registry.describe(str(visitor.leg.uuid)) == bench.registry.describe_all()[0]
+    visitor.drop()
+    bench.until(bench.ended)
+
+
+def test_ten_concurrent_sessions_stay_apart(bench):
+    """Ten calls at once: each resident hears its own apartment, each record its own facts."""
+    apartments = ["101", "102", "501"] * 3 + ["101"]
+    visitors = [start_call(bench, a + "#") for a in apartments]
+    bench.until(lambda: len(bench.dialer.requests) == 10)
+    by_uuid = {r.uuid: r for r in bench.dialer.requests}
+    residents = [bench.resident_for(v) for v in visitors]
+    for v, a in zip(visitors, apartments):
+        assert by_uuid[str(v.leg.uuid)].apartment == a
+    bench.until(lambda: all(bench.heard(r, "ask_decision_keypad") for r in residents))
+    for i, r in enumerate(residents):
+        r.press("1" if i % 2 == 0 else "2")
+    bench.until(lambda: len(bench.records) == 10)
+    records = {r["uuid"]: r for r in bench.records}
+    for i, (v, r, a) in enumerate(zip(visitors, residents, apartments)):
+        record = records[str(v.leg.uuid)]
+        assert record["facts"]["apartment"] == a
+        assert record["outcome"] == ("authorized" if i % 2 == 0 else "denied")
+        expected = announcement(bench.prompts, a, None, None)
+        assert bench.tts.label(expected) in r.heard
+        others = {announcement(bench.prompts, x, None, None) for x in set(apartments) - {a}}
+        assert not any(bench.tts.label(t) in r.heard for t in others)
