@@ -28,6 +28,9 @@ from audiosocket.flow.prompts import Prompts
 from audiosocket.leg import RESIDENT, VISITOR, LegFactory
 from audiosocket.model import Extension
 from audiosocket.session import SessionRegistry
+from audiosocket.flow.understand import RulesNLU
+from audiosocket.listen import Utterance
+from audiosocket.speech.stt import ISTT, STTError
 from audiosocket.speech.tts import ITTS
 
 DIRECTORY = Directory(
@@ -95,6 +98,51 @@ class ScriptedDialer:
         return defer.succeed(None)
 
 
+@implementer(ISTT)
+class ScriptedSTT:
+    """Speech "recognised" from a script: an utterance's PCM carries the index of its text."""
+
+    name = "scripted"
+
+    def __init__(self):
+        self.texts: list[str] = []
+        self.fail = False
+        self.heard: list[str] = []
+
+    def utterance(self, text: str, rate: int = 8000) -> Utterance:
+        self.texts.append(text)
+        pcm = struct.pack("<h", len(self.texts)) * (rate // 50)
+        return Utterance(pcm=pcm, rate=rate, started_at=0.0, ended_at=0.5, reason="silence")
+
+    def transcribe(self, pcm: bytes, rate: int):
+        if self.fail:
+            return defer.fail(STTError("connection", "recognizer down"))
+        (index,) = struct.unpack_from("<h", pcm)
+        text = self.texts[index - 1]
+        self.heard.append(text)
+        return defer.succeed(text)
+
+
+class StubListener:
+    """Stands in for the endpointer: the test hands utterances in directly."""
+
+    def __init__(self, leg):
+        self.leg = leg
+        self.utterances = defer.DeferredQueue()
+        self.running = False
+
+    def start(self):
+        self.running = True
+
+    def stop(self):
+        self.running = False
+        for d in list(self.utterances.waiting):
+            d.cancel()
+
+    def flush(self):
+        del self.utterances.pending[:]
+
+
 @define
 class FakeExtensionService:
     extension: Extension
@@ -144,7 +192,7 @@ class Peer:
 
 
 class Bench:
-    def __init__(self, *, max_calls=100, dialer=None, flow=None, **flow_overrides):
+    def __init__(self, *, max_calls=100, dialer=None, flow=None, voice=False, **flow_overrides):
         self.reactor = Clock()
         self.clock = AudioClock(reactor=self.reactor)
         self.clock.startService()
@@ -163,12 +211,17 @@ class Bench:
         self.config = FlowConfig(**settings)
         self.prompts = Prompts()
         self.site = Site(1, "Condomínio Apoena", "Condomínio Apoena, em que posso ajudar?", DIRECTORY, self.prompts)
+        self.stt = ScriptedSTT() if voice else None
+        self.listeners: dict = {}
         self.flow = flow or DoormanFlow(
             tts=self.tts,
             dialer=self.dialer,
             sites=lambda cid: self.site,
             flow_config=self.config,
             reactor=self.reactor,
+            stt=self.stt,
+            nlu=RulesNLU() if voice else None,
+            listener_for=self._listener if voice else None,
         )
         self.records = []
         self.registry = SessionRegistry(
@@ -183,6 +236,14 @@ class Bench:
         self.ai = self._factory(VISITOR)
         self.ret = self._factory(RESIDENT)
         self.peers: list[Peer] = []
+
+    def _listener(self, leg):
+        listener = self.listeners[leg] = StubListener(leg)
+        return listener
+
+    def say(self, peer: "Peer", text: str) -> None:
+        """The peer says C{text} (as its endpointer would deliver it)."""
+        self.listeners[peer.leg].utterances.put(self.stt.utterance(text))
 
     def _factory(self, role):
         return LegFactory(

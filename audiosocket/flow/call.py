@@ -266,7 +266,6 @@ class _Call:
                 typed = await self.visitor.digits(item.digit, self.config.dtmf_timeout_s)
                 if not typed:
                     return None
-                self.session.decision_input = None
                 return self.session.facts.merge(Facts(apartment=typed))
             _, facts = await self._understand(item)
             if facts is not None:

@@ -1,0 +1,151 @@
+"""
+Tests for the doorman flow by voice: utterances (as the endpointer delivers them) are
+transcribed by a scripted recognizer and understood by the real rules NLU; the keypad stays
+available and is the fallback when recognition fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pathlib import Path
+
+import attrs
+
+from audiosocket.flow.directory import Directory
+from audiosocket.flow.prompts import announcement
+from flowkit import Bench
+
+ETC = Path(__file__).resolve().parent.parent / "etc"
+
+PEDRO = "Oi, sou o Pedro da Silva, vim entregar uma encomenda para a Ana do 101"
+
+
+@pytest.fixture
+def bench():
+    b = Bench(voice=True)
+    yield b
+    b.stop()
+
+
+def visitor_says(bench, text):
+    visitor = bench.connect()
+    bench.advance(0.5)
+    bench.say(visitor, text)
+    return visitor
+
+
+def resident_joins(bench, visitor):
+    bench.until(lambda: bench.dialer.requests)
+    bench.advance(1.0)
+    resident = bench.resident_for(visitor)
+    bench.until(lambda: bench.heard(resident, "ask_decision"))
+    return resident
+
+
+def test_one_sentence_gives_every_fact(bench):
+    """
+    "Sou o Pedro da Silva, vim entregar uma encomenda para a Ana do 101": the resident of 101
+    is called and hears who and why; "pode subir" authorizes; the record has every fact.
+    """
+    visitor = visitor_says(bench, PEDRO)
+    resident = resident_joins(bench, visitor)
+    expected = announcement(bench.prompts, "101", "Pedro da Silva", "entrega")
+    assert bench.tts.label(expected) in resident.heard
+    bench.say(resident, "pode subir")
+    bench.until(bench.ended)
+    record = bench.records[0]
+    assert record["outcome"] == "authorized"
+    assert record["facts"] == {
+        "intent": "entrega",
+        "visitor_name": "Pedro da Silva",
+        "apartment": "101",
+        "resident": "Ana Souza",
+    }
+    assert record["decision_input"] == "voice:pode subir"
+    assert bench.dialer.requests[0].resident == "Ana Souza"
+
+
+def test_nao_assim_nao_is_denied(bench):
+    """The original authorized "não, assim não" (it contains "sim"); here it is a denial."""
+    visitor = visitor_says(bench, PEDRO)
+    resident = resident_joins(bench, visitor)
+    bench.say(resident, "não, assim não")
+    bench.until(bench.ended)
+    assert bench.records[0]["outcome"] == "denied"
+    assert bench.records[0]["decision_input"] == "voice:não, assim não"
+    assert bench.heard(visitor, "denied")
+
+
+def test_who_is_it_gets_the_detail_then_asks_again(bench):
+    """"Quem é?" is answered with who and why, then the question again."""
+    visitor = visitor_says(bench, PEDRO)
+    resident = resident_joins(bench, visitor)
+    bench.say(resident, "quem é?")
+    detail = bench.prompts.say(
+        "who_detail", visitor="Pedro da Silva", purpose=" com uma entrega", resident="Ana Souza"
+    )
+    bench.until(lambda: bench.tts.label(detail) in resident.heard)
+    bench.say(resident, "sim")
+    bench.until(bench.ended)
+    assert bench.records[0]["outcome"] == "authorized"
+
+
+def test_missing_apartment_is_asked_for(bench):
+    """Only the purpose said: the apartment is asked for; "cento e um" is understood."""
+    visitor = visitor_says(bench, "é uma entrega")
+    bench.until(lambda: bench.heard(visitor, "ask_apartment"))
+    bench.say(visitor, "cento e um")
+    bench.until(lambda: bench.heard(visitor, "ask_name"))
+    bench.say(visitor, "Marcos Vieira")
+    bench.until(lambda: bench.dialer.requests)
+    facts = bench.registry.describe_all()[0]["facts"]
+    assert facts["apartment"] == "101"
+    assert facts["intent"] == "entrega"
+    assert facts["visitor_name"] == "Marcos Vieira"
+    visitor.drop()
+    bench.until(bench.ended)
+
+
+def test_resident_name_alone_finds_the_apartment(bench):
+    """"Quero falar com a Fernanda" finds apartment 201 through the directory."""
+    bench.site = attrs.evolve(bench.site, directory=Directory.load(ETC / "apartments.json"))
+    visitor = visitor_says(bench, "sou a Paula, quero falar com a Fernanda")
+    bench.until(lambda: bench.dialer.requests, max_s=60)
+    assert bench.dialer.requests[0].apartment == "201"
+    visitor.drop()
+    bench.until(bench.ended)
+
+
+def test_recognition_failure_falls_back_to_the_keypad(bench):
+    """With the recognizer down the visitor is invited to type, and the call goes on."""
+    bench.stt.fail = True
+    visitor = visitor_says(bench, PEDRO)
+    bench.until(lambda: bench.heard(visitor, "use_keypad"))
+    visitor.press("101#")
+    bench.until(lambda: bench.dialer.requests)
+    resident = bench.resident_for(visitor)
+    bench.until(lambda: bench.heard(resident, "ask_decision_keypad") or bench.heard(resident, "ask_decision"))
+    resident.press("1")
+    bench.until(bench.ended)
+    assert bench.records[0]["outcome"] == "authorized"
+
+
+def test_keypad_still_works_in_voice_mode(bench):
+    """A visitor who types rather than speaks is served the same."""
+    visitor = bench.connect()
+    bench.advance(0.5)
+    visitor.press("102#")
+    bench.until(lambda: bench.dialer.requests)
+    assert bench.dialer.requests[0].apartment == "102"
+    visitor.drop()
+    bench.until(bench.ended)
+
+
+def test_resident_silence_is_denied(bench):
+    """Silence past the decision timeout is a denial, by voice too."""
+    visitor = visitor_says(bench, PEDRO)
+    resident_joins(bench, visitor)
+    bench.until(bench.ended, max_s=40)
+    assert bench.records[0]["outcome"] == "denied"
+    assert bench.records[0]["decision_input"] == "timeout"
