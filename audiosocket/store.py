@@ -1,0 +1,831 @@
+"""
+Persistence of extensions and call records, and live extension changes across nodes.
+
+L{IStore} is the boundary the rest of the server sees. L{RedisStore} implements it on
+txredisapi; L{MemoryStore} implements it in memory, for unit tests of other modules and for a
+server run without Redis.
+
+txredisapi waits forever for a connection while Redis is down, so every command here carries
+its own timeout and a timeout or a lost connection becomes L{StoreUnavailable} (HTTP 503).
+Replies are read as raw bytes (C{charset=None}, C{convertNumbers=False}): blobs stay
+binary-safe and JSON is decoded here, once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import uuid
+from typing import Any, Callable, Iterable
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import txredisapi
+from attrs import frozen
+from twisted.application.service import Service
+from twisted.internet import defer, task
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.internet.error import ConnectError, ConnectionClosed
+from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
+
+from .model import Extension
+
+PUT = "put"
+DELETE = "delete"
+
+DEFAULT_CALLS_MAXLEN = 10000
+MAX_RECENT_CALLS = 10000
+
+
+class StoreUnavailable(Exception):
+    """Redis is down, or a command did not complete in time (the API answers 503)."""
+
+
+@frozen
+class ExtensionChange:
+    """
+    An extension put or deleted by another node sharing the store.
+
+    @ivar kind: L{PUT} or L{DELETE}.
+    @ivar extension: the new value for a put; C{None} for a delete.
+    @ivar node_id: the node that made the change.
+    """
+
+    kind: str
+    ext_id: int
+    extension: Extension | None
+    node_id: str
+
+
+class IStore(Interface):
+    """
+    Extensions, finished-call records and a binary cache, shared by every node using the
+    same backing store. Every method returns a Deferred; a store that cannot be reached
+    fails it with L{StoreUnavailable}.
+    """
+
+    available = Attribute("C{bool}: whether the last contact with the backing store worked.")
+
+    def load_extensions():
+        """Every valid stored extension, sorted by id (corrupt entries are logged and skipped)."""
+
+    def seed(extensions):
+        """
+        Store C{extensions} only if this store was never seeded; fires with C{True} if they
+        were written. Deleting every extension later does not make the store seed again.
+        """
+
+    def save_extension(ext):
+        """Create or replace C{ext} and tell the other nodes."""
+
+    def delete_extension(ext_id):
+        """Delete extension C{ext_id}, tell the other nodes; fires with whether it existed."""
+
+    def append_call(record):
+        """Append a finished-call record (a JSON-serialisable dict) to a capped log."""
+
+    def recent_calls(limit):
+        """Up to C{limit} most recent call records, newest first."""
+
+    def get_blob(key):
+        """The bytes stored under C{key}, or C{None}."""
+
+    def set_blob(key, data, ttl_s):
+        """Store C{data} (bytes) under C{key}, expiring after C{ttl_s} seconds (None: never)."""
+
+    def subscribe(callback):
+        """
+        Call C{callback(change: ExtensionChange)} for each change made by another node.
+        Returns a zero-argument callable that unsubscribes.
+        """
+
+
+# -- validation shared by both implementations ---------------------------------------------
+
+
+def _check_extension(ext: Any) -> Extension:
+    if not isinstance(ext, Extension):
+        raise TypeError("extension must be an Extension, not {}".format(type(ext).__name__))
+    return ext
+
+
+def _check_ext_id(ext_id: Any) -> int:
+    if isinstance(ext_id, bool) or not isinstance(ext_id, int):
+        raise TypeError("ext_id must be an integer, not {}".format(type(ext_id).__name__))
+    return ext_id
+
+
+def _encode_record(record: Any) -> str:
+    if not isinstance(record, dict):
+        raise TypeError("call record must be a dict, not {}".format(type(record).__name__))
+    try:
+        return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError) as e:
+        raise ValueError("call record is not JSON-serialisable: {}".format(e)) from None
+
+
+def _check_limit(limit: Any) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise TypeError("limit must be an integer, not {}".format(type(limit).__name__))
+    if not 1 <= limit <= MAX_RECENT_CALLS:
+        raise ValueError("limit must be between 1 and {}, not {}".format(MAX_RECENT_CALLS, limit))
+    return limit
+
+
+def _check_key(key: Any) -> str:
+    if not isinstance(key, str) or not key:
+        raise ValueError("blob key must be a non-empty string, not {!r}".format(key))
+    return key
+
+
+def _check_blob(data: Any, ttl_s: Any) -> bytes:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError("blob data must be bytes, not {}".format(type(data).__name__))
+    if ttl_s is not None and (
+        isinstance(ttl_s, bool) or not isinstance(ttl_s, int) or ttl_s < 1
+    ):
+        raise ValueError("ttl_s must be a positive integer or None, not {!r}".format(ttl_s))
+    return bytes(data)
+
+
+def _default_node_id() -> str:
+    # Two stores in one process (tests, or a node talking to two Redis) must still differ.
+    return "{}:{}:{}".format(socket.gethostname(), os.getpid(), uuid.uuid4().hex[:8])
+
+
+def _change_message(node_id: str, kind: str, ext_id: int, ext: Extension | None) -> str:
+    return json.dumps(
+        {
+            "node_id": node_id,
+            "kind": kind,
+            "ext_id": ext_id,
+            "extension": ext.to_dict() if ext is not None else None,
+        },
+        separators=(",", ":"),
+    )
+
+
+def _parse_change(message: str | bytes) -> ExtensionChange:
+    """
+    @raise ValueError: the message is not a well-formed change (the reason says why).
+    """
+    try:
+        data = json.loads(message)
+    except ValueError as e:
+        raise ValueError("not JSON: {}".format(e)) from None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    node_id = data.get("node_id")
+    kind = data.get("kind")
+    ext_id = data.get("ext_id")
+    if not isinstance(node_id, str) or not node_id:
+        raise ValueError("node_id missing")
+    if kind not in (PUT, DELETE):
+        raise ValueError("kind must be put or delete, not {!r}".format(kind))
+    if isinstance(ext_id, bool) or not isinstance(ext_id, int):
+        raise ValueError("ext_id must be an integer, not {!r}".format(ext_id))
+    ext = None
+    if kind == PUT:
+        ext = Extension.from_dict(data.get("extension"))  # InvalidField is a ValueError
+        if ext.id != ext_id:
+            raise ValueError("extension id {} differs from ext_id {}".format(ext.id, ext_id))
+    return ExtensionChange(kind=kind, ext_id=ext_id, extension=ext, node_id=node_id)
+
+
+class _Subscribers:
+    """The callbacks of one store, each called in isolation: one failing hurts no other."""
+
+    log = Logger()
+
+    def __init__(self):
+        self._callbacks: list[Callable[[ExtensionChange], Any]] = []
+
+    def add(self, callback: Callable[[ExtensionChange], Any]) -> Callable[[], None]:
+        if not callable(callback):
+            raise TypeError("subscriber must be callable, not {!r}".format(callback))
+        self._callbacks.append(callback)
+
+        def unsubscribe():
+            if callback in self._callbacks:
+                self._callbacks.remove(callback)
+
+        return unsubscribe
+
+    def deliver(self, change: ExtensionChange) -> None:
+        for callback in list(self._callbacks):
+            try:
+                callback(change)
+            except Exception:
+                self.log.failure(
+                    "extension change subscriber {callback!r} failed on {change!r}",
+                    callback=callback,
+                    change=change,
+                )
+
+
+# -- Redis -----------------------------------------------------------------------------------
+
+# HSET + PUBLISH in one script: a change is stored and announced atomically, in one round trip.
+_SAVE = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+"""
+_DELETE = """
+local n = redis.call('HDEL', KEYS[1], ARGV[1])
+if n == 1 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+return n
+"""
+# The marker key makes seeding happen once in the store's life, whatever is deleted later.
+_SEED = """
+if redis.call('SETNX', KEYS[1], '1') == 0 then return 0 end
+for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+_UNAVAILABLE = (
+    defer.TimeoutError,
+    defer.CancelledError,
+    txredisapi.ConnectionError,
+    ConnectionClosed,
+    ConnectError,
+)
+
+
+@frozen
+class RedisAddress:
+    """Where a Redis server is: a unix socket C{path}, or C{host} and C{port}; and a db."""
+
+    path: str | None
+    host: str | None
+    port: int | None
+    db: int
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, address: str, db: int = 0) -> "RedisAddress":
+        """
+        Accept a unix socket path, C{unix:///path?db=N} or C{redis://[:password@]host:port/db}.
+
+        @raise ValueError: naming the address and what is wrong with it.
+        """
+        if not isinstance(address, str) or not address:
+            raise ValueError("redis address must be a non-empty string, not {!r}".format(address))
+        if address.startswith("/"):
+            return cls(path=address, host=None, port=None, db=db)
+        parts = urlsplit(address)
+        if parts.scheme == "unix":
+            if not parts.path:
+                raise ValueError("redis address {!r}: unix URL has no path".format(address))
+            query = parse_qs(parts.query)
+            if "db" in query:
+                db = _db(address, query["db"][0])
+            return cls(
+                path=parts.path,
+                host=None,
+                port=None,
+                db=db,
+                password=unquote(parts.password) if parts.password else None,
+            )
+        if parts.scheme == "redis":
+            if not parts.hostname:
+                raise ValueError("redis address {!r}: no host".format(address))
+            try:
+                port = parts.port or 6379
+            except ValueError:
+                raise ValueError("redis address {!r}: bad port".format(address)) from None
+            if parts.path.strip("/"):
+                db = _db(address, parts.path.strip("/"))
+            return cls(
+                path=None,
+                host=parts.hostname,
+                port=port,
+                db=db,
+                password=unquote(parts.password) if parts.password else None,
+            )
+        raise ValueError(
+            "redis address {!r}: expected a socket path, unix:// or redis:// URL".format(address)
+        )
+
+
+def _db(address: str, text: str) -> int:
+    try:
+        db = int(text)
+    except ValueError:
+        db = -1
+    if db < 0:
+        raise ValueError("redis address {!r}: db must be a non-negative integer".format(address))
+    return db
+
+
+class _ChangeListener(txredisapi.SubscriberProtocol):
+    def messageReceived(self, pattern, channel, message):
+        self.factory.store._message_received(message)
+
+    def connectionLost(self, why):
+        self.factory.store._subscription_lost(self)
+        super().connectionLost(why)
+
+
+class _ChangeSubscriberFactory(txredisapi.SubscriberFactory):
+    """A reconnecting subscriber that subscribes again on every new connection."""
+
+    protocol = _ChangeListener
+    log = Logger()
+
+    def __init__(self, store: "RedisStore", password: str | None):
+        super().__init__(isLazy=True)
+        self.store = store
+        self.password = password
+
+    def buildProtocol(self, addr):
+        p = super().buildProtocol(addr)
+        p.whenConnected().addCallback(self._subscribe)
+        return p
+
+    def _subscribe(self, p):
+        d = p.subscribe(self.store.channel)
+        d.addCallback(lambda _: self.store._subscribed(p))
+        d.addErrback(
+            lambda f: self.log.warn(
+                "cannot subscribe to {channel}: {error}",
+                channel=self.store.channel,
+                error=f.getErrorMessage(),
+            )
+        )
+
+
+class _CommandFactory(txredisapi.RedisFactory):
+    """The command pool; a fresh connection means Redis answers again."""
+
+    store: "RedisStore"
+
+    def addConnection(self, conn):
+        super().addConnection(conn)
+        if conn in self.pool:
+            self.store._healthy = True
+
+
+def _tune_reconnect(factory, max_delay: float) -> None:
+    # txredisapi backs off to 10 s by default: too long for a local Redis coming back.
+    factory.maxDelay = max_delay
+    factory.initialDelay = min(factory.initialDelay, max_delay)
+
+
+@implementer(IStore)
+class RedisStore(Service):
+    """
+    L{IStore} on Redis through txredisapi: extensions as one JSON per id in a hash, call
+    records in a capped stream, blobs as plain keys, changes on a pub/sub channel.
+
+    The connections reconnect by themselves; C{startService} does not wait for Redis.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        password: str | None = None,
+        db: int = 0,
+        timeout_s: float = 2.0,
+        node_id: str | None = None,
+        prefix: str = "audiosocket:",
+        reactor=None,
+        poolsize: int = 2,
+        calls_maxlen: int = DEFAULT_CALLS_MAXLEN,
+        reconnect_max_s: float = 2.0,
+    ):
+        if reactor is None:
+            from twisted.internet import reactor
+        if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
+            raise ValueError("timeout_s must be a positive number, not {!r}".format(timeout_s))
+        if not isinstance(calls_maxlen, int) or calls_maxlen < 1:
+            raise ValueError(
+                "calls_maxlen must be a positive integer, not {!r}".format(calls_maxlen)
+            )
+        if not isinstance(prefix, str):
+            raise ValueError("prefix must be a string, not {!r}".format(prefix))
+        self._address = RedisAddress.parse(address, db)
+        self._password = password if password is not None else self._address.password
+        self._reactor = reactor
+        self._timeout_s = float(timeout_s)
+        self._poolsize = poolsize
+        self._calls_maxlen = calls_maxlen
+        self._reconnect_max_s = reconnect_max_s
+        self.node_id = node_id or _default_node_id()
+        self.prefix = prefix
+        # Pub/sub ignores the db: two deployments on one Redis with different dbs and the same
+        # prefix must not hear each other, so a non-zero db is part of the channel name.
+        db_suffix = ":db{}".format(self._address.db) if self._address.db else ""
+        self.channel = prefix + "extensions" + db_suffix
+        self._extensions_key = prefix + "extensions"
+        self._seeded_key = prefix + "seeded"
+        self._calls_key = prefix + "calls"
+        self._blob_prefix = prefix + "blob:"
+        self._commands = None
+        self._subscriber = None
+        self._subscribed_protocol = None
+        self._subscribed_waiters: list[defer.Deferred] = []
+        self._in_flight: set[defer.Deferred] = set()
+        self._healthy = True
+        self._subscribers = _Subscribers()
+
+    def __repr__(self):
+        return "<RedisStore {} node={}>".format(self.describe_address(), self.node_id)
+
+    def describe_address(self) -> str:
+        a = self._address
+        if a.path is not None:
+            return "unix:{} db={}".format(a.path, a.db)
+        return "{}:{} db={}".format(a.host, a.port, a.db)
+
+    # -- service ----------------------------------------------------------------------------
+
+    def _endpoint(self):
+        a = self._address
+        if a.path is not None:
+            return UNIXClientEndpoint(self._reactor, a.path, timeout=self._timeout_s)
+        return HostnameEndpoint(self._reactor, a.host, a.port, timeout=self._timeout_s)
+
+    def startService(self):
+        super().startService()
+        commands = _CommandFactory(
+            self.describe_address(),
+            self._address.db,
+            self._poolsize,
+            isLazy=True,
+            handler=txredisapi.ConnectionHandler,
+            charset=None,
+            password=self._password,
+            convertNumbers=False,
+        )
+        commands.store = self
+        _tune_reconnect(commands, self._reconnect_max_s)
+        subscriber = _ChangeSubscriberFactory(self, self._password)
+        _tune_reconnect(subscriber, self._reconnect_max_s)
+        self._commands, self._subscriber = commands, subscriber
+        commands.startConnecting(self._endpoint())
+        subscriber.startConnecting(self._endpoint())
+        self.log.info("store connecting to redis at {address}", address=self.describe_address())
+
+    def stopService(self):
+        super().stopService()
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self):
+        commands, subscriber = self._commands, self._subscriber
+        self._commands = self._subscriber = None
+        for d in list(self._in_flight):
+            d.cancel()
+        for d in self._subscribed_waiters:
+            d.errback(StoreUnavailable("store stopped"))
+        self._subscribed_waiters = []
+        if commands is not None:
+            await defer.gatherResults(
+                [commands.disconnect(), subscriber.disconnect()], consumeErrors=True
+            )
+            # txredisapi hands ready connections over with callLater(0, ...): let those run
+            # (and find the pool closed) before saying the store is stopped.
+            await task.deferLater(self._reactor, 0, lambda: None)
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def available(self) -> bool:
+        return bool(self._healthy and self._commands is not None and self._commands.size)
+
+    @property
+    def subscribed(self) -> bool:
+        return self._subscribed_protocol is not None
+
+    def whenSubscribed(self) -> defer.Deferred:
+        """
+        Fires once this store is subscribed to the change channel (at once if it is): from
+        then on, changes published by other nodes reach the subscribers.
+        """
+        if self._subscribed_protocol is not None:
+            return defer.succeed(None)
+        if self._subscriber is None:
+            return defer.fail(StoreUnavailable("store not started"))
+        d = defer.Deferred(lambda d: self._subscribed_waiters.remove(d))
+        self._subscribed_waiters.append(d)
+        return d
+
+    def _subscribed(self, p):
+        self._subscribed_protocol = p
+        self.log.info("store subscribed to {channel}", channel=self.channel)
+        waiters, self._subscribed_waiters = self._subscribed_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def _subscription_lost(self, p):
+        if self._subscribed_protocol is p:
+            self._subscribed_protocol = None
+            if self.running:
+                self.log.warn("store lost its subscription to {channel}", channel=self.channel)
+
+    def _message_received(self, message):
+        try:
+            change = _parse_change(message)
+        except ValueError as e:
+            self.log.warn(
+                "ignoring malformed message on {channel}: {error}", channel=self.channel, error=e
+            )
+            return
+        if change.node_id == self.node_id:
+            return
+        self._subscribers.deliver(change)
+
+    def subscribe(self, callback):
+        return self._subscribers.add(callback)
+
+    # -- commands ---------------------------------------------------------------------------
+
+    async def _call(self, *args):
+        """Run one command with a timeout; a timeout or a lost connection is L{StoreUnavailable}."""
+        if self._commands is None:
+            raise StoreUnavailable("store is not running ({})".format(self.describe_address()))
+        d = self._commands.handler.execute_command(*args)
+        d.addTimeout(self._timeout_s, self._reactor)
+        self._in_flight.add(d)
+        try:
+            result = await d
+        except _UNAVAILABLE as e:
+            self._healthy = False
+            if isinstance(e, defer.TimeoutError):
+                why = "no reply within {}s".format(self._timeout_s)
+            elif isinstance(e, defer.CancelledError):
+                why = "the store was stopped"
+            else:
+                why = str(e) or type(e).__name__
+            raise StoreUnavailable(
+                "redis at {} is unavailable: {} failed: {}".format(
+                    self.describe_address(), args[0], why
+                )
+            ) from None
+        finally:
+            self._in_flight.discard(d)
+        self._healthy = True
+        return result
+
+    def load_extensions(self):
+        return defer.Deferred.fromCoroutine(self._load_extensions())
+
+    async def _load_extensions(self) -> list[Extension]:
+        reply = await self._call("HGETALL", self._extensions_key)
+        found = []
+        for field, value in zip(reply[::2], reply[1::2]):
+            try:
+                ext = Extension.from_dict(json.loads(value))
+                if str(ext.id).encode() != field:
+                    raise ValueError("stored under id {!r} but has id {}".format(field, ext.id))
+            except (ValueError, UnicodeDecodeError) as e:  # InvalidField is a ValueError
+                self.log.error(
+                    "skipping corrupt extension {field!r} in {key}: {error}",
+                    field=field,
+                    key=self._extensions_key,
+                    error=e,
+                )
+                continue
+            found.append(ext)
+        return sorted(found, key=lambda e: e.id)
+
+    def seed(self, extensions):
+        return defer.Deferred.fromCoroutine(self._seed(extensions))
+
+    async def _seed(self, extensions: Iterable[Extension]) -> bool:
+        args = []
+        for ext in extensions:
+            _check_extension(ext)
+            args += [str(ext.id), json.dumps(ext.to_dict())]
+        written = await self._call(
+            "EVAL", _SEED, 2, self._seeded_key, self._extensions_key, *args
+        )
+        return written == 1
+
+    def save_extension(self, ext):
+        return defer.Deferred.fromCoroutine(self._save_extension(ext))
+
+    async def _save_extension(self, ext) -> None:
+        _check_extension(ext)
+        await self._call(
+            "EVAL",
+            _SAVE,
+            1,
+            self._extensions_key,
+            str(ext.id),
+            json.dumps(ext.to_dict()),
+            self.channel,
+            _change_message(self.node_id, PUT, ext.id, ext),
+        )
+
+    def delete_extension(self, ext_id):
+        return defer.Deferred.fromCoroutine(self._delete_extension(ext_id))
+
+    async def _delete_extension(self, ext_id) -> bool:
+        _check_ext_id(ext_id)
+        deleted = await self._call(
+            "EVAL",
+            _DELETE,
+            1,
+            self._extensions_key,
+            str(ext_id),
+            self.channel,
+            _change_message(self.node_id, DELETE, ext_id, None),
+        )
+        return deleted == 1
+
+    def append_call(self, record):
+        return defer.Deferred.fromCoroutine(self._append_call(record))
+
+    async def _append_call(self, record) -> None:
+        data = _encode_record(record)
+        # "~": Redis trims whole stream nodes, which is cheap; the cap is approximate.
+        await self._call(
+            "XADD", self._calls_key, "MAXLEN", "~", self._calls_maxlen, "*", "record", data
+        )
+
+    def recent_calls(self, limit):
+        return defer.Deferred.fromCoroutine(self._recent_calls(limit))
+
+    async def _recent_calls(self, limit) -> list[dict]:
+        _check_limit(limit)
+        reply = await self._call("XREVRANGE", self._calls_key, "+", "-", "COUNT", limit)
+        records = []
+        for entry_id, fields in reply:
+            values = dict(zip(fields[::2], fields[1::2]))
+            try:
+                record = json.loads(values[b"record"])
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except (KeyError, ValueError, UnicodeDecodeError) as e:
+                self.log.error(
+                    "skipping corrupt call record {id!r} in {key}: {error!r}",
+                    id=entry_id,
+                    key=self._calls_key,
+                    error=e,
+                )
+                continue
+            records.append(record)
+        return records
+
+    def get_blob(self, key):
+        return defer.Deferred.fromCoroutine(self._get_blob(key))
+
+    async def _get_blob(self, key) -> bytes | None:
+        _check_key(key)
+        return await self._call("GET", self._blob_prefix + key)
+
+    def set_blob(self, key, data, ttl_s=None):
+        return defer.Deferred.fromCoroutine(self._set_blob(key, data, ttl_s))
+
+    async def _set_blob(self, key, data, ttl_s) -> None:
+        _check_key(key)
+        data = _check_blob(data, ttl_s)
+        args = ["SET", self._blob_prefix + key, data]
+        if ttl_s is not None:
+            args += ["EX", ttl_s]
+        await self._call(*args)
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+
+class MemoryHub:
+    """
+    What several L{MemoryStore}s share, as nodes share one Redis: the data, and delivery of
+    each store's changes to the other stores' subscribers.
+    """
+
+    def __init__(self):
+        self.extensions: dict[int, Extension] = {}
+        self.seeded = False
+        self.calls: list[dict] = []
+        self.blobs: dict[str, tuple[bytes, float | None]] = {}
+        self.stores: list["MemoryStore"] = []
+
+    def publish(self, change: ExtensionChange) -> None:
+        for store in list(self.stores):
+            if store.node_id != change.node_id:
+                store._subscribers.deliver(change)
+
+
+@implementer(IStore)
+class MemoryStore(Service):
+    """
+    L{IStore} in memory. Set C{available = False} to simulate an outage: every method then
+    fails with L{StoreUnavailable}. Changes reach the subscribers of the other stores on the
+    same L{MemoryHub} synchronously.
+    """
+
+    def __init__(
+        self,
+        hub: MemoryHub | None = None,
+        *,
+        node_id: str | None = None,
+        calls_maxlen: int = DEFAULT_CALLS_MAXLEN,
+        reactor=None,
+    ):
+        if reactor is None:
+            from twisted.internet import reactor
+        self._reactor = reactor
+        self.hub = hub if hub is not None else MemoryHub()
+        self.hub.stores.append(self)
+        self.node_id = node_id or _default_node_id()
+        self.available = True
+        self._calls_maxlen = calls_maxlen
+        self._subscribers = _Subscribers()
+
+    def _check(self):
+        if not self.available:
+            raise StoreUnavailable("memory store {} is marked unavailable".format(self.node_id))
+
+    def subscribe(self, callback):
+        return self._subscribers.add(callback)
+
+    def load_extensions(self):
+        return defer.maybeDeferred(self._load_extensions)
+
+    def _load_extensions(self):
+        self._check()
+        return sorted(self.hub.extensions.values(), key=lambda e: e.id)
+
+    def seed(self, extensions):
+        return defer.maybeDeferred(self._seed, extensions)
+
+    def _seed(self, extensions):
+        extensions = list(extensions)
+        for ext in extensions:
+            _check_extension(ext)
+        self._check()
+        if self.hub.seeded:
+            return False
+        self.hub.seeded = True
+        for ext in extensions:
+            self.hub.extensions[ext.id] = ext
+        return True
+
+    def save_extension(self, ext):
+        return defer.maybeDeferred(self._save_extension, ext)
+
+    def _save_extension(self, ext):
+        _check_extension(ext)
+        self._check()
+        self.hub.extensions[ext.id] = ext
+        self.hub.publish(ExtensionChange(PUT, ext.id, ext, self.node_id))
+
+    def delete_extension(self, ext_id):
+        return defer.maybeDeferred(self._delete_extension, ext_id)
+
+    def _delete_extension(self, ext_id):
+        _check_ext_id(ext_id)
+        self._check()
+        if self.hub.extensions.pop(ext_id, None) is None:
+            return False
+        self.hub.publish(ExtensionChange(DELETE, ext_id, None, self.node_id))
+        return True
+
+    def append_call(self, record):
+        return defer.maybeDeferred(self._append_call, record)
+
+    def _append_call(self, record):
+        data = _encode_record(record)
+        self._check()
+        self.hub.calls.append(json.loads(data))  # a copy, as Redis would keep
+        del self.hub.calls[: -self._calls_maxlen]
+
+    def recent_calls(self, limit):
+        return defer.maybeDeferred(self._recent_calls, limit)
+
+    def _recent_calls(self, limit):
+        _check_limit(limit)
+        self._check()
+        return list(reversed(self.hub.calls[-limit:]))
+
+    def get_blob(self, key):
+        return defer.maybeDeferred(self._get_blob, key)
+
+    def _get_blob(self, key):
+        _check_key(key)
+        self._check()
+        item = self.hub.blobs.get(key)
+        if item is None:
+            return None
+        data, expires = item
+        if expires is not None and self._reactor.seconds() >= expires:
+            del self.hub.blobs[key]
+            return None
+        return data
+
+    def set_blob(self, key, data, ttl_s=None):
+        return defer.maybeDeferred(self._set_blob, key, data, ttl_s)
+
+    def _set_blob(self, key, data, ttl_s):
+        _check_key(key)
+        data = _check_blob(data, ttl_s)
+        self._check()
+        expires = None if ttl_s is None else self._reactor.seconds() + ttl_s
+        self.hub.blobs[key] = (data, expires)
