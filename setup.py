@@ -32,11 +32,15 @@ setup(
             "pytest>=8",
             "pytest-twisted>=1.14",
             "hypothesis>=6.100",
+            "openapi-spec-validator>=0.7",
         ],
+        # Offline speech recognition; needs a model directory ([speech.vosk] model_dir).
+        "vosk": ["vosk>=0.3.45"],
     },
     entry_points={
         "console_scripts": [
             "audiosocket-call = audiosocket.callclient:main",
+            "audiosocket-admin = audiosocket.admin:main",
         ],
     },
 )

@@ -117,6 +117,9 @@ class AudioSocketProtocol(Protocol):
         self._handshake_timer = None
         self._audio_started: float | None = None
         self._audio_received_s = 0.0
+        self._socket = None
+        self._last_audio_kind = -1
+        self._last_audio_size = -1
 
     # ------------------------------------------------------------ connection
 
@@ -126,6 +129,7 @@ class AudioSocketProtocol(Protocol):
             # Frames must leave whole and at once: Asterisk hangs up when a frame's
             # payload arrives in pieces more than ~5 ms apart.
             transport.setTcpNoDelay(True)
+        self._socket = direct_socket(transport)
         self.peer = transport.getPeer()
         self.port = getattr(transport.getHost(), "port", None)
         self._handshake_timer = self.factory.reactor.callLater(
@@ -137,6 +141,17 @@ class AudioSocketProtocol(Protocol):
 
     def dataReceived(self, data: bytes):
         if self.closed or self._hangup_sent:
+            return
+        # The usual read: exactly one audio frame of the size the last one had, nothing
+        # buffered. Handled without the decoder's buffer and Frame (same checks: the kind
+        # and length match a frame the decoder already accepted).
+        if (
+            len(data) == self._last_audio_size
+            and data[0] == self._last_audio_kind
+            and not self._decoder.buffered
+            and (data[1] << 8 | data[2]) == len(data) - wire.HEADER_SIZE
+        ):
+            self._audio(data[0], data[wire.HEADER_SIZE :])
             return
         try:
             frames = self._decoder.feed(data)
@@ -193,7 +208,12 @@ class AudioSocketProtocol(Protocol):
             self.abort("handler_error", "internal error starting the call")
 
     def _audio_frame(self, frame: wire.Frame):
-        rate = wire.RATE_OF_KIND[frame.kind]
+        self._last_audio_kind = frame.kind
+        self._last_audio_size = wire.HEADER_SIZE + len(frame.payload)
+        self._audio(frame.kind, frame.payload)
+
+    def _audio(self, kind: int, payload: bytes):
+        rate = wire.RATE_OF_KIND[kind]
         if rate != self.rate:
             if self.frames_in:
                 self.log.info(
@@ -207,7 +227,7 @@ class AudioSocketProtocol(Protocol):
         now = self.factory.reactor.seconds()
         if self._audio_started is None:
             self._audio_started = now
-        self._audio_received_s += len(frame.payload) / (2.0 * rate)
+        self._audio_received_s += len(payload) / (2.0 * rate)
         ahead = self._audio_received_s - (now - self._audio_started)
         if ahead > self.factory.flood_allowance_s:
             self.abort(
@@ -221,7 +241,7 @@ class AudioSocketProtocol(Protocol):
             # newest audio, which is what an endpointer wants when it starts listening.
             del queue.pending[0]
             self.audio_dropped += 1
-        queue.put(frame.payload)
+        queue.put(payload)
 
     def _put_event(self, event):
         try:
@@ -359,9 +379,39 @@ class AudioSocketProtocol(Protocol):
         self._closed_waiters.append(d)
         return d
 
+    def _write(self, data: bytes) -> None:
+        """
+        Send one frame now if the transport has nothing buffered, else queue it behind
+        what is (order is kept either way). Twisted's C{write} only buffers and registers
+        the socket for writing; the send happens on the next reactor iteration, costing two
+        epoll_ctl calls and a dispatch per frame. The clock writes one small frame per leg
+        every 20 ms, so a direct send is most of the per-leg cost saved.
+        """
+        sock = self._socket
+        if sock is not None:
+            t = self.transport
+            if (
+                not t._tempDataLen
+                and t.offset == len(t.dataBuffer)
+                and t.connected
+                and not t.disconnecting
+                and not t._writeDisconnected
+            ):
+                try:
+                    sent = sock.send(data)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    # Let Twisted find the broken connection its own way.
+                    sent = 0
+                if sent == len(data):
+                    return
+                data = data[sent:]
+        self.transport.write(data)
+
     def tick(self, frames: int, now: float) -> None:
         """Called by the clock: write C{frames} frames (speech if queued, else silence)."""
-        write = self.transport.write
+        write = self._write
         out = self._out
         sent = 0
         for _ in range(frames):
@@ -394,6 +444,23 @@ class AudioSocketProtocol(Protocol):
         self.transport.loseConnection()
 
 
+def direct_socket(transport):
+    """
+    The socket of a plain (not TLS) Twisted TCP transport, which L{AudioSocketProtocol._write}
+    may send on directly; C{None} for anything else (test transports, TLS, UNIX).
+    """
+    from twisted.internet import tcp
+
+    if (
+        isinstance(transport, tcp.Connection)
+        and not getattr(transport, "TLS", False)
+        and hasattr(transport, "_tempDataLen")
+        and hasattr(transport, "_writeDisconnected")
+    ):
+        return transport.socket
+    return None
+
+
 def _addr(address) -> str:
     host = getattr(address, "host", None)
     port = getattr(address, "port", None)
@@ -412,6 +479,7 @@ class LegFactory(Factory):
 
     log = Logger()
     protocol = AudioSocketProtocol
+    noisy = False  # the extension logs its listening ports itself
 
     def __init__(
         self,

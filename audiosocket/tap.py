@@ -43,4 +43,8 @@ class Options(usage.Options):
 def makeService(options):
     from audiosocket.service import makeService as make
 
-    return make(options["loaded"], install_signals=True)
+    try:
+        return make(options["loaded"], install_signals=True)
+    except ConfigError as e:
+        # A setting only the service can judge (a directory file, a provider's secret).
+        sys.exit("audiosocket: {}".format(e))

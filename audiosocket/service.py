@@ -1,0 +1,435 @@
+"""
+The root service: wires config, store, extensions, clock, sessions, flow and API together.
+
+C{makeService(config)} only builds and connects objects (magic-wormhole's rule); the work
+that needs a running reactor — waiting for Redis, loading extensions, opening the API port —
+happens in L{DoormanService.startup} after C{callWhenRunning}, and a fatal error there is
+logged and stops the reactor rather than leaving a half-started server.
+
+Service tree::
+
+    DoormanService (MultiService)
+    ├── EmbeddedRedis        (only with [redis] url = "")
+    ├── RedisStore
+    ├── the worker pools     (speech synthesis and recognition)
+    ├── AudioClock           (20 ms tick for every leg)
+    ├── ExtensionManager     (one ExtensionService per extension)
+    └── the dialer           (when it is a service: AMI)
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid as _uuid
+from pathlib import Path
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.web.server import Site as WebSite
+
+from audiosocket import __version__
+from audiosocket.clock import AudioClock
+from audiosocket.config import Config, ConfigError, load_config
+from audiosocket.control import ExtensionControl
+from audiosocket.dialer import make_dialer
+from audiosocket.extension import ExtensionManager
+from audiosocket.flow.call import DoormanFlow, Site
+from audiosocket.flow.directory import Directory, DirectoryError
+from audiosocket.flow.prompts import Prompts
+from audiosocket.session import SessionRegistry
+from audiosocket.speech.tts import make_pool
+
+
+class PoolService(Service):
+    """A worker ThreadPool as a service: started with the server, joined at shutdown."""
+
+    def __init__(self, pool, name: str):
+        self.pool = pool
+        self.name = name
+
+    def startService(self):
+        super().startService()
+        self.pool.start()
+
+    def stopService(self):
+        super().stopService()
+        # Joins the workers: a synthesis in progress finishes first (they are short).
+        self.pool.stop()
+
+
+def build_sites(config: Config) -> dict[int, Site]:
+    """
+    Every condominium's directory and prompts, loaded now.
+
+    @raise ConfigError: a directory file is unreadable or malformed (naming it).
+    """
+    sites = {}
+    prompts = Prompts(config.flow.prompts)
+    for i, condominium in enumerate(config.condominiums):
+        try:
+            directory = Directory.load(condominium.directory)
+        except DirectoryError as e:
+            raise ConfigError(
+                config.path, "condominiums[{}].directory".format(i), str(e)
+            ) from None
+        sites[condominium.id] = Site(
+            id=condominium.id,
+            name=condominium.name,
+            greeting=condominium.greeting,
+            directory=directory,
+            prompts=prompts,
+        )
+    return sites
+
+
+class DoormanService(MultiService):
+    """
+    The whole server. Attributes are the parts, for the API, tests and benchmarks:
+    C{store}, C{manager}, C{clock}, C{registry}, C{flow}, C{control}, C{tts}, C{dialer}.
+
+    @ivar ready: fires once the extensions listen and the API is up (or fails).
+    @ivar api_port: the API's C{IListeningPort} once listening.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        reactor=None,
+        store=None,
+        dialer=None,
+        tts=None,
+        stt=None,
+        nlu=None,
+        install_signals: bool = False,
+    ):
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self._reactor = reactor
+        self.config = config
+        self.node_id = _uuid.uuid4().hex[:12]
+        self.started_wall = time.time()
+        self._install_signals = install_signals
+        self.ready: defer.Deferred = defer.Deferred()
+        self.api_port = None
+        self._reloading = None
+        self._reload_again = False
+        self.sites = build_sites(config)
+
+        state_dir = config.server.state_dir
+        self.state_dir = Path(state_dir)
+
+        # Storage.
+        self.embedded_redis = None
+        if store is None:
+            store = self._make_store(config)
+        self.store = store
+        if IService.providedBy(store):
+            store.setServiceParent(self)
+
+        # Speech. One HTTP connection pool for every provider (keep-alive: no TLS handshake
+        # per utterance), closed at shutdown.
+        from treq.client import HTTPClient
+        from twisted.web.client import Agent, HTTPConnectionPool
+
+        self.http_pool = HTTPConnectionPool(reactor, persistent=True)
+        self.http_pool.maxPersistentPerHost = 8
+        self.http = HTTPClient(Agent(reactor, pool=self.http_pool))
+        self.tts_pool = make_pool("audiosocket-tts", maxthreads=2)
+        PoolService(self.tts_pool, "tts-pool").setServiceParent(self)
+        self.stt_pool = make_pool("audiosocket-stt", maxthreads=2)
+        PoolService(self.stt_pool, "stt-pool").setServiceParent(self)
+        try:
+            self.tts = tts if tts is not None else self._make_tts(config)
+            if stt is None and nlu is None:
+                stt, nlu = self._make_understanding(config)
+            if dialer is None:
+                dialer = make_dialer(config.dialer, config.secret, reactor=reactor)
+        except ValueError as e:
+            # The providers name the setting ("dialer.ami.secret_env: ... is not set").
+            key, _, message = str(e).partition(": ")
+            raise ConfigError(config.path, key if message else None, message or str(e)) from None
+        self.stt = stt
+        self.nlu = nlu
+
+        # Calls.
+        self.clock = AudioClock(reactor=reactor)
+        self.clock.setServiceParent(self)
+        self.dialer = dialer
+        self.flow = DoormanFlow(
+            tts=self.tts,
+            dialer=self.dialer,
+            sites=self.site,
+            flow_config=config.flow,
+            reactor=reactor,
+            stt=self.stt,
+            nlu=self.nlu,
+            listener_for=self._listener_for,
+        )
+        self.registry = SessionRegistry(
+            reactor=reactor,
+            run_flow=self.flow.run,
+            run_busy=self.flow.run_busy,
+            max_calls=config.server.max_calls,
+            max_call_s=config.flow.max_call_s,
+            on_end=self._record,
+        )
+        server = config.server
+        self.manager = ExtensionManager(
+            clock=self.clock,
+            on_leg=self.registry.on_leg,
+            reactor=reactor,
+            bind=server.bind,
+            condominium_exists=lambda cid: cid in self.sites,
+            port_fallback_range=server.port_fallback_range if server.port_fallback else None,
+            leg_options={
+                "handshake_timeout": server.handshake_timeout_s,
+                "allowed_peers": server.allowed_networks,
+            },
+        )
+        self.manager.setServiceParent(self)
+        if IService.providedBy(dialer):
+            dialer.setServiceParent(self)
+        self.control = ExtensionControl(self.manager, self.store, reactor=reactor)
+        self.metrics = self._make_metrics()
+        self.api = self._make_api()
+
+    # ------------------------------------------------------------ parts
+
+    def _make_store(self, config: Config):
+        from audiosocket.store import RedisStore
+
+        password = config.secret(config.redis.password_env) if config.redis.password_env else None
+        if config.redis.embedded:
+            from audiosocket.redisproc import EmbeddedRedis
+
+            self.embedded_redis = EmbeddedRedis(self.state_dir, reactor=self._reactor)
+            self.embedded_redis.setServiceParent(self)
+            address = self.embedded_redis.address
+        else:
+            address = config.redis.url
+        return RedisStore(
+            address,
+            password=password,
+            timeout_s=config.redis.timeout_s,
+            node_id=self.node_id,
+            reactor=self._reactor,
+        )
+
+    def _make_tts(self, config: Config):
+        from audiosocket.speech.factory import make_tts
+
+        # espeak is local and free: a Redis copy of its audio buys nothing.
+        store = self.store if config.speech.tts != "espeak" else None
+        return make_tts(
+            config.speech,
+            config.secret,
+            pool=self.tts_pool,
+            store=store,
+            reactor=self._reactor,
+            http=self.http,
+        )
+
+    def _make_understanding(self, config: Config):
+        from audiosocket.flow.understand import make_nlu
+        from audiosocket.speech.factory import make_stt
+
+        stt = make_stt(
+            config.speech, config.secret, pool=self.stt_pool, reactor=self._reactor, http=self.http
+        )
+        nlu = make_nlu(config.speech, config.secret, reactor=self._reactor, http=self.http)
+        return stt, nlu
+
+    def _listener_for(self, leg):
+        from audiosocket.listen import Listener, ListenSettings
+
+        settings = ListenSettings.for_role(self.config.audio, leg.role)
+        return Listener(leg, settings, reactor=self._reactor)
+
+    def _make_metrics(self):
+        try:
+            from audiosocket.metrics import Metrics
+        except ImportError:
+            return None
+        return Metrics(self)
+
+    def _make_api(self):
+        from audiosocket.api import Api
+
+        api_config = self.config.api
+        token = api_config.bearer_token if api_config.requires_token else None
+        return Api(
+            self.control,
+            self.registry,
+            self.store,
+            token=token,
+            status=self.status,
+            metrics_registry=self.metrics.registry if self.metrics is not None else None,
+        )
+
+    def site(self, condominium_id: int) -> Site:
+        return self.sites[condominium_id]
+
+    def _record(self, session):
+        if self.metrics is not None:
+            self.metrics.call_ended(session)
+        return self.store.append_call(session.record())
+
+    # ------------------------------------------------------------ status
+
+    def status(self) -> dict:
+        clock = self.clock
+        return {
+            "version": __version__,
+            "node_id": self.node_id,
+            "uptime_s": round(time.time() - self.started_wall, 1),
+            "sessions": {
+                "active": self.registry.active(),
+                "max_calls": self.registry.max_calls,
+                "finished": self.registry.finished,
+                "turned_away": self.registry.turned_away,
+            },
+            "clock": {
+                "legs": len(clock),
+                "late_ticks": clock.late_ticks,
+                "skipped_frames": clock.skipped_frames,
+                "lateness_p99_ms": clock.lateness.quantile(0.99),
+                "lateness_max_ms": round(clock.lateness.max_ms, 2),
+            },
+            "refused": dict(self.manager.refused),
+            "speech": {
+                "tts": self.config.speech.tts,
+                "stt": self.config.speech.stt,
+                "nlu": self.config.speech.nlu,
+            },
+            "dialer": self.config.dialer.kind,
+        }
+
+    # ------------------------------------------------------------ life
+
+    def startService(self):
+        super().startService()
+        self._reactor.callWhenRunning(self._begin)
+
+    def _begin(self):
+        d = defer.Deferred.fromCoroutine(self.startup())
+        d.addErrback(self._startup_failed)
+
+    def _startup_failed(self, failure):
+        self.log.failure("audiosocket failed to start", failure)
+        if not self.ready.called:
+            self.ready.errback(failure)
+        if self._install_signals:
+            self._reactor.stop()
+
+    async def startup(self) -> None:
+        if self.embedded_redis is not None:
+            await self.embedded_redis.whenReady()
+        await self.control.start(self.config.extensions)
+        self._preload_prompts()
+        site = WebSite(self.api.app.resource())
+        site.displayTracebacks = False
+        self.api_port = await serverFromString(self._reactor, self.config.api.endpoint).listen(site)
+        if self._install_signals:
+            self._install_sighup()
+        self.log.info(
+            "audiosocket {version} ready: {n} extension(s), API on {api}",
+            version=__version__,
+            n=len(self.manager.extensions),
+            api=self.config.api.endpoint,
+        )
+        self.ready.callback(self)
+
+    def _preload_prompts(self) -> None:
+        texts = set()
+        for site in self.sites.values():
+            texts.update(site.prompts.fixed())
+            texts.add(site.prompts.say("greeting", greeting=site.greeting))
+        preload = getattr(self.tts, "preload", None)
+        if preload is None:
+            return
+        d = preload(sorted(texts), 8000)
+        d.addErrback(lambda f: self.log.failure("preloading prompts failed", f))
+
+    def stopService(self):
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self.api_port is not None:
+            port, self.api_port = self.api_port, None
+            await defer.maybeDeferred(port.stopListening)
+        self.control.stop()
+        if len(self.registry):
+            ending = self.registry.hangup_all()
+            ending.addTimeout(10, self._reactor)
+            try:
+                await ending
+            except defer.TimeoutError:
+                self.log.warn("calls still open at shutdown after 10 s; closing them")
+        await super().stopService()
+        await self.http_pool.closeCachedConnections()
+
+    # ------------------------------------------------------------ SIGHUP
+
+    def _install_sighup(self) -> None:
+        def handler(signum, frame):
+            # Only schedule: the reload runs on the reactor, never inside the handler.
+            self._reactor.callFromThread(self.reload)
+
+        signal.signal(signal.SIGHUP, handler)
+
+    def reload(self) -> defer.Deferred:
+        """
+        Re-read the config file and apply the condominiums' settings (greeting, directory,
+        prompts). The new file is validated whole before anything is applied: an invalid
+        file changes nothing and says why. Calls in progress keep the settings they started
+        with. Repeated requests while one runs coalesce into one more.
+        """
+        if self._reloading is not None:
+            self._reload_again = True
+            return self._reloading
+        self._reloading = defer.maybeDeferred(self._reload)
+
+        def done(result):
+            self._reloading = None
+            if self._reload_again:
+                self._reload_again = False
+                self.reload()
+            return result
+
+        return self._reloading.addBoth(done)
+
+    def _reload(self) -> bool:
+        path = self.config.path
+        try:
+            config = load_config(path)
+            sites = build_sites(config)
+        except ConfigError as e:
+            self.log.error("reload of {path} aborted without making any changes: {error}", path=str(path), error=str(e))
+            return False
+        missing = {s.extension.condominium_id for s in self.manager.extensions.values()} - set(sites)
+        if missing:
+            self.log.error(
+                "reload of {path} aborted without making any changes: condominium(s) {ids} "
+                "still have extensions",
+                path=str(path),
+                ids=sorted(missing),
+            )
+            return False
+        self.sites = sites
+        self.log.info("reloaded {path}: {n} condominium(s)", path=str(path), n=len(sites))
+        return True
+
+
+def makeService(config: Config, reactor=None, **parts) -> DoormanService:
+    """The root service for C{config} (see the module docstring for its tree)."""
+    return DoormanService(config, reactor=reactor, **parts)
+

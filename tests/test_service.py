@@ -1,0 +1,346 @@
+"""
+Integration tests: the real service from L{makeService} on 127.0.0.1 — real TCP, a real
+redis-server, real espeak-ng synthesis — called by the L{audiosocket.callclient} core as
+Asterisk would, and for the two-leg call an HTTP dialer pointed at a real local web server
+that connects the resident's leg the way Asterisk's dialplan would.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import uuid
+
+import pytest_twisted
+import treq
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.task import deferLater
+from twisted.web import resource, server
+
+from audiosocket.callclient import CallOptions, place_call
+from audiosocket.config import parse_config
+from audiosocket.service import makeService
+
+ETC = __import__("pathlib").Path(__file__).resolve().parent.parent / "etc"
+
+
+def free_ports(n: int) -> list[int]:
+    """Ports free right now (bound to 0 and released)."""
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def config_for(redis_path: str, tmp_path, ai: int, ret: int, **sections) -> object:
+    data = {
+        "server": {"bind": "127.0.0.1", "state_dir": str(tmp_path / "var")},
+        "api": {"endpoint": "tcp:0:interface=127.0.0.1"},
+        "redis": {"url": "unix://" + redis_path},
+        "flow": {"ring_timeout_s": 10, "attempts": 1},
+        "condominiums": [
+            {
+                "id": 1,
+                "name": "Condomínio Apoena",
+                "greeting": "Condomínio Apoena, em que posso ajudar?",
+                "directory": str(ETC / "apartments.json"),
+            }
+        ],
+        "extensions": [
+            {
+                "id": 1,
+                "ai_extension": "1001",
+                "ai_port": ai,
+                "return_extension": "1002",
+                "return_port": ret,
+                "host": "127.0.0.1",
+                "condominium_id": 1,
+            }
+        ],
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return parse_config(data, str(tmp_path / "audiosocket.toml"))
+
+
+async def started(config):
+    svc = makeService(config, reactor=reactor)
+    svc.startService()
+    await svc.ready.addTimeout(20, reactor)
+    return svc
+
+
+async def stopped(svc):
+    await defer.maybeDeferred(svc.stopService).addTimeout(20, reactor)
+    # Let the server side of closed connections finish closing.
+    await deferLater(reactor, 0.05, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_greeting_arrives_as_speech(redis_server, tmp_path):
+    """
+    A call to the AI port hears the greeting: at least a second of non-silent 8 kHz speech,
+    in frames of the 8 kHz kind, and the server keeps sending frames (silence) after it.
+    """
+    ai, ret = free_ports(2)
+    svc = await started(config_for(redis_server.path, tmp_path, ai, ret))
+    try:
+        report = await defer.Deferred.fromCoroutine(
+            place_call(CallOptions(host="127.0.0.1", port=ai, hangup_after=5.0), reactor)
+        ).addTimeout(20, reactor)
+    finally:
+        await stopped(svc)
+    assert report.connected and report.error is None
+    assert report.rate_received == 8000
+    assert report.speech_seconds >= 1.0
+    assert report.first_speech_after is not None and report.first_speech_after < 1.0
+    # 5 s of call: a frame every 20 ms from connect to hang-up, give or take a few.
+    assert report.frames_received >= 0.9 * 5.0 * 50
+    assert report.hung_up_by == "client"
+
+
+@pytest_twisted.ensureDeferred
+async def test_garbage_closes_only_that_connection(redis_server, tmp_path):
+    """
+    A connection that sends garbage is closed, while a good call on the same port, already
+    in progress, keeps receiving every frame.
+    """
+    ai, ret = free_ports(2)
+    svc = await started(config_for(redis_server.path, tmp_path, ai, ret))
+    try:
+        good = defer.Deferred.fromCoroutine(
+            place_call(CallOptions(host="127.0.0.1", port=ai, hangup_after=3.0), reactor)
+        )
+        await deferLater(reactor, 0.5, lambda: None)
+
+        class Garbage(protocol.Protocol):
+            def __init__(self):
+                self.lost = defer.Deferred()
+
+            def connectionMade(self):
+                self.transport.write(b"GET / HTTP/1.1\r\n\r\n")
+
+            def connectionLost(self, reason):
+                self.lost.callback(None)
+
+        bad = Garbage()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", ai), bad)
+        await bad.lost.addTimeout(5, reactor)
+        report = await good.addTimeout(20, reactor)
+    finally:
+        await stopped(svc)
+    assert svc.manager.refused["first_frame_not_uuid"] == 1
+    assert report.error is None
+    assert report.frames_received >= 0.9 * 3.0 * 50
+    assert report.gap_max_ms is not None
+
+
+class ResidentPhone(resource.Resource):
+    """
+    The dialer's webhook, behaving like Asterisk: on the POST it answers 200 and connects the
+    resident's leg to the address given, with the UUID given, pressing 1 after a second.
+    """
+
+    isLeaf = True
+
+    def __init__(self, key="1"):
+        super().__init__()
+        self.requests = []
+        self.calls = []
+        self.key = key
+
+    def render_POST(self, request):
+        body = json.loads(request.content.read())
+        self.requests.append(body)
+        host, port = body["audiosocket"].rsplit(":", 1)
+        options = CallOptions(
+            host=host, port=int(port), uuid=body["uuid"], dtmf=[(1.0, self.key)], hangup_after=40
+        )
+        self.calls.append(defer.Deferred.fromCoroutine(place_call(options, reactor)))
+        request.setHeader(b"content-type", b"application/json")
+        return b'{"ok": true}'
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_leg_call_authorized_by_keypad(redis_server, tmp_path):
+    """
+    Visitor types 101#; the http dialer's webhook connects the resident with the same UUID,
+    who presses 1: the record in Redis reads authorized with apartment and resident, and
+    both clients got the hangup frame after hearing audio.
+    """
+    phone = ResidentPhone()
+    web = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server.Site(phone))
+    url = "http://127.0.0.1:{}/dial".format(web.getHost().port)
+    ai, ret = free_ports(2)
+    config = config_for(redis_server.path, tmp_path, ai, ret, dialer={"kind": "http", "url": url})
+    svc = await started(config)
+    try:
+        visitor = await defer.Deferred.fromCoroutine(
+            place_call(
+                CallOptions(host="127.0.0.1", port=ai, dtmf=[(1.0, "101#")], hangup_after=60),
+                reactor,
+            )
+        ).addTimeout(60, reactor)
+        (resident,) = await defer.gatherResults(phone.calls).addTimeout(30, reactor)
+        calls = await svc.store.recent_calls(10)
+        api = "http://127.0.0.1:{}".format(svc.api_port.getHost().port)
+        response = await treq.get(api + "/api/calls?limit=5", persistent=False)
+        listed = await response.json()
+    finally:
+        await stopped(svc)
+        await web.stopListening()
+    (request,) = phone.requests
+    assert request["uuid"] == visitor.uuid
+    assert request["dial"] == "SIP/1101"
+    assert request["audiosocket"] == "127.0.0.1:{}".format(ret)
+    (record,) = calls
+    assert record["uuid"] == visitor.uuid
+    assert record["outcome"] == "authorized"
+    assert record["facts"]["apartment"] == "101"
+    assert record["facts"]["resident"] == "Ana Souza"
+    assert record["decision_input"] == "dtmf:1"
+    assert visitor.hung_up_by == "server" and resident.hung_up_by == "server"
+    assert visitor.speech_seconds > 3 and resident.speech_seconds > 3
+    assert response.code == 200
+    assert listed["calls"][0]["uuid"] == visitor.uuid
+
+
+@pytest_twisted.ensureDeferred
+async def test_resident_leg_with_unknown_uuid_is_refused(redis_server, tmp_path):
+    """A leg on the return port with a UUID the server never dialed is closed at once."""
+    ai, ret = free_ports(2)
+    svc = await started(config_for(redis_server.path, tmp_path, ai, ret))
+    try:
+        report = await defer.Deferred.fromCoroutine(
+            place_call(
+                CallOptions(host="127.0.0.1", port=ret, uuid=str(uuid.uuid4()), hangup_after=5),
+                reactor,
+            )
+        ).addTimeout(10, reactor)
+    finally:
+        await stopped(svc)
+    assert report.hung_up_by == "server-close"
+    assert svc.manager.refused["unknown_uuid"] == 1
+
+
+class Whisper(resource.Resource):
+    """
+    A local OpenAI-compatible transcription endpoint. It cannot really recognise speech, so it
+    answers by the length of the WAV it is sent: the visitor's long sentence, or the
+    resident's short "sim". The request itself is real (multipart, a WAV of the utterance).
+    """
+
+    isLeaf = True
+
+    def __init__(self, long_text: str, short_text: str):
+        super().__init__()
+        self.long_text = long_text
+        self.short_text = short_text
+        self.durations = []
+
+    def render_POST(self, request):
+        import email.parser
+        import email.policy
+        import io
+        import wave
+
+        assert request.path == b"/v1/audio/transcriptions"
+        head = b"Content-Type: " + request.getHeader("content-type").encode() + b"\r\n\r\n"
+        message = email.parser.BytesParser(policy=email.policy.default).parsebytes(
+            head + request.content.read()
+        )
+        parts = {p.get_param("name", header="content-disposition"): p for p in message.iter_parts()}
+        assert parts["language"].get_content().strip() == "pt"
+        with wave.open(io.BytesIO(parts["file"].get_content())) as w:
+            seconds = w.getnframes() / w.getframerate()
+        self.durations.append(seconds)
+        text = self.long_text if seconds > 2.0 else self.short_text
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"text": text}).encode()
+
+
+def spoken_wav(path, text: str, rate: int = 8000):
+    from audiosocket import audio
+    from audiosocket.callclient import write_wav
+    from audiosocket.speech.espeak import EspeakEngine
+
+    pcm, native = EspeakEngine().synthesize(text)
+    write_wav(path, audio.resample(pcm, native, rate), rate)
+    return path
+
+
+class SpeakingResident(ResidentPhone):
+    """The webhook again, but the resident answers by voice after the question."""
+
+    def __init__(self, wav, at: float):
+        super().__init__()
+        self.wav = wav
+        self.at = at
+
+    def render_POST(self, request):
+        body = json.loads(request.content.read())
+        self.requests.append(body)
+        host, port = body["audiosocket"].rsplit(":", 1)
+        options = CallOptions(
+            host=host, port=int(port), uuid=body["uuid"], wav=self.wav, wav_at=self.at, hangup_after=60
+        )
+        self.calls.append(defer.Deferred.fromCoroutine(place_call(options, reactor)))
+        return b"{}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_full_voice_call(redis_server, tmp_path):
+    """
+    By voice end to end: the visitor's spoken sentence is endpointed, sent to the
+    whisper-compatible server and understood; the resident says "sim"; the record reads
+    authorized with intent, name, apartment and resident.
+    """
+    sentence = "Oi, sou o Pedro da Silva, vim entregar uma encomenda para a Ana do 101"
+    whisper = Whisper(sentence, "sim")
+    stt_web = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server.Site(whisper))
+    phone = SpeakingResident(spoken_wav(tmp_path / "sim.wav", "sim"), at=16.0)
+    dial_web = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server.Site(phone))
+    ai, ret = free_ports(2)
+    config = config_for(
+        redis_server.path,
+        tmp_path,
+        ai,
+        ret,
+        dialer={"kind": "http", "url": "http://127.0.0.1:{}/".format(dial_web.getHost().port)},
+        speech={
+            "stt": "whisper",
+            "whisper": {"url": "http://127.0.0.1:{}/v1".format(stt_web.getHost().port)},
+        },
+    )
+    visitor_wav = spoken_wav(tmp_path / "visitor.wav", sentence)
+    svc = await started(config)
+    try:
+        # The visitor starts talking over the greeting (barge-in) and then waits.
+        visitor = await defer.Deferred.fromCoroutine(
+            place_call(
+                CallOptions(host="127.0.0.1", port=ai, wav=visitor_wav, wav_at=3.0, hangup_after=60),
+                reactor,
+            )
+        ).addTimeout(70, reactor)
+        await defer.gatherResults(phone.calls).addTimeout(30, reactor)
+        (record,) = await svc.store.recent_calls(1)
+    finally:
+        await stopped(svc)
+        await stt_web.stopListening()
+        await dial_web.stopListening()
+    assert record["outcome"] == "authorized", record
+    assert record["facts"] == {
+        "intent": "entrega",
+        "visitor_name": "Pedro da Silva",
+        "apartment": "101",
+        "resident": "Ana Souza",
+    }
+    assert record["decision_input"] == "voice:sim"
+    assert visitor.hung_up_by == "server"
+    assert phone.requests[0]["dial"] == "SIP/1101"
