@@ -19,6 +19,7 @@ Service tree::
 
 from __future__ import annotations
 
+import collections
 import signal
 import time
 import uuid as _uuid
@@ -41,6 +42,69 @@ from audiosocket.flow.directory import Directory, DirectoryError
 from audiosocket.flow.prompts import Prompts
 from audiosocket.session import SessionRegistry
 from audiosocket.speech.tts import make_pool
+
+
+class CallRecords(Service):
+    """
+    Writes finished calls to the store. A record the store cannot take now (Redis down) is
+    kept, oldest first, and written when the store answers again: a call is never lost
+    because its record came at a bad moment. At most C{keep} records wait.
+    """
+
+    log = Logger()
+    name = "call-records"
+
+    def __init__(self, store, *, reactor, retry_s: float = 5.0, keep: int = 10000):
+        self._store = store
+        self._reactor = reactor
+        self._retry_s = retry_s
+        self.unsaved: collections.deque = collections.deque(maxlen=keep)
+        self._timer = None
+        self._flushing = False
+
+    def add(self, record: dict) -> defer.Deferred:
+        if self.unsaved:
+            self.unsaved.append(record)  # keep the order: after those already waiting
+            return defer.succeed(None)
+        d = self._store.append_call(record)
+        d.addErrback(self._failed, record)
+        return d
+
+    def _failed(self, failure, record):
+        self.log.warn(
+            "call record {uuid} not saved ({error}); kept for retry",
+            uuid=record.get("uuid"),
+            error=failure.getErrorMessage(),
+        )
+        self.unsaved.appendleft(record)
+        self._schedule()
+
+    def _schedule(self):
+        if self.running and (self._timer is None or not self._timer.active()):
+            self._timer = self._reactor.callLater(self._retry_s, self._flush)
+
+    def _flush(self):
+        return defer.Deferred.fromCoroutine(self._write_waiting())
+
+    async def _write_waiting(self):
+        self._timer = None
+        while self.unsaved:
+            record = self.unsaved[0]
+            try:
+                await self._store.append_call(record)
+            except Exception:
+                self._schedule()
+                return
+            self.unsaved.popleft()
+        self.log.info("call records written after the store came back")
+
+    def stopService(self):
+        super().stopService()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self.unsaved:
+            self.log.error("{n} call record(s) could not be saved before shutdown", n=len(self.unsaved))
 
 
 class PoolService(Service):
@@ -134,6 +198,8 @@ class DoormanService(MultiService):
         self.store = store
         if IService.providedBy(store):
             store.setServiceParent(self)
+        self.records = CallRecords(store, reactor=reactor)
+        self.records.setServiceParent(self)
 
         # Speech. One HTTP connection pool for every provider (keep-alive: no TLS handshake
         # per utterance), closed at shutdown.
@@ -281,7 +347,7 @@ class DoormanService(MultiService):
     def _record(self, session):
         if self.metrics is not None:
             self.metrics.call_ended(session)
-        return self.store.append_call(session.record())
+        return self.records.add(session.record())
 
     # ------------------------------------------------------------ status
 
