@@ -116,6 +116,7 @@ class AudioSocketProtocol(Protocol):
         self._lost = False
         self._handshake_timer = None
         self._audio_started: float | None = None
+        self._audio_waiters: list[defer.Deferred] = []
         self._audio_received_s = 0.0
         self._socket = None
         self._last_audio_kind = -1
@@ -227,6 +228,9 @@ class AudioSocketProtocol(Protocol):
         now = self.factory.reactor.seconds()
         if self._audio_started is None:
             self._audio_started = now
+            waiters, self._audio_waiters = self._audio_waiters, []
+            for d in waiters:
+                d.callback(rate)
         self._audio_received_s += len(payload) / (2.0 * rate)
         ahead = self._audio_received_s - (now - self._audio_started)
         if ahead > self.factory.flood_allowance_s:
@@ -369,6 +373,18 @@ class AudioSocketProtocol(Protocol):
         d = self.when_closed()
         if not self.closed:
             self._hangup_requested = True
+        return d
+
+    def when_audio(self) -> defer.Deferred:
+        """
+        A Deferred firing with the peer's sample rate once its first audio frame has arrived
+        (at once if it already has): the flow waits for it, briefly, before its first prompt,
+        so the greeting goes out in the audio kind the peer uses.
+        """
+        if self._audio_started is not None:
+            return defer.succeed(self.rate)
+        d = defer.Deferred(lambda d: self._audio_waiters.remove(d))
+        self._audio_waiters.append(d)
         return d
 
     def when_closed(self) -> defer.Deferred:

@@ -424,3 +424,30 @@ def test_ten_concurrent_sessions_stay_apart(bench):
         assert bench.tts.label(expected) in r.heard
         others = {announcement(bench.prompts, x, None, None) for x in set(apartments) - {a}}
         assert not any(bench.tts.label(t) in r.heard for t in others)
+
+
+def test_greeting_uses_the_peers_audio_kind(bench):
+    """A leg that sends 16 kHz audio (kind 0x12) hears its greeting in 16 kHz frames."""
+    from audiosocket import wire
+
+    visitor = bench.connect()
+    visitor.leg.dataReceived(wire.audio(bytes(640), 16000))
+    data = b""
+    for _ in range(10):
+        bench.reactor.advance(0.02)
+        visitor.leg.dataReceived(wire.audio(bytes(640), 16000))
+        data += visitor.transport.value()
+        visitor.transport.clear()
+    kinds = {f.kind for f in wire.Decoder(expect_uuid=False).feed(data)}
+    assert kinds == {wire.audio_kind(16000)}
+    visitor.drop()
+    bench.until(bench.ended)
+
+
+def test_greeting_waits_only_briefly_for_audio(bench):
+    """A peer that sends no audio still hears the greeting, 100 ms after connecting."""
+    visitor = bench.connect()
+    bench.advance(0.2)
+    assert visitor.heard
+    visitor.drop()
+    bench.until(bench.ended)

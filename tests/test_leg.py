@@ -439,3 +439,17 @@ def test_audio_queued_by_a_dropped_prompts_callback_survives():
     sent = frames(transport)
     assert sent[0].payload == goodbye
     assert played[0].called and played[0].result is True
+
+
+def test_when_audio_fires_with_the_peers_rate():
+    """when_audio fires with the rate of the first audio frame; cancelling forgets the waiter."""
+    h = Harness()
+    leg, transport = h.call()
+    d = leg.when_audio()
+    cancelled = leg.when_audio()
+    cancelled.cancel()
+    cancelled.addErrback(lambda f: None)
+    assert not d.called
+    leg.dataReceived(wire.audio(bytes(640), 16000))
+    assert d.result == 16000
+    assert leg.when_audio().result == 16000

@@ -32,6 +32,8 @@ from audiosocket import session as S
 
 #: How long the visitor has to start answering a question before it is asked again.
 ANSWER_TIMEOUT_S = 8.0
+#: How long a new leg may take to send its first audio frame (which tells its sample rate).
+FIRST_AUDIO_WAIT_S = 0.1
 
 
 @frozen
@@ -186,6 +188,7 @@ class _Call:
     async def _converse(self) -> str:
         session = self.session
         session.state = S.GREETING
+        await self._peer_rate(self.session.visitor)
         await self.visitor.say(self._greeting(), interruptible=True)
         session.state = S.COLLECTING
         found = await self._find_apartment()
@@ -194,6 +197,18 @@ class _Call:
         outcome = await self._call_resident()
         await self._tell_visitor(outcome)
         return outcome
+
+    async def _peer_rate(self, leg) -> None:
+        """
+        Asterisk sends audio from the moment it connects; its kind tells the leg's sample
+        rate. Wait for it (briefly: a peer that sends nothing still gets an 8 kHz greeting).
+        """
+        d = leg.when_audio()
+        d.addTimeout(FIRST_AUDIO_WAIT_S, self.reactor)
+        try:
+            await d
+        except defer.TimeoutError:
+            pass
 
     def _greeting(self) -> str:
         greeting = self.prompts.say("greeting", greeting=self.site.greeting)
@@ -399,6 +414,7 @@ class _Call:
         session.stop_expecting()
         if leg is None:
             return "no_answer"
+        await self._peer_rate(leg)
         self.resident = self.flow._io(leg)
         # The visitor hanging up while the resident decides ends the resident's part too.
         session.visitor.when_closed().addCallback(self._visitor_left)
