@@ -18,6 +18,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, c
 from twisted.internet.task import deferLater
 from twisted.web import resource, server
 
+from audiosocket import wire
 from audiosocket.callclient import CallOptions, place_call
 from audiosocket.config import parse_config
 from audiosocket.service import makeService
@@ -344,3 +345,46 @@ async def test_full_voice_call(redis_server, tmp_path):
     assert record["decision_input"] == "voice:sim"
     assert visitor.hung_up_by == "server"
     assert phone.requests[0]["dial"] == "SIP/1101"
+
+
+class WidebandPeer(protocol.Protocol):
+    """A bare AudioSocket peer sending 16 kHz audio (kind 0x12); keeps every frame it gets."""
+
+    def __init__(self):
+        from twisted.internet.task import LoopingCall
+
+        self.decoder = wire.Decoder(expect_uuid=False)
+        self.frames = []
+        self.lost = defer.Deferred()
+        self.loop = LoopingCall(lambda: self.transport.write(wire.audio(bytes(640), 16000)))
+
+    def connectionMade(self):
+        self.transport.write(wire.uuid_frame(uuid.uuid4()) + wire.audio(bytes(640), 16000))
+        self.loop.start(0.02, now=False)
+
+    def dataReceived(self, data):
+        self.frames.extend(self.decoder.feed(data))
+
+    def connectionLost(self, reason):
+        if self.loop.running:
+            self.loop.stop()
+        self.lost.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_16khz_leg_is_answered_in_16khz(redis_server, tmp_path):
+    """A leg sending 16 kHz audio (kind 0x12) hears the greeting in 16 kHz frames."""
+    ai, ret = free_ports(2)
+    svc = await started(config_for(redis_server.path, tmp_path, ai, ret))
+    try:
+        peer = WidebandPeer()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", ai), peer)
+        await deferLater(reactor, 3.0, lambda: None)
+        peer.transport.loseConnection()
+        await peer.lost.addTimeout(5, reactor)
+    finally:
+        await stopped(svc)
+    speech = [f for f in peer.frames if f.is_audio and any(f.payload)]
+    assert len(speech) >= 50  # at least a second of greeting
+    assert {f.kind for f in speech} == {wire.audio_kind(16000)}
+    assert all(len(f.payload) == 640 for f in speech)
