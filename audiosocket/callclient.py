@@ -5,7 +5,10 @@ It connects to an AudioSocket port, sends the call's UUID, then one audio frame 
 an absolute schedule (a WAV, then silence) the way Asterisk does while the caller's channel
 produces audio; it sends DTMF frames at given times, hangs up by closing TCP, records what it
 hears and measures the gaps between the frames the server sends. With C{--calls N} it is the
-load generator.
+load generator: N calls (spread round-robin over C{--ports}) paced by one shared L{Pacer},
+reporting per call and overall the received-gap p50/p99/max, the frames the server owed but
+did not send, protocol errors, who hung up, and whether the generator kept its own time
+(C{valid}: a figure taken while it fell behind does not count).
 
 The core (L{CallOptions}, L{CallProtocol}, L{place_call}, L{place_calls}, L{aggregate}) is a
 library: the tests, the integration tests and the benchmarks drive servers with it.
@@ -198,6 +201,9 @@ def write_wav(path: Path | str, pcm: bytes, rate: int) -> None:
 
 
 def _rms(pcm: bytes) -> float:
+    if not pcm.strip(b"\0"):
+        # Silence, the bulk of a load run: no numpy round trip per frame.
+        return 0.0
     samples = np.frombuffer(pcm, dtype="<i2").astype(np.float64)
     return float(np.sqrt(np.mean(samples * samples))) if samples.size else 0.0
 
@@ -215,6 +221,11 @@ def _percentiles(gaps_ms: Sequence[float]) -> tuple[float | None, float | None, 
 # The first np.percentile imports part of numpy lazily (~0.2 s cold): done now, not when
 # the first call of a load run ends and every other call's 20 ms tick is waiting.
 _percentiles([0.0, 1.0])
+
+
+def _owed(duration: float, received: int) -> int:
+    """Frames a server pacing at 50/s owed over C{duration} seconds, beyond C{received}."""
+    return max(0, int(duration / FRAME_S + 1e-6) - received)
 
 
 def _ms(value: float | None) -> str:
@@ -235,6 +246,12 @@ class CallReport:
         behind while they were measured.
     @ivar late_sends: frames the client sent late because its own tick fell behind; if
         not 0, the client was overloaded and its figures are suspect.
+    @ivar arrivals_s: when each received audio frame arrived, in seconds after connecting
+        (kept with the PCM, C{keep_audio}: frame I{i} of C{received_pcm} arrived at
+        C{arrivals_s[i]}); what a turn-latency measurement needs.
+    @ivar frames_owed: frames the server owed but did not send: one every 20 ms over the
+        connected time, minus those received (a paced server owes 0, give or take one
+        for the phase of its clock).
     """
 
     uuid: str
@@ -255,7 +272,9 @@ class CallReport:
     rate_received: int | None = None
     dtmf_sent: int = 0
     gaps_excluded: int = 0
+    frames_owed: int = 0
     gaps_ms: list[float] = field(factory=list, repr=False)
+    arrivals_s: list[float] = field(factory=list, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -266,7 +285,7 @@ class CallReport:
         """The report as JSON-safe values, without the PCM and the raw gaps."""
         return asdict(
             self,
-            filter=lambda attribute, value: attribute.name not in ("received_pcm", "gaps_ms"),
+            filter=lambda attribute, value: attribute.name not in ("received_pcm", "gaps_ms", "arrivals_s"),
         )
 
     def summary(self) -> str:
@@ -293,11 +312,75 @@ class CallReport:
         if self.gaps_excluded:
             gaps += f" ({self.gaps_excluded} left out: the client fell behind)"
         lines.append(gaps)
+        if self.frames_owed:
+            lines.append(f"  owed   {self.frames_owed} frames the server did not send")
         if self.late_sends:
             lines.append("  note   the client fell behind its own 20 ms schedule")
         if self.error is not None:
             lines.append(f"  error  {self.error}")
         return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- pacing
+
+
+class Pacer:
+    """
+    One 20 ms tick on an absolute schedule for many calls (the load generator's own
+    L{AudioClock}): N calls cost one timer, not N, so the generator keeps real time with
+    hundreds of legs. It runs only while it has calls, and measures its own lateness:
+    a run whose pacer fell behind (L{late_ticks}) does not measure the server.
+
+    @ivar late_ticks: ticks that ran more than one interval late (calls owed > 1 frame).
+    @ivar lateness: histogram (ms) of how late each tick ran against its schedule.
+    """
+
+    def __init__(self, reactor=None, interval: float = FRAME_S):
+        from audiosocket.clock import Histogram
+
+        self._reactor = _default_reactor(reactor)
+        self.interval = interval
+        self._calls: dict[int, "CallProtocol"] = {}
+        self._loop: LoopingCall | None = None
+        self._ticks = 0
+        self.late_ticks = 0
+        self.lateness = Histogram()
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def add(self, call: "CallProtocol") -> None:
+        self._calls[id(call)] = call
+        if self._loop is None:
+            self._ticks = 0
+            loop = self._loop = LoopingCall.withCount(self._tick)
+            loop.clock = self._reactor
+            loop.start(self.interval, now=False)
+
+    def remove(self, call: "CallProtocol") -> None:
+        self._calls.pop(id(call), None)
+        if not self._calls and self._loop is not None:
+            loop, self._loop = self._loop, None
+            if loop.running:
+                loop.stop()
+
+    def _tick(self, count: int) -> None:
+        now = self._reactor.seconds()
+        self._ticks += count
+        scheduled = self._loop.starttime + self._ticks * self.interval
+        self.lateness.observe(max(0.0, (now - scheduled) * 1000.0))
+        if count > 1:
+            self.late_ticks += 1
+        for call in list(self._calls.values()):
+            call._tick(count)
+
+    def stats(self) -> dict[str, Any]:
+        """The pacer's own timing, for the run's report."""
+        return {
+            "late_ticks": self.late_ticks,
+            "tick_lateness_p99_ms": self.lateness.quantile(0.99),
+            "tick_lateness_max_ms": round(self.lateness.max_ms, 2),
+        }
 
 
 # ---------------------------------------------------------------- protocol
@@ -312,12 +395,24 @@ class CallProtocol(Protocol):
 
     log = Logger()
 
-    def __init__(self, options: CallOptions, reactor=None, outbound: bytes | None = None):
+    def __init__(
+        self,
+        options: CallOptions,
+        reactor=None,
+        outbound: bytes | None = None,
+        pacer: Pacer | None = None,
+    ):
         """
         @param outbound: the PCM to stream, already at the call's rate; by default the
             options' WAV is read here (L{place_calls} reads a shared WAV once).
+        @param pacer: a L{Pacer} shared with other calls; by default the call paces
+            itself with its own timer.
         """
         self.options = options
+        self._pacer = pacer
+        self._socket = None
+        self._last_audio_kind = -1
+        self._last_audio_size = -1
         self._reactor = _default_reactor(reactor)
         if outbound is None and options.wav is not None:
             outbound = load_wav(options.wav, options.rate)
@@ -335,6 +430,7 @@ class CallProtocol(Protocol):
         self._fell_behind = False
         self._last_arrival: float | None = None
         self._pcm: list[bytes] = []
+        self._arrivals: list[float] = []
 
         self.connected_at: float | None = None
         self.ended_at: float | None = None
@@ -355,6 +451,9 @@ class CallProtocol(Protocol):
 
     def connectionMade(self):
         self.connected_at = self._reactor.seconds()
+        from audiosocket.leg import direct_socket
+
+        self._socket = direct_socket(self.transport)
         if ITCPTransport.providedBy(self.transport):
             # Asterisk hangs up on a frame whose pieces arrive >5 ms apart.
             self.transport.setTcpNoDelay(True)
@@ -370,7 +469,10 @@ class CallProtocol(Protocol):
                 self._later(at + i * DTMF_SPACING_S, self._send_dtmf, digit)
         if self.options.hangup_after is not None:
             self._later(self.options.hangup_after, self.hang_up)
-        if self.options.send_audio:
+        if self.options.send_audio and self._pacer is not None:
+            self._tick(1)
+            self._pacer.add(self)
+        elif self.options.send_audio:
             sender = self._sender = LoopingCall.withCount(self._tick)
             sender.clock = self._reactor
             sender.start(FRAME_S, now=True).addErrback(self._sender_failed)
@@ -423,6 +525,8 @@ class CallProtocol(Protocol):
         self._abort = self._reactor.callLater(CLOSE_GRACE_S, self.transport.abortConnection)
 
     def _stop(self) -> None:
+        if self._pacer is not None:
+            self._pacer.remove(self)
         if self._sender is not None and self._sender.running:
             self._sender.stop()
         for call in self._timers:
@@ -436,13 +540,37 @@ class CallProtocol(Protocol):
     # -- sending
 
     def _tick(self, count: int) -> None:
+        if self._ending:
+            return
         if count > 1:
             # The reactor ran this tick late: send what is owed, no more, and remember
             # that the client's own timing was off.
             self.late_sends += count - 1
             self._fell_behind = True
         for _ in range(count):
-            self.transport.write(self._next_frame())
+            self._write(self._next_frame())
+
+    def _write(self, data: bytes) -> None:
+        # As the server's legs do (see audiosocket.leg): send at once when nothing is
+        # buffered, so a load run of hundreds of calls keeps real time.
+        sock = self._socket
+        if sock is not None:
+            t = self.transport
+            if (
+                not t._tempDataLen
+                and t.offset == len(t.dataBuffer)
+                and t.connected
+                and not t.disconnecting
+                and not t._writeDisconnected
+            ):
+                try:
+                    sent = sock.send(data)
+                except OSError:
+                    sent = 0
+                if sent == len(data):
+                    return
+                data = data[sent:]
+        self.transport.write(data)
 
     def _next_frame(self) -> bytes:
         n = self.frames_sent - self._wav_start
@@ -470,6 +598,18 @@ class CallProtocol(Protocol):
         if self._ending:
             return
         now = self._reactor.seconds()
+        if (
+            len(data) == self._last_audio_size
+            and data[0] == self._last_audio_kind
+            and not self._decoder.buffered
+            and (data[1] << 8 | data[2]) == len(data) - wire.HEADER_SIZE
+        ):
+            # The usual read in a load run: one audio frame like the last one, decoded
+            # without the decoder's buffer (the same checks already passed for its kind
+            # and size).
+            behind, self._fell_behind = self._fell_behind, False
+            self._audio_received(wire.Frame(data[0], data[wire.HEADER_SIZE :]), now, behind)
+            return
         try:
             frames = self._decoder.feed(data)
         except wire.ProtocolError as e:
@@ -491,6 +631,8 @@ class CallProtocol(Protocol):
                 return
 
     def _audio_received(self, frame: wire.Frame, now: float, behind: bool) -> None:
+        self._last_audio_kind = frame.kind
+        self._last_audio_size = wire.HEADER_SIZE + len(frame.payload)
         if self._last_arrival is not None:
             if behind:
                 self.gaps_excluded += 1
@@ -508,6 +650,7 @@ class CallProtocol(Protocol):
                 self.first_speech_at = now
         if self.options.keep_audio or self.options.record is not None:
             self._pcm.append(frame.payload)
+            self._arrivals.append(now - self.connected_at)
 
     def _protocol_error(self, message: str) -> None:
         self.log.warn(
@@ -547,7 +690,9 @@ class CallProtocol(Protocol):
             rate_received=self.rate_received,
             dtmf_sent=self.dtmf_sent,
             gaps_excluded=self.gaps_excluded,
+            frames_owed=_owed(end - self.connected_at, self.frames_received) if connected else 0,
             gaps_ms=gaps_ms,
+            arrivals_s=list(self._arrivals),
         )
 
 
@@ -597,10 +742,10 @@ async def place_call(
     return await _place_call(options, reactor, outbound, tracker)
 
 
-async def _place_call(options, reactor, outbound, tracker) -> CallReport:
+async def _place_call(options, reactor, outbound, tracker, pacer=None) -> CallReport:
     if tracker is not None and tracker.stopping:
         return CallReport(uuid=options.uuid, error="not placed: the run was stopped")
-    protocol = CallProtocol(options, reactor, outbound)
+    protocol = CallProtocol(options, reactor, outbound, pacer)
     endpoint = HostnameEndpoint(
         reactor, options.host, options.port, timeout=options.connect_timeout
     )
@@ -639,6 +784,7 @@ async def _place_call(options, reactor, outbound, tracker) -> CallReport:
             report.error = report.error or f"cannot write the recording: {e}"
     if not options.keep_audio:
         report.received_pcm = b""
+        report.arrivals_s = []
     return report
 
 
@@ -648,10 +794,14 @@ async def place_calls(
     reactor=None,
     *,
     tracker: CallTracker | None = None,
+    pacer: Pacer | None = None,
 ) -> list[CallReport]:
     """
     Place the calls concurrently, their starts spread evenly over C{ramp_s} seconds, and
     return their reports in the order given. A WAV shared by several calls is read once.
+
+    @param pacer: one L{Pacer} for every call's 20 ms tick (what a load run wants: one
+        timer for all the calls, and one measure of whether the generator kept up).
     """
     reactor = _default_reactor(reactor)
     options_list = list(options_list)
@@ -680,7 +830,7 @@ async def place_calls(
             finally:
                 if tracker is not None:
                     tracker.ramping.discard(start)
-        return await _place_call(options, reactor, outbound, tracker)
+        return await _place_call(options, reactor, outbound, tracker, pacer)
 
     n = len(options_list)
     calls = [
@@ -696,26 +846,45 @@ async def place_calls(
     return [report for _, report in results]
 
 
-def options_for_calls(options: CallOptions, calls: int) -> list[CallOptions]:
+def options_for_calls(
+    options: CallOptions, calls: int, ports: Sequence[int] | None = None
+) -> list[CallOptions]:
     """
     The options of C{calls} concurrent calls made from one template: each with its own
     random UUID and, when recording, its own numbered file (C{out.wav} → C{out-001.wav}).
+
+    @param ports: spread the calls over these ports, round-robin (call I{i} goes to
+        C{ports[i % len(ports)]}); by default every call goes to the template's port.
     """
-    if calls == 1:
+    if ports is not None and not len(ports):
+        raise ValueError("ports: no port to call")
+    if calls == 1 and not ports:
         return [options]
     result = []
     for i in range(1, calls + 1):
         record = options.record
         if record is not None:
             record = record.with_name(f"{record.stem}-{i:03d}{record.suffix}")
-        result.append(evolve(options, uuid=None, record=record))
+        port = ports[(i - 1) % len(ports)] if ports else options.port
+        uuid = None if calls > 1 else options.uuid
+        result.append(evolve(options, uuid=uuid, record=record, port=port))
     return result
 
 
-def aggregate(reports: Sequence[CallReport]) -> dict[str, Any]:
-    """Totals over many calls; gap percentiles are over every gap of every call."""
+def aggregate(reports: Sequence[CallReport], pacer: Pacer | None = None) -> dict[str, Any]:
+    """
+    Totals over many calls; gap percentiles are over every gap of every call.
+
+    C{valid} is false when the generator itself fell behind (late sends, or late ticks of
+    its L{Pacer}): its timing figures then measure the client, not the server, and do not
+    count. C{worst_leg_gap_p99_ms} is the largest per-call p99.
+    """
     gaps = [g for r in reports for g in r.gaps_ms]
     p50, p99, gap_max = _percentiles(gaps)
+    leg_p99 = [r.gap_p99_ms for r in reports if r.gap_p99_ms is not None]
+    late_sends = sum(r.late_sends for r in reports)
+    client = pacer.stats() if pacer is not None else None
+    valid = late_sends == 0 and (client is None or client["late_ticks"] == 0)
     return {
         "calls": len(reports),
         "connected": sum(r.connected for r in reports),
@@ -726,11 +895,16 @@ def aggregate(reports: Sequence[CallReport]) -> dict[str, Any]:
         "gap_max_ms": gap_max,
         "gaps": len(gaps),
         "gaps_excluded": sum(r.gaps_excluded for r in reports),
-        "late_sends": sum(r.late_sends for r in reports),
+        "worst_leg_gap_p99_ms": max(leg_p99) if leg_p99 else None,
+        "late_sends": late_sends,
         "frames_sent": sum(r.frames_sent for r in reports),
         "frames_received": sum(r.frames_received for r in reports),
+        "frames_owed": sum(r.frames_owed for r in reports),
+        "protocol_errors": sum(r.hung_up_by == "protocol-error" for r in reports),
         "hung_up_by": dict(Counter(r.hung_up_by for r in reports if r.hung_up_by)),
         "error_messages": dict(Counter(r.error for r in reports if r.error)),
+        "client": client,
+        "valid": valid,
     }
 
 
@@ -742,11 +916,24 @@ def aggregate_summary(totals: dict[str, Any]) -> str:
         f"  gaps   p50 {_ms(totals['gap_p50_ms'])}, p99 {_ms(totals['gap_p99_ms'])},"
         f" max {_ms(totals['gap_max_ms'])} over {totals['gaps']} gaps"
         f" ({totals['gaps_excluded']} left out: the client fell behind)",
+        f"  worst  leg p99 {_ms(totals.get('worst_leg_gap_p99_ms'))}",
         f"  frames {totals['frames_sent']} sent ({totals['late_sends']} late),"
-        f" {totals['frames_received']} received",
+        f" {totals['frames_received']} received, {totals.get('frames_owed', 0)} owed"
+        f" but not received, {totals.get('protocol_errors', 0)} protocol errors",
         "  ended  "
         + (", ".join(f"{k}: {v}" for k, v in sorted(totals["hung_up_by"].items())) or "-"),
     ]
+    client = totals.get("client")
+    if client is not None:
+        lines.append(
+            f"  client tick lateness p99 {_ms(client['tick_lateness_p99_ms'])},"
+            f" max {_ms(client['tick_lateness_max_ms'])}, {client['late_ticks']} late ticks"
+        )
+    if not totals.get("valid", True):
+        lines.append(
+            "  INVALID: the generator fell behind its own 20 ms schedule;"
+            " these figures measure the client, not the server"
+        )
     for message, count in sorted(totals["error_messages"].items()):
         lines.append(f"  error  {count} × {message}")
     return "\n".join(lines)
@@ -763,6 +950,7 @@ class RunOptions:
     ramp_s: float = 0.0
     json: bool = False
     verbose: bool = False
+    ports: tuple[int, ...] = ()
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -777,6 +965,36 @@ def _host_port(text: str) -> tuple[str, int]:
     if not 1 <= number <= 65535:
         raise argparse.ArgumentTypeError(f"port {number} is not between 1 and 65535")
     return host, number
+
+
+def parse_ports(text: str) -> tuple[int, ...]:
+    """
+    C{"8080-8099"}, C{"8080,8085"} or a mix (C{"8080-8083,9000"}) as a tuple of ports.
+
+    @raise ValueError: naming the part that is not a port or a range.
+    """
+    ports: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        low, sep, high = part.partition("-")
+        try:
+            first = int(low)
+            last = int(high) if sep else first
+        except ValueError:
+            raise ValueError(f"{part!r} is not a port or a range like 8080-8099") from None
+        if not (1 <= first <= 65535 and 1 <= last <= 65535):
+            raise ValueError(f"{part!r}: ports go from 1 to 65535")
+        if last < first:
+            raise ValueError(f"{part!r}: the range ends before it starts")
+        ports.extend(range(first, last + 1))
+    return tuple(ports)
+
+
+def _ports_arg(text: str) -> tuple[int, ...]:
+    try:
+        return parse_ports(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _dtmf_entry(text: str) -> tuple[float, str]:
@@ -833,6 +1051,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ramp", type=float, default=0.0, metavar="S", help="spread the starts over S seconds"
     )
+    parser.add_argument(
+        "--ports",
+        type=_ports_arg,
+        action="append",
+        default=[],
+        metavar="RANGE",
+        help="spread the calls round-robin over these ports of HOST instead of PORT"
+        " (8080-8099, 8080,8085; repeatable)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
     return parser
@@ -871,8 +1098,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[CallOptions, RunOptio
         )
     except ValueError as e:
         parser.error(str(e))
+    ports = tuple(p for group in args.ports for p in group)
     return options, RunOptions(
-        calls=args.calls, ramp_s=args.ramp, json=args.json, verbose=args.verbose
+        calls=args.calls, ramp_s=args.ramp, json=args.json, verbose=args.verbose, ports=ports
     )
 
 
@@ -880,16 +1108,21 @@ async def _run(reactor, options: CallOptions, run: RunOptions) -> None:
     tracker = CallTracker()
     # Ctrl-C: hang up, wait for the connections to close, still print the report.
     reactor.addSystemEventTrigger("before", "shutdown", tracker.hang_up_all)
-    if run.calls == 1:
+    if run.calls == 1 and not run.ports:
         report = await place_call(options, reactor, tracker=tracker)
         ok = report.ok
         output = json.dumps(report.to_dict(), indent=2) if run.json else report.summary()
     else:
+        pacer = Pacer(reactor)
         reports = await place_calls(
-            options_for_calls(options, run.calls), run.ramp_s, reactor, tracker=tracker
+            options_for_calls(options, run.calls, run.ports or None),
+            run.ramp_s,
+            reactor,
+            tracker=tracker,
+            pacer=pacer,
         )
         ok = all(r.ok for r in reports)
-        totals = aggregate(reports)
+        totals = aggregate(reports, pacer)
         if run.json:
             output = json.dumps(
                 {"aggregate": totals, "calls": [r.to_dict() for r in reports]}, indent=2

@@ -370,7 +370,7 @@ class SessionRegistry:
             )
         if session.resident is not None and not session.resident.closed:
             raise Refused("uuid_in_use", "call {} already has a resident leg".format(leg.uuid))
-        self.log.info("call {uuid}: resident joined", uuid=str(leg.uuid))
+        self.log.info("call {uuid}: resident joined", uuid=str(leg.uuid), ext=extension.id)
         session.resident_joined(leg)
 
     # ------------------------------------------------------------ end
@@ -379,7 +379,7 @@ class SessionRegistry:
         if session.outcome is None:
             session.outcome = "error"
         self.log.failure(
-            "call {uuid}: the flow failed", failure, uuid=str(session.uuid)
+            "call {uuid}: the flow failed", failure, uuid=str(session.uuid), ext=session.extension.id
         )
         # The legs must not outlive a broken flow.
         for leg in session.legs():
@@ -396,6 +396,8 @@ class SessionRegistry:
         self.log.info(
             "call {uuid} ended: {outcome} after {total_s} s",
             uuid=str(session.uuid),
+            ext=session.extension.id,
+            condominium=session.extension.condominium_id,
             outcome=session.outcome,
             total_s=session.timings()["total_s"],
         )

@@ -796,3 +796,214 @@ async def test_cancelled_place_calls_cleans_up():
     finally:
         await shut(port, protocols)
     assert 1 <= len(protocols) <= 2
+
+
+# ---------------------------------------------------------------- load mode
+
+
+def paced(n: int, **kw) -> tuple[list[CallProtocol], list[TCPStringTransport], Clock, "Pacer"]:
+    from audiosocket.callclient import Pacer
+
+    clock = Clock()
+    pacer = Pacer(clock)
+    protocols, transports = [], []
+    for _ in range(n):
+        options = CallOptions(host="127.0.0.1", port=8101, **kw)
+        protocol = CallProtocol(options, clock, pacer=pacer)
+        transport = TCPStringTransport()
+        protocol.makeConnection(transport)
+        protocols.append(protocol)
+        transports.append(transport)
+    return protocols, transports, clock, pacer
+
+
+def test_pacer_gives_each_call_one_frame_per_tick_with_one_timer():
+    """
+    Three calls on one L{Pacer} share a single timer, and each sends one frame at connect
+    and exactly one per 20 ms tick, none late.
+    """
+    protocols, transports, clock, pacer = paced(3)
+    assert len(clock.getDelayedCalls()) == 1
+    for n in range(1, 6):
+        at(clock, n * FRAME)
+    assert [len(audio_sent(t)) for t in transports] == [6, 6, 6]
+    assert [p.late_sends for p in protocols] == [0, 0, 0]
+    assert pacer.late_ticks == 0
+    for p in protocols:
+        finish(p)
+
+
+def test_pacer_stops_with_its_last_call():
+    """The pacer's timer is gone once its last call has ended (no DelayedCall left)."""
+    protocols, transports, clock, pacer = paced(2)
+    finish(protocols[0])
+    assert len(clock.getDelayedCalls()) == 1
+    finish(protocols[1])
+    assert clock.getDelayedCalls() == []
+    assert len(pacer) == 0
+
+
+def test_pacer_counts_its_own_stall():
+    """
+    A 70 ms stall of the generator is a late tick of the pacer, with its lateness in the
+    pacer's stats, and every call counts the frames it sent late.
+    """
+    protocols, transports, clock, pacer = paced(2)
+    clock.advance(0.07)
+    assert pacer.late_ticks == 1
+    assert pacer.stats()["tick_lateness_max_ms"] == pytest.approx(10.0)
+    assert [p.late_sends for p in protocols] == [2, 2]
+    for p in protocols:
+        finish(p)
+
+
+def test_frames_owed_counts_what_the_server_did_not_send():
+    """
+    Over 1 s connected a paced server owes 50 frames: a call that heard 30 reports 20 owed,
+    one that heard all 50 reports 0.
+    """
+    short, _, clock_a = connect(send_audio=False)
+    full, _, clock_b = connect(send_audio=False)
+    for i in range(50):
+        at(clock_a, i * FRAME)
+        clock_b.advance(clock_a.seconds() - clock_b.seconds())
+        if i < 30:
+            short.dataReceived(wire.audio(bytes(320)))
+        full.dataReceived(wire.audio(bytes(320)))
+    at(clock_a, 1.0)
+    clock_b.advance(clock_a.seconds() - clock_b.seconds())
+    assert finish(short).frames_owed == 20
+    assert finish(full).frames_owed == 0
+
+
+def test_aggregate_flags_a_generator_that_fell_behind():
+    """
+    Totals are valid only if no call sent late; they sum frames owed and protocol errors
+    and give the worst per-leg p99.
+    """
+    good = [
+        CallReport(uuid="a", connected=True, hung_up_by="client", gap_p99_ms=21.0, frames_owed=1),
+        CallReport(
+            uuid="b", connected=True, hung_up_by="protocol-error", gap_p99_ms=45.0, error="x"
+        ),
+    ]
+    totals = aggregate(good)
+    assert totals["valid"] is True
+    assert totals["frames_owed"] == 1
+    assert totals["protocol_errors"] == 1
+    assert totals["worst_leg_gap_p99_ms"] == 45.0
+    behind = aggregate(good + [CallReport(uuid="c", connected=True, late_sends=3)])
+    assert behind["valid"] is False
+    assert "INVALID" in aggregate_summary(behind)
+    assert "INVALID" not in aggregate_summary(totals)
+
+
+def test_aggregate_uses_the_pacer_stats():
+    """A pacer that ran a tick late makes the totals invalid and shows in them."""
+    protocols, transports, clock, pacer = paced(1)
+    clock.advance(0.05)
+    report = finish(protocols[0])
+    totals = aggregate([report], pacer)
+    assert totals["client"]["late_ticks"] == 1
+    assert totals["valid"] is False
+    json.dumps(totals)
+
+
+def test_parse_ports():
+    """Ranges and lists of ports expand in order; bad parts are named."""
+    from audiosocket.callclient import parse_ports
+
+    assert parse_ports("8080-8083,9000") == (8080, 8081, 8082, 8083, 9000)
+    assert parse_ports("8080") == (8080,)
+    for bad, said in (("80-x", "'80-x'"), ("9-1", "ends before"), ("70000", "65535")):
+        with pytest.raises(ValueError, match=said):
+            parse_ports(bad)
+
+
+def test_options_for_calls_spreads_over_ports_round_robin():
+    """Five calls over three ports go 1, 2, 3, 1, 2, each with its own UUID."""
+    template = CallOptions(host="h", port=9)
+    many = options_for_calls(template, 5, ports=(1, 2, 3))
+    assert [o.port for o in many] == [1, 2, 3, 1, 2]
+    assert len({o.uuid for o in many}) == 5
+    with pytest.raises(ValueError, match="ports"):
+        options_for_calls(template, 2, ports=())
+
+
+def test_parse_args_ports():
+    """--ports (repeatable) gives the run's ports; a bad range exits with status 2."""
+    options, run = parse_args(
+        ["127.0.0.1:8080", "--calls", "4", "--ports", "8080-8081", "--ports", "9000"]
+    )
+    assert run.ports == (8080, 8081, 9000)
+    with pytest.raises(SystemExit) as e:
+        parse_args(["127.0.0.1:8080", "--ports", "9-1"])
+    assert e.value.code == 2
+
+
+class PacedSilenceServer(Protocol):
+    """Sends one silence frame every 20 ms from connect until the client closes."""
+
+    def __init__(self):
+        self.lost: Deferred = Deferred()
+        self.frames_in = 0
+        self.decoder = wire.Decoder()
+
+    def connectionMade(self):
+        from twisted.internet.task import LoopingCall
+
+        self.loop = LoopingCall(self.transport.write, wire.audio(bytes(320)))
+        self.loop.start(FRAME, now=True)
+
+    def dataReceived(self, data):
+        self.frames_in += sum(f.is_audio for f in self.decoder.feed(data))
+
+    def connectionLost(self, reason):
+        self.loop.stop()
+        self.lost.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_load_run_across_two_ports():
+    """
+    A load run of four calls over two real ports, sharing one pacer: calls alternate
+    between the ports, every call hears the paced server's frames, and the totals count
+    the calls, the client's own timing, and who hung up.
+    """
+    from audiosocket.callclient import Pacer
+
+    ports = [await serve(PacedSilenceServer) for _ in range(2)]
+    numbers = [p.getHost().port for p, _ in ports]
+    template = CallOptions(host="127.0.0.1", port=numbers[0], hangup_after=0.5, keep_audio=False)
+    pacer = Pacer(reactor)
+    try:
+        reports = await Deferred.fromCoroutine(
+            place_calls(options_for_calls(template, 4, numbers), ramp_s=0.05, pacer=pacer)
+        ).addTimeout(10, reactor)
+    finally:
+        for port, protocols in ports:
+            await shut(port, protocols)
+    assert [len(protocols) for _, protocols in ports] == [2, 2]
+    assert all(r.ok and r.frames_received > 10 for r in reports)
+    assert all(p.frames_in > 10 for _, protocols in ports for p in protocols)
+    totals = aggregate(reports, pacer)
+    assert totals["calls"] == 4 and totals["protocol_errors"] == 0
+    assert totals["hung_up_by"] == {"client": 4}
+    assert set(totals["client"]) == {"late_ticks", "tick_lateness_p99_ms", "tick_lateness_max_ms"}
+    assert len(pacer) == 0
+
+
+def test_arrival_times_kept_with_the_audio():
+    """
+    With keep_audio each received frame's arrival (seconds after connect) is kept, one per
+    frame of the PCM, and left out of the JSON report.
+    """
+    protocol, transport, clock = connect(send_audio=False)
+    at(clock, 0.5)
+    protocol.dataReceived(wire.audio(bytes(320)))
+    at(clock, 0.52)
+    protocol.dataReceived(wire.audio(tone(160)))
+    report = finish(protocol)
+    assert report.arrivals_s == [pytest.approx(0.5), pytest.approx(0.52)]
+    assert len(report.received_pcm) == 2 * 320
+    assert "arrivals_s" not in report.to_dict()

@@ -131,6 +131,8 @@ class _Call:
         self.resident: LegIO | None = None
         self.apartment = None  # the directory's Apartment once known
         self.keypad_only = not flow.voice
+        #: Every log event of this call carries its UUID and extension (structured logs).
+        self.fields = {"uuid": str(session.uuid), "ext": session.extension.id}
 
     # ------------------------------------------------------------ the call
 
@@ -296,14 +298,14 @@ class _Call:
         if text is None or not text.strip():
             return text, None
         self.log.info(
-            "call {uuid}: visitor said {text!r}", uuid=str(self.session.uuid), text=text
+            "call {uuid}: visitor said {text!r}", **self.fields, text=text
         )
         try:
             return text, await self.flow._nlu.extract(text, self.site.directory)
         except defer.CancelledError:
             raise
         except Exception:
-            self.log.failure("call {uuid}: understanding failed", uuid=str(self.session.uuid))
+            self.log.failure("call {uuid}: understanding failed", **self.fields)
             return text, None
 
     async def _transcribe(self, utterance) -> str | None:
@@ -314,7 +316,7 @@ class _Call:
         except Exception as e:
             self.log.warn(
                 "call {uuid}: speech recognition failed ({error}); offering the keypad",
-                uuid=str(self.session.uuid),
+                **self.fields,
                 error=str(e),
             )
             if not self.keypad_only:
@@ -477,7 +479,7 @@ class _Call:
         self.session.dial_failures.append({"attempt": attempt, "reason": reason})
         self.log.info(
             "call {uuid}: attempt {attempt} to reach apartment {apartment} failed: {message}",
-            uuid=str(self.session.uuid),
+            **self.fields,
             attempt=attempt,
             apartment=self.apartment.number,
             message=message,
@@ -541,7 +543,7 @@ class _Call:
         except Exception as e:
             self.log.warn(
                 "call {uuid}: recognising the resident failed: {error}",
-                uuid=str(self.session.uuid),
+                **self.fields,
                 error=str(e),
             )
             return None
@@ -563,7 +565,7 @@ class _Call:
         session.decision_input = evidence
         self.log.info(
             "call {uuid}: resident {outcome} ({evidence})",
-            uuid=str(session.uuid),
+            **self.fields,
             outcome=outcome,
             evidence=evidence,
         )
