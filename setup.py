@@ -41,6 +41,7 @@ setup(
         "console_scripts": [
             "audiosocket-call = audiosocket.callclient:main",
             "audiosocket-admin = audiosocket.admin:main",
+            "audiosocket-fake-pbx = audiosocket.fakepbx:main",
         ],
     },
 )

@@ -7,6 +7,7 @@ that connects the resident's leg the way Asterisk's dialplan would.
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import uuid
@@ -21,6 +22,7 @@ from twisted.web import resource, server
 from audiosocket import wire
 from audiosocket.callclient import CallOptions, place_call
 from audiosocket.config import parse_config
+from audiosocket.fakepbx import Webhook
 from audiosocket.service import makeService
 
 ETC = __import__("pathlib").Path(__file__).resolve().parent.parent / "etc"
@@ -142,32 +144,6 @@ async def test_garbage_closes_only_that_connection(redis_server, tmp_path):
     assert report.gap_max_ms is not None
 
 
-class ResidentPhone(resource.Resource):
-    """
-    The dialer's webhook, behaving like Asterisk: on the POST it answers 200 and connects the
-    resident's leg to the address given, with the UUID given, pressing 1 after a second.
-    """
-
-    isLeaf = True
-
-    def __init__(self, key="1"):
-        super().__init__()
-        self.requests = []
-        self.calls = []
-        self.key = key
-
-    def render_POST(self, request):
-        body = json.loads(request.content.read())
-        self.requests.append(body)
-        host, port = body["audiosocket"].rsplit(":", 1)
-        options = CallOptions(
-            host=host, port=int(port), uuid=body["uuid"], dtmf=[(1.0, self.key)], hangup_after=40
-        )
-        self.calls.append(defer.Deferred.fromCoroutine(place_call(options, reactor)))
-        request.setHeader(b"content-type", b"application/json")
-        return b'{"ok": true}'
-
-
 @pytest_twisted.ensureDeferred
 async def test_two_leg_call_authorized_by_keypad(redis_server, tmp_path):
     """
@@ -175,7 +151,9 @@ async def test_two_leg_call_authorized_by_keypad(redis_server, tmp_path):
     who presses 1: the record in Redis reads authorized with apartment and resident, and
     both clients got the hangup frame after hearing audio.
     """
-    phone = ResidentPhone()
+    # The dialer's webhook, behaving like Asterisk: it connects the resident's leg to the
+    # address given, with the UUID given; the resident presses 1 after a second.
+    phone = Webhook(reactor, dtmf=[(1.0, "1")], seconds=40, out=io.StringIO())
     web = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server.Site(phone))
     url = "http://127.0.0.1:{}/dial".format(web.getHost().port)
     ai, ret = free_ports(2)
@@ -276,25 +254,6 @@ def spoken_wav(path, text: str, rate: int = 8000):
     return path
 
 
-class SpeakingResident(ResidentPhone):
-    """The webhook again, but the resident answers by voice after the question."""
-
-    def __init__(self, wav, at: float):
-        super().__init__()
-        self.wav = wav
-        self.at = at
-
-    def render_POST(self, request):
-        body = json.loads(request.content.read())
-        self.requests.append(body)
-        host, port = body["audiosocket"].rsplit(":", 1)
-        options = CallOptions(
-            host=host, port=int(port), uuid=body["uuid"], wav=self.wav, wav_at=self.at, hangup_after=60
-        )
-        self.calls.append(defer.Deferred.fromCoroutine(place_call(options, reactor)))
-        return b"{}"
-
-
 @pytest_twisted.ensureDeferred
 async def test_full_voice_call(redis_server, tmp_path):
     """
@@ -305,7 +264,10 @@ async def test_full_voice_call(redis_server, tmp_path):
     sentence = "Oi, sou o Pedro da Silva, vim entregar uma encomenda para a Ana do 101"
     whisper = Whisper(sentence, "sim")
     stt_web = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server.Site(whisper))
-    phone = SpeakingResident(spoken_wav(tmp_path / "sim.wav", "sim"), at=16.0)
+    # The resident answers by voice after the question.
+    phone = Webhook(
+        reactor, wav=spoken_wav(tmp_path / "sim.wav", "sim"), wav_at=16.0, seconds=60, out=io.StringIO()
+    )
     dial_web = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server.Site(phone))
     ai, ret = free_ports(2)
     config = config_for(
