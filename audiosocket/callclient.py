@@ -332,8 +332,13 @@ class Pacer:
     a run whose pacer fell behind (L{late_ticks}) does not measure the server.
 
     @ivar late_ticks: ticks that ran more than one interval late (calls owed > 1 frame).
+    @ivar late_at: when (reactor seconds, which are wall-clock seconds on a real reactor)
+        each late tick ran, the first L{MAX_LATE_TIMES}: a benchmark judges its own
+        measurement window with them.
     @ivar lateness: histogram (ms) of how late each tick ran against its schedule.
     """
+
+    MAX_LATE_TIMES = 10000
 
     def __init__(self, reactor=None, interval: float = FRAME_S):
         from audiosocket.clock import Histogram
@@ -344,6 +349,7 @@ class Pacer:
         self._loop: LoopingCall | None = None
         self._ticks = 0
         self.late_ticks = 0
+        self.late_at: list[float] = []
         self.lateness = Histogram()
 
     def __len__(self) -> int:
@@ -371,6 +377,8 @@ class Pacer:
         self.lateness.observe(max(0.0, (now - scheduled) * 1000.0))
         if count > 1:
             self.late_ticks += 1
+            if len(self.late_at) < self.MAX_LATE_TIMES:
+                self.late_at.append(now)
         for call in list(self._calls.values()):
             call._tick(count)
 
@@ -380,6 +388,7 @@ class Pacer:
             "late_ticks": self.late_ticks,
             "tick_lateness_p99_ms": self.lateness.quantile(0.99),
             "tick_lateness_max_ms": round(self.lateness.max_ms, 2),
+            "late_at": list(self.late_at),
         }
 
 

@@ -852,6 +852,7 @@ def test_pacer_counts_its_own_stall():
     clock.advance(0.07)
     assert pacer.late_ticks == 1
     assert pacer.stats()["tick_lateness_max_ms"] == pytest.approx(10.0)
+    assert pacer.stats()["late_at"] == [pytest.approx(0.07)]
     assert [p.late_sends for p in protocols] == [2, 2]
     for p in protocols:
         finish(p)
@@ -989,7 +990,12 @@ async def test_load_run_across_two_ports():
     totals = aggregate(reports, pacer)
     assert totals["calls"] == 4 and totals["protocol_errors"] == 0
     assert totals["hung_up_by"] == {"client": 4}
-    assert set(totals["client"]) == {"late_ticks", "tick_lateness_p99_ms", "tick_lateness_max_ms"}
+    assert set(totals["client"]) == {
+        "late_ticks",
+        "tick_lateness_p99_ms",
+        "tick_lateness_max_ms",
+        "late_at",
+    }
     assert len(pacer) == 0
 
 

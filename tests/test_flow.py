@@ -294,7 +294,7 @@ def test_extension_limit_turns_visitors_away(bench):
 
 def test_resident_leg_not_originated_is_refused(bench):
     """A resident leg with a UUID we did not dial is closed; no session is touched."""
-    visitor = start_call(bench)
+    visitor = start_call(bench, keys="")
     stranger = bench.connect("resident", uuid.uuid4())
     assert stranger.leg.closed and stranger.leg.close_reason == "unknown_uuid"
     early = bench.resident_for(visitor)  # before the dialer was asked: not expected yet

@@ -152,6 +152,7 @@ class _Call:
                     return
                 raise
             session.outcome = outcome
+            session.ended_by = session.ended_by or "server"
             to_visitor, to_resident = self._farewells(outcome)
         except defer.CancelledError:
             # Ended from outside: the call's time ran out, an operator, or shutdown.
@@ -404,9 +405,9 @@ class _Call:
         """Ring the resident (with retries), then ask for the decision."""
         session = self.session
         session.state = S.DIALING
-        await self.visitor.say(
-            self.prompts.say("calling", apartment=_spoken(self.apartment.number))
-        )
+        # The phone starts ringing while the visitor hears "aguarde": the resident's time to
+        # answer is not added to the prompt's.
+        self.visitor.queue(self.prompts.say("calling", apartment=_spoken(self.apartment.number)))
         leg = None
         for attempt in range(1, self.config.attempts + 1):
             session.attempts = attempt
