@@ -504,7 +504,9 @@ class AudioConfig:
     preroll_ms: int = _field(300, _ms)
     min_utterance_ms: int = _field(200, _ms)
     max_utterance_ms: int = _field(15000, _ms)
-    barge_in: bool = _field(True, _bool)
+    barge_in: bool = _field(True, _bool)  # the visitor may talk over our prompts
+    resident_barge_in: bool = _field(True, _bool)  # and the resident
+    barge_in_greeting: bool = _field(True, _bool)  # false: the greeting always plays whole
     barge_in_ms: int = _field(250, _ms)
     echo_guard_ms: int = _field(200, _ms)
 
@@ -535,6 +537,28 @@ class Condominium:
         metadata={"check": _str(empty=False)},
     )
     max_calls: int | None = _field(None, _optional(_int(1, 100000)))
+    #: C{[condominiums.audio]}: this building's own [audio] settings (a noisy gate may need a
+    #: longer silence); any key of [audio], the others taken from it.
+    audio: Mapping[str, Any] = _field({}, lambda value, base: _audio_overrides(value, base))
+
+    def audio_config(self, audio: "AudioConfig") -> "AudioConfig":
+        """The global C{[audio]} with this condominium's overrides."""
+        return attrs.evolve(audio, **self.audio) if self.audio else audio
+
+
+def _audio_overrides(value: Any, base: Path) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise _Invalid(f"must be a table of [audio] settings, not {_show(value)}")
+    fields = attrs.fields_dict(AudioConfig)
+    checked = {}
+    for name, raw in value.items():
+        if name not in fields:
+            raise _Invalid(_unknown(name, fields), f".{name}")
+        try:
+            checked[name] = fields[name].metadata["check"](raw, base)
+        except _Invalid as e:
+            raise _Invalid(e.message, f".{name}" + e.key) from None
+    return MappingProxyType(checked)
 
 
 _SECTIONS = {

@@ -123,11 +123,10 @@ class ListenSettings:
         return cls(**values)
 
 
-#: role -> (AudioConfig field for silence_ms, AudioConfig field for barge_in). Both roles
-#: read the one C{barge_in} key today; a per-role key is a change to this table only.
+#: role -> (AudioConfig field for silence_ms, AudioConfig field for barge_in).
 _ROLE_KEYS: dict[str, tuple[str, str]] = {
     VISITOR: ("visitor_silence_ms", "barge_in"),
-    RESIDENT: ("resident_silence_ms", "barge_in"),
+    RESIDENT: ("resident_silence_ms", "resident_barge_in"),
 }
 
 

@@ -145,6 +145,8 @@ def build_sites(config: Config) -> dict[int, Site]:
             greeting=condominium.greeting,
             directory=directory,
             prompts=prompts,
+            audio=condominium.audio_config(config.audio),
+            max_calls=condominium.max_calls,
         )
     return sites
 
@@ -247,6 +249,7 @@ class DoormanService(MultiService):
             max_calls=config.server.max_calls,
             max_call_s=config.flow.max_call_s,
             on_end=self._record,
+            condominium_limit=lambda cid: self.sites[cid].max_calls if cid in self.sites else None,
         )
         server = config.server
         self.manager = ExtensionManager(
@@ -314,10 +317,10 @@ class DoormanService(MultiService):
         nlu = make_nlu(config.speech, config.secret, reactor=self._reactor, http=self.http)
         return stt, nlu
 
-    def _listener_for(self, leg):
+    def _listener_for(self, leg, audio_config):
         from audiosocket.listen import Listener, ListenSettings
 
-        settings = ListenSettings.for_role(self.config.audio, leg.role)
+        settings = ListenSettings.for_role(audio_config, leg.role)
         return Listener(leg, settings, reactor=self._reactor)
 
     def _make_metrics(self):

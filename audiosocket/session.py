@@ -275,12 +275,14 @@ class SessionRegistry:
         max_calls: int = 100,
         max_call_s: float = 180.0,
         on_end: Callable[[Session], Any] | None = None,
+        condominium_limit: Callable[[int], int | None] = lambda condominium_id: None,
     ):
         self._reactor = reactor
         self._run_flow = run_flow
         self._run_busy = run_busy
         self.max_calls = max_calls
         self.max_call_s = max_call_s
+        self._condominium_limit = condominium_limit
         self._on_end = [on_end] if on_end else []
         self.sessions: dict[_uuid.UUID, Session] = {}
         self.finished = 0
@@ -291,12 +293,14 @@ class SessionRegistry:
 
     # ------------------------------------------------------------ counts
 
-    def active(self, extension_id: int | None = None) -> int:
+    def active(self, extension_id: int | None = None, condominium_id: int | None = None) -> int:
         """Admitted visitor calls in progress (turned-away ones do not hold a line)."""
         return sum(
             1
             for s in self.sessions.values()
-            if not s.busy and (extension_id is None or s.extension.id == extension_id)
+            if not s.busy
+            and (extension_id is None or s.extension.id == extension_id)
+            and (condominium_id is None or s.extension.condominium_id == condominium_id)
         )
 
     def __len__(self) -> int:
@@ -315,10 +319,16 @@ class SessionRegistry:
         extension = extension_service.extension
         if leg.uuid in self.sessions:
             raise Refused("uuid_in_use", "UUID {} is already a call in progress".format(leg.uuid))
-        over_total = self.active() >= self.max_calls
-        limit = extension.max_calls
-        over_extension = limit is not None and self.active(extension.id) >= limit
-        busy = over_total or over_extension
+        why = None
+        if self.active() >= self.max_calls:
+            why = "max_calls {} reached".format(self.max_calls)
+        elif extension.max_calls is not None and self.active(extension.id) >= extension.max_calls:
+            why = "extension max_calls {} reached".format(extension.max_calls)
+        else:
+            limit = self._condominium_limit(extension.condominium_id)
+            if limit is not None and self.active(condominium_id=extension.condominium_id) >= limit:
+                why = "condominium max_calls {} reached".format(limit)
+        busy = why is not None
         port = extension_service.bound_return_port or extension.return_port
         session = Session(
             leg.uuid,
@@ -335,9 +345,7 @@ class SessionRegistry:
                 "call {uuid} on extension {ext} turned away: {why}",
                 uuid=str(leg.uuid),
                 ext=extension.id,
-                why="max_calls {} reached".format(self.max_calls)
-                if over_total
-                else "extension max_calls {} reached".format(limit),
+                why=why,
             )
             run = self._run_busy
         else:

@@ -29,7 +29,7 @@ from audiosocket.leg import RESIDENT, VISITOR, LegFactory
 from audiosocket.model import Extension
 from audiosocket.session import SessionRegistry
 from audiosocket.flow.understand import RulesNLU
-from audiosocket.listen import Utterance
+from audiosocket.listen import ListenSettings, Utterance
 from audiosocket.speech.stt import ISTT, STTError
 from audiosocket.speech.tts import ITTS
 
@@ -130,6 +130,7 @@ class StubListener:
         self.leg = leg
         self.utterances = defer.DeferredQueue()
         self.running = False
+        self.settings = ListenSettings()
 
     def start(self):
         self.running = True
@@ -237,7 +238,7 @@ class Bench:
         self.ret = self._factory(RESIDENT)
         self.peers: list[Peer] = []
 
-    def _listener(self, leg):
+    def _listener(self, leg, audio_config):
         listener = self.listeners[leg] = StubListener(leg)
         return listener
 

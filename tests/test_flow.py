@@ -451,3 +451,18 @@ def test_greeting_waits_only_briefly_for_audio(bench):
     assert visitor.heard
     visitor.drop()
     bench.until(bench.ended)
+
+
+def test_condominium_limit_turns_visitors_away():
+    """A condominium's max_calls counts the calls of all its extensions."""
+    b = Bench()
+    b.registry._condominium_limit = lambda cid: 1
+    try:
+        first = start_call(b)
+        second = b.connect()
+        b.until(lambda: second.got_hangup)
+        assert b.records[0]["outcome"] == "busy"
+        first.drop()
+        b.until(lambda: len(b.records) == 2)
+    finally:
+        b.stop()

@@ -149,3 +149,38 @@ def test_resident_silence_is_denied(bench):
     bench.until(bench.ended, max_s=40)
     assert bench.records[0]["outcome"] == "denied"
     assert bench.records[0]["decision_input"] == "timeout"
+
+
+def test_greeting_can_be_protected_from_barge_in(bench):
+    """With barge_in_greeting = false the greeting plays whole; barge-in is back after it."""
+    bench.site = attrs.evolve(bench.site, audio=attrs.evolve(bench.site.audio, barge_in_greeting=False))
+    bench.tts.frames = 50
+    visitor = bench.connect()
+    bench.advance(0.3)
+    listener = bench.listeners[visitor.leg]
+    assert visitor.leg.playing and listener.settings.barge_in is False
+    bench.advance(1.0)
+    assert not visitor.leg.playing and listener.settings.barge_in is True
+    visitor.drop()
+    bench.until(bench.ended)
+
+
+def test_condominium_audio_overrides_reach_the_listener(tmp_path):
+    """[condominiums.audio] settings are the ones the calls of that condominium listen with."""
+    from audiosocket.config import parse_config
+    from audiosocket.service import build_sites
+
+    config = parse_config(
+        {
+            "audio": {"visitor_silence_ms": 700},
+            "condominiums": [
+                {"id": 1, "name": "A", "directory": str(ETC / "apartments.json"),
+                 "audio": {"visitor_silence_ms": 1200, "barge_in": False}},
+                {"id": 2, "name": "B", "directory": str(ETC / "apartments.json")},
+            ],
+        },
+        tmp_path / "x.toml",
+    )
+    sites = build_sites(config)
+    assert (sites[1].audio.visitor_silence_ms, sites[1].audio.barge_in) == (1200, False)
+    assert (sites[2].audio.visitor_silence_ms, sites[2].audio.barge_in) == (700, True)

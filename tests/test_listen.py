@@ -88,13 +88,20 @@ def test_for_role_takes_each_roles_silence():
 
 
 def test_for_role_takes_barge_in_and_common_fields_from_config():
-    """barge_in, barge_in_ms, echo guard and VAD settings come from the [audio] section."""
+    """barge_in_ms, echo guard and VAD settings come from [audio]; barge-in is per role."""
     config = AudioConfig(
-        barge_in=False, barge_in_ms=300, echo_guard_ms=150, vad_aggressiveness=3, preroll_ms=200
+        barge_in=False,
+        resident_barge_in=True,
+        barge_in_ms=300,
+        echo_guard_ms=150,
+        vad_aggressiveness=3,
+        preroll_ms=200,
     )
-    for role in (VISITOR, RESIDENT):
-        s = ListenSettings.for_role(config, role)
-        assert (s.barge_in, s.barge_in_ms, s.echo_guard_ms) == (False, 300, 150)
+    visitor = ListenSettings.for_role(config, VISITOR)
+    resident = ListenSettings.for_role(config, RESIDENT)
+    assert (visitor.barge_in, resident.barge_in) == (False, True)
+    for s in (visitor, resident):
+        assert (s.barge_in_ms, s.echo_guard_ms) == (300, 150)
         assert (s.vad_aggressiveness, s.preroll_ms) == (3, 200)
 
 

@@ -22,6 +22,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from audiosocket.config import AudioConfig
 from audiosocket.dialer import DialFailed, DialRequest
 from audiosocket.flow.directory import Directory, Match
 from audiosocket.flow.io import LegGone, LegIO
@@ -45,6 +46,10 @@ class Site:
     greeting: str
     directory: Directory
     prompts: Prompts
+    #: This condominium's listening settings ([audio] with its overrides).
+    audio: AudioConfig = AudioConfig()
+    #: Concurrent visitor calls allowed for this condominium (None: only the other limits).
+    max_calls: int | None = None
 
 
 class DoormanFlow:
@@ -55,7 +60,7 @@ class DoormanFlow:
     @param sites: condominium id → L{Site} (looked up at the start of each call, so a
         reload applies to the next call and never changes one in progress).
     @param stt: an L{ISTT}, or C{None} for keypad-only calls.
-    @param listener_for: C{listener_for(leg) -> Listener} when speech is on.
+    @param listener_for: C{listener_for(leg, audio_config) -> Listener} when speech is on.
     """
 
     log = Logger()
@@ -87,8 +92,8 @@ class DoormanFlow:
     def voice(self) -> bool:
         return self._stt is not None
 
-    def _io(self, leg) -> LegIO:
-        listener = self._listener_for(leg) if self._listener_for is not None else None
+    def _io(self, leg, site: Site) -> LegIO:
+        listener = self._listener_for(leg, site.audio) if self._listener_for is not None else None
         io = LegIO(leg, self._tts, reactor=self._reactor, listener=listener)
         io.start()
         return io
@@ -127,7 +132,7 @@ class _Call:
         self.prompts = site.prompts
         self.config = flow._config
         self.reactor = flow._reactor
-        self.visitor = flow._io(session.visitor)
+        self.visitor = flow._io(session.visitor, site)
         self.resident: LegIO | None = None
         self.apartment = None  # the directory's Apartment once known
         self.keypad_only = not flow.voice
@@ -182,7 +187,7 @@ class _Call:
         if self.resident is not None:
             legs.append(self.resident.finish(to_resident))
         elif self.session.resident is not None:
-            self.resident = self.flow._io(self.session.resident)
+            self.resident = self.flow._io(self.session.resident, self.site)
             legs.append(self.resident.finish(to_resident))
         await defer.gatherResults(
             [defer.Deferred.fromCoroutine(c) for c in legs], consumeErrors=True
@@ -192,7 +197,9 @@ class _Call:
         session = self.session
         session.state = S.GREETING
         await self._peer_rate(self.session.visitor)
-        await self.visitor.say(self._greeting(), interruptible=True)
+        await self.visitor.say(
+            self._greeting(), interruptible=True, barge_in=self.site.audio.barge_in_greeting
+        )
         session.state = S.COLLECTING
         found = await self._find_apartment()
         if found is None:
@@ -418,7 +425,7 @@ class _Call:
         if leg is None:
             return "no_answer"
         await self._peer_rate(leg)
-        self.resident = self.flow._io(leg)
+        self.resident = self.flow._io(leg, self.site)
         # The visitor hanging up while the resident decides ends the resident's part too.
         session.visitor.when_closed().addCallback(self._visitor_left)
         return await self._ask_resident()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -168,7 +169,9 @@ class LegIO:
 
     # ------------------------------------------------------------ output
 
-    async def say(self, text: str, *, interruptible: bool = False) -> bool:
+    async def say(
+        self, text: str, *, interruptible: bool = False, barge_in: bool = True
+    ) -> bool:
         """
         Speak C{text} and return once it has played (C{True}) or was cut short by a key
         press or barge-in (C{False}). A synthesis failure is logged and skipped: the call
@@ -194,10 +197,17 @@ class LegIO:
         if interruptible and any(isinstance(i, Dtmf) for i in self.inbox.pending):
             return False  # already answered by keypad: no need to ask
         self.interruptible = interruptible
+        listener = self.listener
+        settings = listener.settings if listener is not None else None
+        if settings is not None and settings.barge_in and not barge_in:
+            # This prompt plays whole, whatever the caller says over it.
+            listener.settings = attrs.evolve(settings, barge_in=False)
         try:
             played = await leg.play(pcm)
         finally:
             self.interruptible = False
+            if settings is not None:
+                listener.settings = settings
         self._check()
         return played
 
