@@ -51,7 +51,7 @@ def test_twistd_exits_nonzero_on_bad_config(etc):
     path = etc / "audiosocket.toml"
     path.write_text(path.read_text() + "\n[server2]\nx = 1\n")
     result = subprocess.run(
-        [sys.executable, "-m", "twisted", "audiosocket", "--config", str(path)],
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "audiosocket", "--config", str(path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -64,7 +64,7 @@ def test_twistd_exits_nonzero_on_bad_config(etc):
 def test_check_flag_validates_and_exits_zero(etc):
     """--check validates the file and exits 0 without starting anything."""
     result = subprocess.run(
-        [sys.executable, "-m", "twisted", "audiosocket", "--check", "--config", str(etc / "audiosocket.toml")],
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "audiosocket", "--check", "--config", str(etc / "audiosocket.toml")],
         capture_output=True,
         text=True,
         timeout=60,
