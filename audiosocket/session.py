@@ -164,6 +164,8 @@ class Session:
 
     def end(self, by: str) -> None:
         """Stop the flow now (max call time, operator hangup); it says goodbye and hangs up."""
+        if self.state in (FINISHING, ENDED):
+            return  # already saying goodbye: let it play out
         if self.ended_by is None:
             self.ended_by = by
         if self.flow is not None and not self.flow.called:

@@ -466,3 +466,19 @@ def test_condominium_limit_turns_visitors_away():
         b.until(lambda: len(b.records) == 2)
     finally:
         b.stop()
+
+
+def test_hangup_during_goodbye_lets_it_play_out(bench):
+    """An operator hangup (or the time limit) arriving during the goodbyes does not cut them."""
+    visitor = start_call(bench)
+    resident = answer(bench, visitor)
+    bench.until(lambda: bench.heard(resident, "ask_decision_keypad"))
+    resident.press("1")
+    bench.until(lambda: bench.heard(visitor, "authorized"))
+    bench.until(lambda: bench.heard(visitor, "goodbye"))
+    bench.registry.hangup(str(visitor.leg.uuid))
+    bench.until(bench.ended)
+    record = bench.records[0]
+    assert record["outcome"] == "authorized" and record["ended_by"] == "server"
+    assert bench.heard(resident, "resident_authorized")
+    assert visitor.hangup_after_audio and resident.hangup_after_audio
