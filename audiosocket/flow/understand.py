@@ -30,7 +30,7 @@ from audiosocket.flow.nlu import (
     classify_decision,
     extract_facts,
 )
-from audiosocket.speech.stt import ProviderError, _resolve_reactor, default_http, parse_json, post
+from audiosocket.speech.stt import OpenAICompatible, ProviderError, parse_json
 
 __all__ = ["INLU", "LlmError", "LlmNLU", "RulesNLU", "make_nlu"]
 
@@ -147,7 +147,7 @@ def facts_from_answer(answer: Any, directory: Directory | None) -> Facts:
 
 
 @implementer(INLU)
-class LlmNLU:
+class LlmNLU(OpenAICompatible):
     """
     Facts read by any OpenAI-compatible C{POST {url}/chat/completions} (JSON mode), with
     L{RulesNLU} (or C{fallback}) answering whenever the model cannot, and for decisions.
@@ -158,6 +158,8 @@ class LlmNLU:
     """
 
     log = Logger()
+    error = LlmError
+    path = "/chat/completions"
 
     def __init__(
         self,
@@ -174,14 +176,9 @@ class LlmNLU:
             raise ValueError("LlmNLU needs the API's base URL")
         if not model:
             raise ValueError("LlmNLU needs a model name")
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
-        self._reactor = _resolve_reactor(reactor)
-        self._http = http if http is not None else default_http(self._reactor)
-        self._url = url.rstrip("/") + "/chat/completions"
-        self._model = model
-        self._api_key = api_key
-        self._timeout_s = timeout_s
+        super().__init__(
+            url, model=model, api_key=api_key, timeout_s=timeout_s, http=http, reactor=reactor
+        )
         self._fallback = fallback if fallback is not None else RulesNLU()
         self.name = f"llm:{model}"
         self.answered = 0
@@ -216,9 +213,6 @@ class LlmNLU:
         )
 
     async def _ask(self, text: str, directory: Directory | None) -> Facts:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = "Bearer " + self._api_key
         body = json.dumps(
             {
                 "model": self._model,
@@ -231,15 +225,7 @@ class LlmNLU:
             },
             ensure_ascii=False,
         ).encode("utf-8")
-        content = await post(
-            self._http,
-            self._reactor,
-            self._url,
-            headers=headers,
-            body=body,
-            timeout_s=self._timeout_s,
-            error=LlmError,
-        )
+        content = await self._post(self._headers("application/json", "application/json"), body)
         completion = parse_json(content, LlmError, self._url)
         try:
             message = completion["choices"][0]["message"]["content"]

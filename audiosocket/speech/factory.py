@@ -35,6 +35,11 @@ def _optional_secret(secret: Secret, env_name: str) -> str | None:
     return secret(env_name) if env_name else None
 
 
+def _azure_key(speech_config: SpeechConfig, secret: Secret) -> str:
+    """The Azure Speech key, shared by its synthesis and its recognition."""
+    return _required_secret(secret, speech_config.azure.key_env, "speech.azure.key_env")
+
+
 def make_tts(
     speech_config: SpeechConfig,
     secret: Secret,
@@ -71,7 +76,7 @@ def make_tts(
         a = speech_config.azure
         provider = AzureTTS(
             a.region,
-            key=_required_secret(secret, a.key_env, "speech.azure.key_env"),
+            key=_azure_key(speech_config, secret),
             voice=a.voice,
             language=a.language,
             timeout_s=a.timeout_s,
@@ -118,7 +123,7 @@ def make_stt(
         a = speech_config.azure
         return AzureSTT(
             a.region,
-            key=_required_secret(secret, a.key_env, "speech.azure.key_env"),
+            key=_azure_key(speech_config, secret),
             language=a.language,
             timeout_s=a.timeout_s,
             pool=pool,

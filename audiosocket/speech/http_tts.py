@@ -26,11 +26,11 @@ from zope.interface import implementer
 
 from audiosocket import audio
 from audiosocket.speech.stt import (
+    HTTPProvider,
+    OpenAICompatible,
     ProviderError,
     _check_region,
     _resolve_reactor,
-    default_http,
-    post,
 )
 from audiosocket.speech.tts import ITTS
 
@@ -46,13 +46,35 @@ def _check_rate(rate) -> None:
         raise ValueError(f"sample rate must be a positive integer, got {rate!r}")
 
 
-def _even(pcm: bytes) -> bytes:
+def _audio(pcm: bytes, provider: str) -> bytes:
+    """The PCM C{provider} answered, whole samples only; an answer without any is an error."""
     # A truncated last sample would shift every later frame by one byte.
-    return pcm[: len(pcm) - len(pcm) % 2]
+    pcm = pcm[: len(pcm) - len(pcm) % 2]
+    if not pcm:
+        raise TTSError("empty", f"{provider} answered with no audio")
+    return pcm
+
+
+class _HTTPTTS(HTTPProvider):
+    """
+    A synthesiser over HTTP. In C{synthesize}, a bad rate fails at once and blank text is
+    silence without a request; anything else goes to the subclass's C{_synthesize}.
+    """
+
+    error = TTSError
+
+    def synthesize(self, text: str, rate: int) -> Deferred:
+        try:
+            _check_rate(rate)
+        except ValueError as e:
+            return fail(e)
+        if not text or not text.strip():
+            return succeed(b"")
+        return Deferred.fromCoroutine(self._synthesize(text, rate))
 
 
 @implementer(ITTS)
-class OpenAITTS:
+class OpenAITTS(_HTTPTTS, OpenAICompatible):
     """
     OpenAI-compatible speech: C{POST {url}/audio/speech} with
     C{{"model", "voice", "input", "response_format": "pcm"}}, answered by 24 kHz s16le mono
@@ -61,6 +83,7 @@ class OpenAITTS:
 
     log = Logger()
     NATIVE_RATE = 24000
+    path = "/audio/speech"
 
     def __init__(
         self,
@@ -78,31 +101,14 @@ class OpenAITTS:
             raise ValueError("OpenAITTS needs the API's base URL")
         if not model or not voice:
             raise ValueError("OpenAITTS needs a model and a voice")
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
-        self._reactor = _resolve_reactor(reactor)
-        self._http = http if http is not None else default_http(self._reactor)
-        self._url = url.rstrip("/") + "/audio/speech"
-        self._model = model
+        super().__init__(
+            url, model=model, api_key=api_key, timeout_s=timeout_s, http=http, reactor=reactor
+        )
         self._voice = voice
-        self._api_key = api_key
-        self._timeout_s = timeout_s
         self._pool = pool
         self.name = f"openai:{model}:{voice}"
 
-    def synthesize(self, text: str, rate: int) -> Deferred:
-        try:
-            _check_rate(rate)
-        except ValueError as e:
-            return fail(e)
-        if not text or not text.strip():
-            return succeed(b"")
-        return Deferred.fromCoroutine(self._synthesize(text, rate))
-
     async def _synthesize(self, text: str, rate: int) -> bytes:
-        headers = {"Content-Type": "application/json", "Accept": "audio/pcm"}
-        if self._api_key:
-            headers["Authorization"] = "Bearer " + self._api_key
         body = json.dumps(
             {
                 "model": self._model,
@@ -111,25 +117,15 @@ class OpenAITTS:
                 "response_format": "pcm",
             }
         ).encode("utf-8")
-        pcm = await post(
-            self._http,
-            self._reactor,
-            self._url,
-            headers=headers,
-            body=body,
-            timeout_s=self._timeout_s,
-            error=TTSError,
-        )
-        pcm = _even(pcm)
-        if not pcm:
-            raise TTSError("empty", f"{self._url} answered with no audio")
+        pcm = await self._post(self._headers("application/json", "audio/pcm"), body)
+        pcm = _audio(pcm, self._url)
         return await deferToThreadPool(
             self._reactor, self._pool, audio.resample, pcm, self.NATIVE_RATE, rate
         )
 
 
 @implementer(ITTS)
-class AzureTTS:
+class AzureTTS(_HTTPTTS):
     """
     Azure Speech synthesis: SSML (the text escaped) to
     C{https://{region}.tts.speech.microsoft.com/cognitiveservices/v1}, raw 8 kHz PCM for
@@ -159,16 +155,12 @@ class AzureTTS:
             raise ValueError("AzureTTS needs a subscription key")
         if not voice or not language:
             raise ValueError("AzureTTS needs a voice and a language")
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
-        self._reactor = _resolve_reactor(reactor)
-        self._http = http if http is not None else default_http(self._reactor)
+        super().__init__(timeout_s=timeout_s, http=http, reactor=reactor)
         base = (base_url or f"https://{quote(region)}.tts.speech.microsoft.com").rstrip("/")
         self._url = base + "/cognitiveservices/v1"
         self._key = key
         self._voice = voice
         self._language = language
-        self._timeout_s = timeout_s
         self._pool = pool
         self.name = f"azure:{voice}"
 
@@ -181,34 +173,18 @@ class AzureTTS:
             "</speak>"
         )
 
-    def synthesize(self, text: str, rate: int) -> Deferred:
-        try:
-            _check_rate(rate)
-        except ValueError as e:
-            return fail(e)
-        if not text or not text.strip():
-            return succeed(b"")
-        return Deferred.fromCoroutine(self._synthesize(text, rate))
-
     async def _synthesize(self, text: str, rate: int) -> bytes:
         native = 8000 if rate == 8000 else 16000
-        pcm = await post(
-            self._http,
-            self._reactor,
-            self._url,
-            headers={
+        pcm = await self._post(
+            {
                 "Ocp-Apim-Subscription-Key": self._key,
                 "Content-Type": "application/ssml+xml",
                 "X-Microsoft-OutputFormat": f"raw-{native // 1000}khz-16bit-mono-pcm",
                 "User-Agent": self.USER_AGENT,
             },
-            body=self.ssml(text).encode("utf-8"),
-            timeout_s=self._timeout_s,
-            error=TTSError,
+            self.ssml(text).encode("utf-8"),
         )
-        pcm = _even(pcm)
-        if not pcm:
-            raise TTSError("empty", "Azure TTS answered with no audio")
+        pcm = _audio(pcm, "Azure TTS")
         if native == rate:
             return pcm
         return await deferToThreadPool(

@@ -6,14 +6,15 @@ Speech-to-text: the L{ISTT} interface and its providers.
   - L{AzureSTT}: Azure Speech's REST API for short audio;
   - L{VoskSTT}: an offline Vosk model, run in a bounded thread pool (optional extra).
 
-Remote providers share L{post}: one HTTP request with a deadline covering the whole exchange
-(connect, send, headers, body). At the deadline the request is cancelled, which aborts its
-connection, so a stalled provider leaves nothing behind. Failures are L{STTError}s whose
-C{reason} the flow and the metrics can switch on.
+Remote providers are L{HTTPProvider}s, sharing L{post}: one HTTP request with a deadline
+covering the whole exchange (connect, send, headers, body). At the deadline the request is
+cancelled, which aborts its connection, so a stalled provider leaves nothing behind.
+Failures are L{STTError}s whose C{reason} the flow and the metrics can switch on.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import wave
@@ -34,6 +35,8 @@ from audiosocket import audio
 __all__ = [
     "ISTT",
     "AzureSTT",
+    "HTTPProvider",
+    "OpenAICompatible",
     "ProviderError",
     "STTError",
     "VoskSTT",
@@ -225,10 +228,83 @@ def _check_audio(pcm: bytes, rate: int) -> None:
         raise STTError("empty", "no audio to transcribe")
 
 
+def _checks_audio(transcribe):
+    """
+    Makes C{transcribe(self, pcm, rate)} return a failed Deferred, without calling it, when
+    the audio cannot be transcribed (see L{_check_audio}).
+    """
+
+    @functools.wraps(transcribe)
+    def checked(self, pcm: bytes, rate: int) -> Deferred:
+        try:
+            _check_audio(pcm, rate)
+        except Exception as e:
+            return fail(e)
+        return transcribe(self, pcm, rate)
+
+    return checked
+
+
 def _resolve_reactor(reactor):
     if reactor is None:
         from twisted.internet import reactor
     return reactor
+
+
+class HTTPProvider:
+    """
+    What every remote provider shares: the reactor, the treq client (by default
+    L{default_http}), the endpoint (C{_url}) and the deadline of each request.
+
+    A subclass checks its own arguments (naming itself in the errors), calls this constructor,
+    which checks C{timeout_s}, and then sets C{_url}: so the first thing wrong is the error.
+    """
+
+    #: The L{ProviderError} subclass this provider fails with.
+    error: type[ProviderError] = ProviderError
+    _url: str
+
+    def __init__(self, *, timeout_s: float, http, reactor):
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
+        self._reactor = _resolve_reactor(reactor)
+        self._http = http if http is not None else default_http(self._reactor)
+        self._timeout_s = timeout_s
+
+    def _post(self, headers: dict[str, str], body: bytes) -> Deferred:
+        """L{post} C{body} to this provider's endpoint, within its deadline."""
+        return post(
+            self._http,
+            self._reactor,
+            self._url,
+            headers=headers,
+            body=body,
+            timeout_s=self._timeout_s,
+            error=self.error,
+        )
+
+
+class OpenAICompatible(HTTPProvider):
+    """
+    An OpenAI-compatible API: C{POST {url}{path}}, with C{api_key} (when there is one) as a
+    bearer token. The subclass checks C{url} and C{model} are given before calling this.
+    """
+
+    #: What the endpoint adds to the API's base URL, e.g. C{"/audio/transcriptions"}.
+    path: str
+
+    def __init__(self, url: str, *, model: str, api_key: str | None, timeout_s, http, reactor):
+        super().__init__(timeout_s=timeout_s, http=http, reactor=reactor)
+        self._url = url.rstrip("/") + self.path
+        self._model = model
+        self._api_key = api_key
+
+    def _headers(self, content_type: str, accept: str) -> dict[str, str]:
+        """The request headers: these two, and the bearer token when there is a key."""
+        headers = {"Content-Type": content_type, "Accept": accept}
+        if self._api_key:
+            headers["Authorization"] = "Bearer " + self._api_key
+        return headers
 
 
 class ISTT(Interface):
@@ -251,7 +327,7 @@ class ISTT(Interface):
 
 
 @implementer(ISTT)
-class WhisperSTT:
+class WhisperSTT(OpenAICompatible):
     """
     Any OpenAI-compatible transcription API: C{POST {url}/audio/transcriptions}, multipart
     with the utterance as C{audio.wav}, answered by C{{"text": "..."}}.
@@ -260,6 +336,8 @@ class WhisperSTT:
     """
 
     log = Logger()
+    error = STTError
+    path = "/audio/transcriptions"
 
     def __init__(
         self,
@@ -277,23 +355,15 @@ class WhisperSTT:
             raise ValueError("WhisperSTT needs the API's base URL")
         if not model:
             raise ValueError("WhisperSTT needs a model name")
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
-        self._reactor = _resolve_reactor(reactor)
-        self._http = http if http is not None else default_http(self._reactor)
-        self._url = url.rstrip("/") + "/audio/transcriptions"
-        self._model = model
+        super().__init__(
+            url, model=model, api_key=api_key, timeout_s=timeout_s, http=http, reactor=reactor
+        )
         self._language = language
-        self._api_key = api_key
-        self._timeout_s = timeout_s
         self._prompt = prompt
         self.name = f"whisper:{model}"
 
+    @_checks_audio
     def transcribe(self, pcm: bytes, rate: int) -> Deferred:
-        try:
-            _check_audio(pcm, rate)
-        except Exception as e:
-            return fail(e)
         fields = {"model": self._model, "response_format": "json"}
         if self._language:
             fields["language"] = self._language
@@ -302,18 +372,7 @@ class WhisperSTT:
         body, content_type = multipart_form(
             fields, {"file": ("audio.wav", "audio/wav", wav_bytes(pcm, rate))}
         )
-        headers = {"Content-Type": content_type, "Accept": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = "Bearer " + self._api_key
-        d = post(
-            self._http,
-            self._reactor,
-            self._url,
-            headers=headers,
-            body=body,
-            timeout_s=self._timeout_s,
-            error=STTError,
-        )
+        d = self._post(self._headers(content_type, "application/json"), body)
         d.addCallback(self._text)
         return d
 
@@ -365,7 +424,7 @@ def _check_region(region: str, base_url: str | None) -> None:
 
 
 @implementer(ISTT)
-class AzureSTT:
+class AzureSTT(HTTPProvider):
     """
     Azure Speech's REST API for short audio (up to 60 s): the utterance is resampled to
     16 kHz and sent as WAV; C{format=simple} answers C{RecognitionStatus} and C{DisplayText}.
@@ -375,6 +434,7 @@ class AzureSTT:
     """
 
     log = Logger()
+    error = STTError
 
     #: Statuses meaning "nothing was said": an empty transcript, not an error.
     SILENT = frozenset({"NoMatch", "InitialSilenceTimeout", "BabbleTimeout"})
@@ -395,25 +455,18 @@ class AzureSTT:
         _check_region(region, base_url)
         if not key:
             raise ValueError("AzureSTT needs a subscription key")
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
+        super().__init__(timeout_s=timeout_s, http=http, reactor=reactor)
         from urllib.parse import urlencode
 
-        self._reactor = _resolve_reactor(reactor)
-        self._http = http if http is not None else default_http(self._reactor)
         base = (base_url or f"https://{region}.stt.speech.microsoft.com").rstrip("/")
         query = urlencode({"language": language, "format": "simple"})
         self._url = f"{base}/speech/recognition/conversation/cognitiveservices/v1?{query}"
         self._key = key
-        self._timeout_s = timeout_s
         self._pool = pool
         self.name = f"azure-stt:{language}"
 
+    @_checks_audio
     def transcribe(self, pcm: bytes, rate: int) -> Deferred:
-        try:
-            _check_audio(pcm, rate)
-        except Exception as e:
-            return fail(e)
         return Deferred.fromCoroutine(self._transcribe(pcm, rate))
 
     async def _transcribe(self, pcm: bytes, rate: int) -> str:
@@ -423,18 +476,13 @@ class AzureSTT:
             )
         else:
             pcm = audio.resample(pcm, rate, self.RATE)
-        content = await post(
-            self._http,
-            self._reactor,
-            self._url,
-            headers={
+        content = await self._post(
+            {
                 "Ocp-Apim-Subscription-Key": self._key,
                 "Content-Type": f"audio/wav; codecs=audio/pcm; samplerate={self.RATE}",
                 "Accept": "application/json",
             },
-            body=wav_bytes(pcm, self.RATE),
-            timeout_s=self._timeout_s,
-            error=STTError,
+            wav_bytes(pcm, self.RATE),
         )
         answer = parse_json(content, STTError, "Azure STT")
         status = answer.get("RecognitionStatus") if isinstance(answer, dict) else None
@@ -477,11 +525,8 @@ class VoskSTT:
         self._reactor = _resolve_reactor(reactor)
         self.name = "vosk"
 
+    @_checks_audio
     def transcribe(self, pcm: bytes, rate: int) -> Deferred:
-        try:
-            _check_audio(pcm, rate)
-        except Exception as e:
-            return fail(e)
         d = deferToThreadPool(self._reactor, self._pool, self._recognise, pcm, rate)
 
         def wrap(failure: Failure):
