@@ -19,22 +19,9 @@ from typing import Sequence
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from .extension import Conflict, ExtensionManager, ExtensionService, NotFound
+from .extension import Conflict, ExtensionManager, ExtensionService, NotFound, _locked
 from .model import Extension, InvalidField
 from .store import DELETE, PUT, StoreUnavailable
-
-
-class _Locked:
-    """C{async with} for a L{defer.DeferredLock}."""
-
-    def __init__(self, lock: defer.DeferredLock):
-        self._lock = lock
-
-    async def __aenter__(self):
-        await self._lock.acquire()
-
-    async def __aexit__(self, *exc):
-        self._lock.release()
 
 
 class ExtensionControl:
@@ -74,9 +61,6 @@ class ExtensionControl:
         #: from memory because the store was unavailable at start-up).
         self.synced = False
 
-    def _locked(self) -> _Locked:
-        return _Locked(self._lock)
-
     def _require_store(self) -> None:
         if not self.store.available:
             raise StoreUnavailable("the extension store is unavailable; nothing was changed")
@@ -90,7 +74,7 @@ class ExtensionControl:
         @raise StoreUnavailable: the store is down (nothing changed, or the add was undone).
         @raise Conflict: id or port taken. @raise InvalidField: unknown condominium.
         """
-        async with self._locked():
+        async with _locked(self._lock):
             self._require_store()
             svc = await self.manager.add(ext)
             try:
@@ -111,7 +95,7 @@ class ExtensionControl:
 
         @raise NotFound: no such extension.
         """
-        async with self._locked():
+        async with _locked(self._lock):
             old = self.manager.get(ext.id).extension
             self._require_store()
             svc = await self.manager.update(ext)
@@ -133,7 +117,7 @@ class ExtensionControl:
 
         @raise NotFound: no such extension.
         """
-        async with self._locked():
+        async with _locked(self._lock):
             self.manager.get(ext_id)
             self._require_store()
             await self.store.delete_extension(ext_id)
@@ -141,7 +125,7 @@ class ExtensionControl:
 
     async def restart(self, ext_id: int) -> ExtensionService:
         """Close and reopen an extension's ports; the store is not involved."""
-        async with self._locked():
+        async with _locked(self._lock):
             return await self.manager.restart(ext_id)
 
     # ------------------------------------------------------------ start-up
@@ -168,11 +152,11 @@ class ExtensionControl:
                 n=len(self._seed),
                 s=self._retry_s,
             )
-            async with self._locked():
+            async with _locked(self._lock):
                 await self.manager.load(self._seed)
             self._schedule_retry()
             return
-        async with self._locked():
+        async with _locked(self._lock):
             await self.manager.load(extensions)
             self.synced = True
 
@@ -207,7 +191,7 @@ class ExtensionControl:
             self.log.failure("loading extensions from the store failed")
             self._schedule_retry()
             return
-        async with self._locked():
+        async with _locked(self._lock):
             await self._converge(extensions)
             self.synced = True
         self.log.info(
@@ -244,7 +228,7 @@ class ExtensionControl:
 
     async def _apply_remote(self, change) -> None:
         try:
-            async with self._locked():
+            async with _locked(self._lock):
                 if change.kind == PUT:
                     if change.extension is None:
                         raise ValueError("a put change carries no extension")

@@ -448,7 +448,7 @@ class ExtensionManager(MultiService):
 
 
 class _locked:
-    """C{async with} for a L{DeferredLock}."""
+    """C{async with} for a L{DeferredLock} (the manager's, and L{audiosocket.control}'s)."""
 
     def __init__(self, lock: defer.DeferredLock):
         self._lock = lock
