@@ -10,37 +10,15 @@ import uuid
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 from twisted.internet import defer
-from twisted.internet.error import CannotListenError
-from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactor
-from twisted.python.failure import Failure
 from treq.testing import StubTreq
 
 from audiosocket.api import Api, openapi_document
-from audiosocket.clock import AudioClock
 from audiosocket.control import ExtensionControl
-from audiosocket.extension import ExtensionManager
 from audiosocket.model import Extension
 from audiosocket.store import MemoryStore
+from extkit import ManagerSetup, ext_fields, run
 
 BASE = "http://api.test"
-
-
-class Reactor(MemoryReactor, Clock):
-    """A MemoryReactor with a clock, where some ports are 'busy'."""
-
-    def __init__(self):
-        MemoryReactor.__init__(self)
-        Clock.__init__(self)
-        self.busy = set()
-
-    def listenTCP(self, port, factory, backlog=50, interface=""):
-        if port in self.busy:
-            raise CannotListenError(interface, port, OSError(98, "Address in use"))
-        return MemoryReactor.listenTCP(self, port, factory, backlog, interface)
-
-    def listening(self):
-        return sorted(p for p, *_ in self.tcpServers)
 
 
 class FakeSessions:
@@ -64,32 +42,14 @@ class FakeSessions:
 
 
 def ext_json(id=1, ai=8080, ret=8081, **kw):
-    data = {
-        "id": id,
-        "ai_extension": str(1000 + id),
-        "ai_port": ai,
-        "return_extension": str(2000 + id),
-        "return_port": ret,
-        "host": "127.0.0.1",
-        "condominium_id": 1,
-    }
+    data = ext_fields(id, ai, ret)
     data.update(kw)
     return data
 
 
-class Setup:
+class Setup(ManagerSetup):
     def __init__(self, token=None, registry=None, condos=(1,)):
-        self.reactor = Reactor()
-        self.clock = AudioClock(reactor=self.reactor)
-        self.clock.startService()
-        self.manager = ExtensionManager(
-            clock=self.clock,
-            on_leg=lambda svc, leg: None,
-            reactor=self.reactor,
-            bind="127.0.0.1",
-            condominium_exists=lambda c: c in condos,
-        )
-        self.manager.startService()
+        super().__init__(condos=condos)
         self.store = MemoryStore(reactor=self.reactor, node_id="node-a")
         self.sessions = FakeSessions()
         self.control = ExtensionControl(self.manager, self.store, reactor=self.reactor)
@@ -125,12 +85,7 @@ class Setup:
 
 def _result(stub, d):
     stub.flush()
-    out = []
-    d.addBoth(out.append)
-    assert out, "request did not complete"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
+    return run(d)
 
 
 def header(headers, name):

@@ -6,41 +6,13 @@ from other nodes applied locally; on a MemoryReactor + Clock.
 
 import pytest
 from twisted.internet import defer
-from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactor
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
-from audiosocket.clock import AudioClock
 from audiosocket.control import ExtensionControl, StoreUnavailable
-from audiosocket.extension import DRAINING, ExtensionManager, NotFound
-from audiosocket.model import Extension
+from audiosocket.extension import DRAINING, NotFound
 from audiosocket.store import DELETE, PUT, ExtensionChange, MemoryStore
-
-
-class _Port:
-    def __init__(self, reactor, port, real):
-        self._reactor, self.port, self._real = reactor, port, real
-
-    def getHost(self):
-        return self._real.getHost()
-
-    def stopListening(self):
-        self._reactor.open.discard(self.port)
-
-
-class Reactor(MemoryReactor, Clock):
-    """A MemoryReactor with a clock that knows which ports are still open."""
-
-    def __init__(self):
-        MemoryReactor.__init__(self)
-        Clock.__init__(self)
-        self.open = set()
-
-    def listenTCP(self, port, factory, backlog=50, interface=""):
-        real = MemoryReactor.listenTCP(self, port, factory, backlog, interface)
-        self.open.add(port)
-        return _Port(self, port, real)
+from extkit import ManagerSetup, ext, run
 
 
 class Store(MemoryStore):
@@ -79,42 +51,9 @@ def change(kind, ext_id, extension=None):
     return ExtensionChange(kind, ext_id, extension, "node-b")
 
 
-def ext(id=1, ai=8080, ret=8081, condo=1):
-    return Extension(
-        id=id,
-        ai_extension=str(1000 + id),
-        ai_port=ai,
-        return_extension=str(2000 + id),
-        return_port=ret,
-        host="127.0.0.1",
-        condominium_id=condo,
-    )
-
-
-def run(coro_or_d):
-    """Run a coroutine (or Deferred) that completes synchronously on the fake reactor."""
-    d = defer.ensureDeferred(coro_or_d)
-    results = []
-    d.addBoth(results.append)
-    assert results, "did not complete synchronously"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
-
-
-class Setup:
+class Setup(ManagerSetup):
     def __init__(self, stored=()):
-        self.reactor = Reactor()
-        self.clock = AudioClock(reactor=self.reactor)
-        self.clock.startService()
-        self.manager = ExtensionManager(
-            clock=self.clock,
-            on_leg=lambda svc, leg: None,
-            reactor=self.reactor,
-            bind="127.0.0.1",
-            condominium_exists=lambda c: c == 1,
-        )
-        self.manager.startService()
+        super().__init__()
         self.store = Store(stored, reactor=self.reactor, node_id="node-a")
         self.control = ExtensionControl(
             self.manager, self.store, reactor=self.reactor, retry_s=10

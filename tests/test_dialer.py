@@ -78,28 +78,27 @@ def test_request_to_dict_has_exactly_the_contract_keys():
     }
 
 
-def test_request_refuses_a_uuid_that_is_not_one():
-    """AudioSocket needs a real UUID; anything else is refused naming the field."""
-    with pytest.raises(ValueError, match="uuid"):
-        request(uuid="not-a-uuid")
-
-
-def test_request_refuses_line_breaks_in_the_dial_string():
-    """A line break would inject AMI headers; it is refused naming the field."""
-    with pytest.raises(ValueError, match="dial: must not contain a line break"):
-        request(dial="PJSIP/501\r\nAction: Logoff")
-
-
-def test_request_refuses_an_audiosocket_address_without_port():
-    """C{audiosocket} must be C{host:port}."""
-    with pytest.raises(ValueError, match="audiosocket"):
-        request(audiosocket="127.0.0.1")
-
-
-def test_request_refuses_a_non_positive_timeout():
-    """The ring timeout must be positive."""
-    with pytest.raises(ValueError, match="timeout_s"):
-        request(timeout_s=0)
+@pytest.mark.parametrize(
+    "field, match",
+    [
+        pytest.param({"uuid": "not-a-uuid"}, "uuid", id="uuid-not-a-uuid"),
+        pytest.param(
+            {"dial": "PJSIP/501\r\nAction: Logoff"},
+            "dial: must not contain a line break",
+            id="dial-line-break",
+        ),
+        pytest.param({"audiosocket": "127.0.0.1"}, "audiosocket", id="audiosocket-no-port"),
+        pytest.param({"timeout_s": 0}, "timeout_s", id="timeout-not-positive"),
+    ],
+)
+def test_request_refuses_a_malformed_field(field, match):
+    """
+    A malformed field is refused naming it: AudioSocket needs a real UUID; a line break in
+    the dial string would inject AMI headers; C{audiosocket} must be C{host:port}; the ring
+    timeout must be positive.
+    """
+    with pytest.raises(ValueError, match=match):
+        request(**field)
 
 
 def test_dial_failed_refuses_unknown_reasons():
@@ -234,25 +233,15 @@ async def test_http_dialer_posts_the_request_json_and_succeeds_on_2xx(webhook_se
     assert content_type.startswith(b"application/json")
 
 
+@pytest.mark.parametrize("code, reason", [(500, "error"), (404, "rejected")])
 @pytest_twisted.ensureDeferred
-async def test_http_dialer_fails_on_500_naming_the_status(webhook_server):
-    """A 500 answer is a failed attempt whose message names the status."""
-    site, url = await webhook_server(Webhook(code=500))
-    d = HttpDialer(url).dial(request()).addTimeout(TIMEOUT_S, reactor)
-    with pytest.raises(DialFailed) as info:
-        await d
-    assert info.value.reason == "error"
-    assert "HTTP 500" in str(info.value)
-
-
-@pytest_twisted.ensureDeferred
-async def test_http_dialer_fails_as_rejected_on_4xx(webhook_server):
-    """A 4xx answer is a refused request."""
-    site, url = await webhook_server(Webhook(code=404))
-    with pytest.raises(DialFailed) as info:
-        await HttpDialer(url).dial(request()).addTimeout(TIMEOUT_S, reactor)
-    assert info.value.reason == "rejected"
-    assert "HTTP 404" in info.value.message
+async def test_http_dialer_failure_names_the_status(webhook_server, code, reason):
+    """A 5xx answer is a failed attempt, a 4xx a refused request; the message names the
+    status."""
+    site, url = await webhook_server(Webhook(code=code))
+    failure = await dial_failure(HttpDialer(url).dial(request()))
+    assert failure.reason == reason
+    assert "HTTP {}".format(code) in failure.message
 
 
 @pytest_twisted.ensureDeferred
@@ -260,10 +249,8 @@ async def test_http_dialer_times_out_when_the_server_never_answers(webhook_serve
     """A webhook that never answers is a C{timeout} failure after C{timeout_s}."""
     webhook = Webhook(answer=False)
     site, url = await webhook_server(webhook)
-    d = HttpDialer(url, timeout_s=0.2).dial(request()).addTimeout(TIMEOUT_S, reactor)
-    with pytest.raises(DialFailed) as info:
-        await d
-    assert info.value.reason == "timeout"
+    failure = await dial_failure(HttpDialer(url, timeout_s=0.2).dial(request()))
+    assert failure.reason == "timeout"
     assert len(webhook.stalled) == 1
 
 
@@ -273,10 +260,9 @@ async def test_http_dialer_connection_refused_is_unreachable():
     port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Factory())
     number = port.getHost().port
     await port.stopListening()
-    d = HttpDialer("http://127.0.0.1:{}/dial".format(number)).dial(request())
-    with pytest.raises(DialFailed) as info:
-        await d.addTimeout(TIMEOUT_S, reactor)
-    assert info.value.reason == "unreachable"
+    dialer = HttpDialer("http://127.0.0.1:{}/dial".format(number))
+    failure = await dial_failure(dialer.dial(request()))
+    assert failure.reason == "unreachable"
 
 
 @pytest_twisted.ensureDeferred
@@ -287,15 +273,27 @@ async def test_http_dialer_cancel_is_a_cancel(webhook_server):
     d = HttpDialer(url).dial(request())
     while not webhook.stalled:
         await deferLater(0.01)
-    d.cancel()
-    with pytest.raises(defer.CancelledError):
-        await d
+    await cancel(d)
 
 
 def deferLater(seconds):
     from twisted.internet.task import deferLater as _later
 
     return _later(reactor, seconds)
+
+
+async def dial_failure(d) -> DialFailed:
+    """The L{DialFailed} that the dial C{d} fails with, within C{TIMEOUT_S}."""
+    with pytest.raises(DialFailed) as info:
+        await d.addTimeout(TIMEOUT_S, reactor)
+    return info.value
+
+
+async def cancel(d) -> None:
+    """Cancel the dial C{d}, which must then fail with CancelledError."""
+    d.cancel()
+    with pytest.raises(defer.CancelledError):
+        await d
 
 
 # -- AMI framing (StringTransport) -----------------------------------------------------------
@@ -401,6 +399,14 @@ def test_ami_protocol_fails_pending_actions_on_connection_lost():
     assert failures and failures[0].check(ConnectionDone)
 
 
+def action_ids(transport) -> list[bytes]:
+    """The ActionIDs of the actions written on C{transport}, in order."""
+    return [
+        line.split(b": ")[1] for line in transport.value().split(b"\r\n")
+        if line.startswith(b"ActionID")
+    ]
+
+
 def logged_in_on_clock():
     """An AmiDialer on a MemoryReactorClock, fed a logged-in connection over a
     StringTransport."""
@@ -410,10 +416,7 @@ def logged_in_on_clock():
     transport = StringTransport()
     protocol.makeConnection(transport)
     protocol.dataReceived(b"Asterisk Call Manager/5.0.4\r\n")
-    [login_id] = [
-        line.split(b": ")[1] for line in transport.value().split(b"\r\n")
-        if line.startswith(b"ActionID")
-    ]
+    [login_id] = action_ids(transport)
     transport.clear()
     protocol.dataReceived(b"Response: Success\r\nActionID: " + login_id + b"\r\n\r\n")
     return clock, dialer, protocol, transport
@@ -440,10 +443,7 @@ def test_ami_dialer_event_before_the_queued_response_still_counts():
     clock, dialer, protocol, transport = logged_in_on_clock()
     results = []
     dialer.dial(request()).addBoth(results.append)
-    action_id = [
-        line.split(b": ")[1] for line in transport.value().split(b"\r\n")
-        if line.startswith(b"ActionID")
-    ][0]
+    action_id = action_ids(transport)[0]
     protocol.dataReceived(
         b"Event: OriginateResponse\r\nActionID: " + action_id
         + b"\r\nResponse: Failure\r\nReason: 8\r\n\r\n"
@@ -541,11 +541,28 @@ async def get(queue):
     return await queue.get().addTimeout(TIMEOUT_S, reactor)
 
 
+async def ready(asterisk):
+    """A scripted AMI server and a dialer logged in to it."""
+    server, dialer = await asterisk()
+    await dialer.when_ready().addTimeout(TIMEOUT_S, reactor)
+    return server, dialer
+
+
+async def originate(asterisk, **kw):
+    """
+    Dial C{request(**kw)} with a dialer logged in to a scripted AMI server; once the server
+    has the Originate, return the dialer, the dial, the server's connection and the action.
+    """
+    server, dialer = await ready(asterisk)
+    d = dialer.dial(request(**kw))
+    peer, action = await get(server.actions)
+    return dialer, d, peer, action
+
+
 @pytest_twisted.ensureDeferred
 async def test_ami_dialer_logs_in_with_call_events(asterisk):
     """On connect the dialer logs in with its username, secret and C{Events: call}."""
-    server, dialer = await asterisk()
-    await dialer.when_ready().addTimeout(TIMEOUT_S, reactor)
+    server, dialer = await ready(asterisk)
     assert verifyObject(IDialer, dialer)
     [login] = server.logins
     fields = dict(login)
@@ -561,10 +578,7 @@ async def test_ami_dialer_logs_in_with_call_events(asterisk):
 async def test_ami_dialer_sends_every_originate_field(asterisk):
     """Originate carries Channel, Context, Exten, Priority, Async, Timeout, CallerID and
     both Variables, one C{Variable:} line each."""
-    server, dialer = await asterisk()
-    await dialer.when_ready().addTimeout(TIMEOUT_S, reactor)
-    d = dialer.dial(request(timeout_s=25.5))
-    _, action = await get(server.actions)
+    dialer, d, _, action = await originate(asterisk, timeout_s=25.5)
     fields = dict(action)
     assert fields["Action"] == "Originate"
     assert fields["ActionID"]
@@ -579,18 +593,13 @@ async def test_ami_dialer_sends_every_originate_field(asterisk):
         ("Variable", "AUDIOSOCKET_UUID=" + UUID),
         ("Variable", "AUDIOSOCKET_HOST=127.0.0.1:8081"),
     ]
-    d.cancel()
-    with pytest.raises(defer.CancelledError):
-        await d
+    await cancel(d)
 
 
 @pytest_twisted.ensureDeferred
 async def test_ami_dialer_fires_on_originate_response_success(asterisk):
     """Queued, then C{OriginateResponse: Success} for that ActionID: the dial fires None."""
-    server, dialer = await asterisk()
-    await dialer.when_ready().addTimeout(TIMEOUT_S, reactor)
-    d = dialer.dial(request())
-    peer, action = await get(server.actions)
+    dialer, d, peer, action = await originate(asterisk)
     action_id = dict(action)["ActionID"]
     peer.send(Response="Success", ActionID=action_id, Message="Originate successfully queued")
     peer.send(Event="OriginateResponse", ActionID="someone-else", Response="Failure", Reason="5")
@@ -611,16 +620,11 @@ async def test_ami_dialer_fires_on_originate_response_success(asterisk):
 @pytest_twisted.ensureDeferred
 async def test_ami_dialer_busy_originate_response_fails_busy(asterisk):
     """C{OriginateResponse: Failure} with Reason 5 is a C{busy} failure."""
-    server, dialer = await asterisk()
-    await dialer.when_ready().addTimeout(TIMEOUT_S, reactor)
-    d = dialer.dial(request())
-    peer, action = await get(server.actions)
+    dialer, d, peer, action = await originate(asterisk)
     action_id = dict(action)["ActionID"]
     peer.send(Response="Success", ActionID=action_id, Message="Originate successfully queued")
     peer.send(Event="OriginateResponse", ActionID=action_id, Response="Failure", Reason="5")
-    with pytest.raises(DialFailed) as info:
-        await d.addTimeout(TIMEOUT_S, reactor)
-    assert info.value.reason == "busy"
+    assert (await dial_failure(d)).reason == "busy"
     assert dialer.pending == 0
 
 
@@ -632,31 +636,23 @@ async def test_ami_dialer_busy_originate_response_fails_busy(asterisk):
 @pytest_twisted.ensureDeferred
 async def test_ami_dialer_maps_originate_reason_codes(asterisk, code, reason):
     """Asterisk's Reason codes map to the documented failure reasons."""
-    server, dialer = await asterisk()
-    await dialer.when_ready().addTimeout(TIMEOUT_S, reactor)
-    d = dialer.dial(request())
-    peer, action = await get(server.actions)
+    dialer, d, peer, action = await originate(asterisk)
     peer.send(Event="OriginateResponse", ActionID=dict(action)["ActionID"],
               Response="Failure", Reason=code)
-    with pytest.raises(DialFailed) as info:
-        await d.addTimeout(TIMEOUT_S, reactor)
-    assert info.value.reason == reason
-    assert "reason {}".format(code) in info.value.message
+    failure = await dial_failure(d)
+    assert failure.reason == reason
+    assert "reason {}".format(code) in failure.message
 
 
 @pytest_twisted.ensureDeferred
 async def test_ami_dialer_response_error_is_rejected_at_once(asterisk):
     """C{Response: Error} to the Originate action fails the dial as C{rejected} at once."""
-    server, dialer = await asterisk()
-    await dialer.when_ready().addTimeout(TIMEOUT_S, reactor)
-    d = dialer.dial(request())
-    peer, action = await get(server.actions)
+    dialer, d, peer, action = await originate(asterisk)
     peer.send(Response="Error", ActionID=dict(action)["ActionID"],
               Message="Extension does not exist.")
-    with pytest.raises(DialFailed) as info:
-        await d.addTimeout(TIMEOUT_S, reactor)
-    assert info.value.reason == "rejected"
-    assert "Extension does not exist." in info.value.message
+    failure = await dial_failure(d)
+    assert failure.reason == "rejected"
+    assert "Extension does not exist." in failure.message
 
 
 @pytest_twisted.ensureDeferred
@@ -665,23 +661,16 @@ async def test_ami_dialer_not_logged_in_fails_unreachable_at_once():
     dialer = AmiDialer("127.0.0.1", 5038, "audiosocket", SECRET)
     d = dialer.dial(request())
     assert d.called
-    with pytest.raises(DialFailed) as info:
-        await d
-    assert info.value.reason == "unreachable"
+    assert (await dial_failure(d)).reason == "unreachable"
 
 
 @pytest_twisted.ensureDeferred
 async def test_ami_dialer_connection_lost_fails_the_pending_originate(asterisk):
     """The connection dropping while an originate waits fails it C{unreachable}."""
-    server, dialer = await asterisk()
-    await dialer.when_ready().addTimeout(TIMEOUT_S, reactor)
-    d = dialer.dial(request())
-    peer, action = await get(server.actions)
+    dialer, d, peer, action = await originate(asterisk)
     peer.send(Response="Success", ActionID=dict(action)["ActionID"], Message="queued")
     peer.transport.loseConnection()
-    with pytest.raises(DialFailed) as info:
-        await d.addTimeout(TIMEOUT_S, reactor)
-    assert info.value.reason == "unreachable"
+    assert (await dial_failure(d)).reason == "unreachable"
     assert dialer.pending == 0
 
 
@@ -699,9 +688,7 @@ async def test_ami_dialer_reconnects_and_logs_in_again(asterisk):
     d = dialer.dial(request())
     peer, _ = await get(server.actions)
     assert peer is second
-    d.cancel()
-    with pytest.raises(defer.CancelledError):
-        await d
+    await cancel(d)
 
 
 @pytest_twisted.ensureDeferred
@@ -712,9 +699,7 @@ async def test_ami_dialer_login_failure_is_logged_without_secret_and_retried(ast
         while len(server.logins) < 3:
             await deferLater(0.01)
         assert not dialer.ready
-        with pytest.raises(DialFailed) as info:
-            await dialer.dial(request())
-        assert info.value.reason == "unreachable"
+        assert (await dial_failure(dialer.dial(request()))).reason == "unreachable"
     text = log_text(events)
     assert "AMI login as audiosocket to 127.0.0.1" in text
     assert "refused: Authentication failed" in text
@@ -727,13 +712,8 @@ async def test_ami_dialer_login_failure_is_logged_without_secret_and_retried(ast
 @pytest_twisted.ensureDeferred
 async def test_ami_dialer_cancel_forgets_the_attempt(asterisk):
     """Cancelling a pending dial forgets it and its guard timer; a late event is ignored."""
-    server, dialer = await asterisk()
-    await dialer.when_ready().addTimeout(TIMEOUT_S, reactor)
-    d = dialer.dial(request())
-    peer, action = await get(server.actions)
-    d.cancel()
-    with pytest.raises(defer.CancelledError):
-        await d
+    dialer, d, peer, action = await originate(asterisk)
+    await cancel(d)
     assert dialer.pending == 0
     peer.send(Event="OriginateResponse", ActionID=dict(action)["ActionID"],
               Response="Success", Reason="4")

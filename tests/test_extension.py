@@ -6,86 +6,16 @@ time, on a MemoryReactor (no sockets), with legs on StringTransports.
 import uuid
 
 import pytest
-from twisted.internet import defer
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import CannotListenError
-from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactor, StringTransport
-from twisted.python.failure import Failure
+from twisted.internet.testing import StringTransport
 
 from audiosocket import wire
-from audiosocket.clock import AudioClock
-from audiosocket.extension import (
-    DRAINING,
-    FAILED,
-    LISTENING,
-    Conflict,
-    ExtensionManager,
-    NotFound,
-)
-from audiosocket.model import Extension, InvalidField
+from audiosocket.extension import DRAINING, FAILED, LISTENING, Conflict, NotFound
+from audiosocket.model import InvalidField
+from extkit import ManagerSetup, ext, run
 
 
-class Reactor(MemoryReactor, Clock):
-    """A MemoryReactor with a clock, where some ports are 'busy'."""
-
-    def __init__(self):
-        MemoryReactor.__init__(self)
-        Clock.__init__(self)
-        self.busy = set()
-
-    def listenTCP(self, port, factory, backlog=50, interface=""):
-        if port in self.busy:
-            raise CannotListenError(interface, port, OSError(98, "Address in use"))
-        return MemoryReactor.listenTCP(self, port, factory, backlog, interface)
-
-    def listening(self):
-        return sorted(p for p, *_ in self.tcpServers)
-
-
-def ext(id=1, ai=8080, ret=8081, condo=1, **kw):
-    return Extension(
-        id=id,
-        ai_extension=str(1000 + id),
-        ai_port=ai,
-        return_extension=str(2000 + id),
-        return_port=ret,
-        host="127.0.0.1",
-        condominium_id=condo,
-        **kw,
-    )
-
-
-def run(coro):
-    """Run a coroutine that completes synchronously on the fake reactor."""
-    d = defer.Deferred.fromCoroutine(coro)
-    results = []
-    d.addBoth(results.append)
-    assert results, "coroutine did not complete synchronously"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
-
-
-class Setup:
-    def __init__(self, fallback=None, condos=(1,)):
-        self.reactor = Reactor()
-        self.clock = AudioClock(reactor=self.reactor)
-        self.clock.startService()
-        self.legs = []
-        self.manager = ExtensionManager(
-            clock=self.clock,
-            on_leg=lambda svc, leg: self.legs.append((svc, leg)),
-            reactor=self.reactor,
-            bind="127.0.0.1",
-            condominium_exists=lambda c: c in condos,
-            port_fallback_range=fallback,
-        )
-        self.manager.startService()
-
-    def closed_ports(self):
-        return self.reactor.tcpServers
-
+class Setup(ManagerSetup):
     def call(self, svc, port="ai", uid=None):
         factory = svc.ai_factory if port == "ai" else svc.return_factory
         leg = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
@@ -93,10 +23,6 @@ class Setup:
         leg.makeConnection(t)
         leg.dataReceived(wire.uuid_frame(uid or uuid.uuid4()))
         return leg, t
-
-
-def listening_ports(manager):
-    return sorted(manager.port_map)
 
 
 def test_add_listens_on_both_ports():

@@ -24,6 +24,8 @@ from audiosocket.speech.factory import make_tts
 from audiosocket.speech.http_tts import AzureTTS, OpenAITTS, StoreCachedTTS, TTSError
 from audiosocket.speech.tts import ITTS, CachedTTS, make_pool
 from audiosocket.store import MemoryStore
+# The api fixture imported here is, as pytest means it, redefined by every test taking it.
+# ruff: noqa: F811
 from httpkit import (  # noqa: F401 (api is a fixture)
     HANG,
     FakeAPI,

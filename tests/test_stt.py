@@ -35,6 +35,8 @@ TIMEOUT_S = 5
 # --- a real local HTTP server ----------------------------------------------------------------
 
 
+# The api fixture imported here is, as pytest means it, redefined by every test taking it.
+# ruff: noqa: F811
 from httpkit import (  # noqa: F401 (api is a fixture)
     Seen,
     Reply,

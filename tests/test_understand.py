@@ -25,6 +25,8 @@ from audiosocket.flow.understand import (
     facts_from_answer,
     make_nlu,
 )
+# The api fixture imported here is, as pytest means it, redefined by every test taking it.
+# ruff: noqa: F811
 from httpkit import (  # noqa: F401 (api is a fixture)
     HANG,
     FakeAPI,
