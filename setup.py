@@ -13,7 +13,7 @@ setup(
     ],
     package_data={"twisted": ["plugins/audiosocket_plugin.py"]},
     install_requires=[
-        "twisted>=24.7",
+        "twisted[tls]>=24.7",  # tls: the API on ssl: endpoints, HTTPS to providers
         "klein>=24.8",
         "txredisapi>=1.4.10",
         "numpy>=1.26",
