@@ -225,8 +225,12 @@ class DoormanService(MultiService):
             # The providers name the setting ("dialer.ami.secret_env: ... is not set").
             key, _, message = str(e).partition(": ")
             raise ConfigError(config.path, key if message else None, message or str(e)) from None
-        self.stt = stt
-        self.nlu = nlu
+        self.metrics = self._make_metrics()
+        from audiosocket.metrics import timed_nlu, timed_stt, timed_tts
+
+        self.tts = timed_tts(self.tts, self.metrics)
+        self.stt = timed_stt(stt, self.metrics)
+        self.nlu = timed_nlu(nlu, self.metrics)
 
         # Calls.
         self.clock = AudioClock(reactor=reactor)
@@ -268,7 +272,6 @@ class DoormanService(MultiService):
         if IService.providedBy(dialer):
             dialer.setServiceParent(self)
         self.control = ExtensionControl(self.manager, self.store, reactor=reactor)
-        self.metrics = self._make_metrics()
         self.api = self._make_api()
 
     # ------------------------------------------------------------ parts
@@ -324,11 +327,10 @@ class DoormanService(MultiService):
         return Listener(leg, settings, reactor=self._reactor)
 
     def _make_metrics(self):
-        try:
-            from audiosocket.metrics import Metrics
-        except ImportError:
-            return None
-        return Metrics(self)
+        from audiosocket.metrics import Metrics
+
+        # It reads the other parts only when scraped, so it can exist before them.
+        return Metrics(self, reactor=self._reactor)
 
     def _make_api(self):
         from audiosocket.api import Api
@@ -341,15 +343,14 @@ class DoormanService(MultiService):
             self.store,
             token=token,
             status=self.status,
-            metrics_registry=self.metrics.registry if self.metrics is not None else None,
+            metrics_registry=self.metrics.registry,
         )
 
     def site(self, condominium_id: int) -> Site:
         return self.sites[condominium_id]
 
     def _record(self, session):
-        if self.metrics is not None:
-            self.metrics.call_ended(session)
+        self.metrics.call_ended(session)
         return self.records.add(session.record())
 
     # ------------------------------------------------------------ status

@@ -408,6 +408,8 @@ class RedisStore(Service):
             )
         if not isinstance(prefix, str):
             raise ValueError("prefix must be a string, not {!r}".format(prefix))
+        #: Commands that failed for want of Redis (exported as a metric).
+        self.errors = 0
         self._address = RedisAddress.parse(address, db)
         self._password = password if password is not None else self._address.password
         self._reactor = reactor
@@ -555,6 +557,7 @@ class RedisStore(Service):
             result = await d
         except _UNAVAILABLE as e:
             self._healthy = False
+            self.errors += 1
             if isinstance(e, defer.TimeoutError):
                 why = "no reply within {}s".format(self._timeout_s)
             elif isinstance(e, defer.CancelledError):

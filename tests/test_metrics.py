@@ -1,0 +1,331 @@
+"""
+Tests for L{audiosocket.metrics}: unit tests of the conversions and timing wrappers with a
+L{Clock}, and integration tests scraping C{GET /metrics} of the real service (real TCP, a
+real redis-server) and parsing it with prometheus_client's own text parser.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest_twisted
+import treq
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
+from zope.interface.verify import verifyObject
+
+from audiosocket.callclient import CallOptions, place_call
+from audiosocket.clock import GAP_BUCKETS_MS, Histogram
+from audiosocket.metrics import (
+    Metrics,
+    histogram_buckets,
+    timed_nlu,
+    timed_stt,
+    timed_tts,
+)
+from audiosocket.speech.tts import ITTS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_service import config_for, free_ports, started, stopped  # noqa: E402
+
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-")
+
+
+# ---------------------------------------------------------------- units
+
+
+def test_histogram_buckets_are_cumulative_seconds():
+    """
+    The clock's per-bucket millisecond counts become cumulative Prometheus buckets in
+    seconds, a value equal to a bound counting in that bound's bucket, ending with +Inf.
+    """
+    h = Histogram()
+    for ms in (1.0, 20.0, 21.0, 21.5, 5000.0):
+        h.observe(ms)
+    buckets = dict(histogram_buckets(h))
+    assert list(buckets)[0] == "0.005" and list(buckets)[-1] == "+Inf"
+    assert len(buckets) == len(GAP_BUCKETS_MS) + 1
+    assert buckets["0.005"] == 1
+    assert buckets["0.021"] == 3
+    assert buckets["0.025"] == 4
+    assert buckets["1.0"] == 4
+    assert buckets["+Inf"] == 5
+
+
+class _SlowTTS:
+    name = "slow"
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.pending = []
+
+    def synthesize(self, text, rate):
+        d = defer.Deferred()
+        self.pending.append(d)
+        return d
+
+    def preload(self, texts, rate):
+        return defer.succeed(len(list(texts)))
+
+
+class _Server:
+    """The parts of a DoormanService the collector reads, empty."""
+
+    def __init__(self, clock):
+        from collections import Counter
+
+        from audiosocket.clock import AudioClock
+
+        self._reactor = clock
+        self.clock = AudioClock(reactor=clock)
+        self.manager = type("M", (), {"extensions": {}, "refused": Counter()})()
+        self.registry = type("R", (), {"sessions": {}, "turned_away": 0})()
+        self.store = type("S", (), {"available": True})()
+
+
+def _samples(metrics: Metrics, name: str) -> dict:
+    from prometheus_client import generate_latest
+
+    text = generate_latest(metrics.registry).decode()
+    return {
+        tuple(sorted(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    }
+
+
+def test_timed_tts_observes_the_wait():
+    """
+    L{timed_tts} provides L{ITTS}, passes other attributes through, and records how long
+    the caller waited for the synthesis (reactor time, 0.3 s here) in the TTS histogram.
+    """
+    clock = Clock()
+    metrics = Metrics(_Server(clock), reactor=clock)
+    inner = _SlowTTS(clock)
+    tts = timed_tts(inner, metrics)
+    verifyObject(ITTS, tts)
+    assert tts.name == "slow"
+    d = tts.synthesize("olá", 8000)
+    clock.advance(0.3)
+    inner.pending[0].callback(b"\0\0")
+    assert d.result == b"\0\0"
+    assert _samples(metrics, "audiosocket_tts_seconds_count") == {(): 1.0}
+    assert _samples(metrics, "audiosocket_tts_seconds_sum")[()] == 0.3
+    buckets = _samples(metrics, "audiosocket_tts_seconds_bucket")
+    assert buckets[(("le", "0.25"),)] == 0 and buckets[(("le", "0.5"),)] == 1
+
+
+def test_timed_stt_and_nlu_observe_failures_too():
+    """
+    A failed transcription or decision is timed as well (the failure passes through to the
+    caller), and L{timed_stt}/L{timed_nlu} leave a missing (keypad-only) part missing.
+    """
+    clock = Clock()
+    metrics = Metrics(_Server(clock), reactor=clock)
+
+    class Failing:
+        name = "x"
+
+        def transcribe(self, pcm, rate):
+            return defer.fail(ValueError("no"))
+
+        def extract(self, text, directory=None):
+            return defer.succeed(None)
+
+        def decide(self, text):
+            return defer.fail(ValueError("no"))
+
+    stt, nlu = timed_stt(Failing(), metrics), timed_nlu(Failing(), metrics)
+    failures = []
+    stt.transcribe(b"", 8000).addErrback(failures.append)
+    nlu.decide("sim").addErrback(failures.append)
+    nlu.extract("101", None)
+    assert len(failures) == 2
+    assert _samples(metrics, "audiosocket_stt_seconds_count") == {(): 1.0}
+    assert _samples(metrics, "audiosocket_nlu_seconds_count") == {
+        (("operation", "decide"),): 1.0,
+        (("operation", "extract"),): 1.0,
+    }
+    assert timed_stt(None, metrics) is None and timed_nlu(None, metrics) is None
+
+
+def test_call_ended_counts_outcome_answer_and_timings():
+    """
+    A finished session counts under its condominium and outcome; a dialed call whose
+    resident answered moves both the dialed and answered counters and the two timing
+    histograms; a call never dialed moves neither.
+    """
+    clock = Clock()
+    metrics = Metrics(_Server(clock), reactor=clock)
+
+    class Ext:
+        condominium_id = 7
+
+    class Sess:
+        extension = Ext()
+        started_at = 100.0
+
+        def __init__(self, outcome, attempts, resident_at, decided_at):
+            self.outcome, self.attempts = outcome, attempts
+            self.resident_at, self.decided_at = resident_at, decided_at
+
+        def legs(self):
+            return []
+
+    metrics.call_ended(Sess("authorized", 1, 108.0, 112.0))
+    metrics.call_ended(Sess("unknown_apartment", 0, None, None))
+    calls = _samples(metrics, "audiosocket_calls_total")
+    assert calls == {
+        (("condominium", "7"), ("outcome", "authorized")): 1.0,
+        (("condominium", "7"), ("outcome", "unknown_apartment")): 1.0,
+    }
+    assert _samples(metrics, "audiosocket_calls_dialed_total") == {(("condominium", "7"),): 1.0}
+    assert _samples(metrics, "audiosocket_calls_resident_answered_total") == {
+        (("condominium", "7"),): 1.0
+    }
+    assert _samples(metrics, "audiosocket_call_resident_answer_seconds_sum") == {
+        (("condominium", "7"),): 8.0
+    }
+    assert _samples(metrics, "audiosocket_call_decision_seconds_sum") == {
+        (("condominium", "7"),): 12.0
+    }
+
+
+# ---------------------------------------------------------------- the real service
+
+
+async def _scrape(svc) -> dict[str, object]:
+    api = "http://127.0.0.1:{}".format(svc.api_port.getHost().port)
+    response = await treq.get(api + "/metrics", persistent=False).addTimeout(5, reactor)
+    assert response.code == 200
+    assert response.headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
+    text = await treq.text_content(response).addTimeout(5, reactor)
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def _value(family, **labels) -> float:
+    for sample in family.samples:
+        if sample.labels == labels and not sample.name.endswith(("_created", "_bucket")):
+            return sample.value
+    raise AssertionError("no sample {} in {}".format(labels, family.samples))
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_scrape_parses_with_every_family(redis_server, tmp_path):
+    """
+    A scrape of an idle server parses with the real Prometheus parser and has every family
+    the issue asks for, with per-extension gauges at 0 and Redis available.
+    """
+    ai, ret = free_ports(2)
+    svc = await started(config_for(redis_server.path, tmp_path, ai, ret))
+    try:
+        families = await _scrape(svc)
+    finally:
+        await stopped(svc)
+    for name in (
+        "audiosocket_sessions_active",
+        "audiosocket_legs_active",
+        "audiosocket_frames_in",
+        "audiosocket_frames_out",
+        "audiosocket_frame_gap_seconds",
+        "audiosocket_clock_late_ticks",
+        "audiosocket_clock_skipped_frames",
+        "audiosocket_clock_tick_lateness_seconds",
+        "audiosocket_refused_connections",
+        "audiosocket_redis_available",
+        "audiosocket_calls",
+        "audiosocket_call_resident_answer_seconds",
+        "audiosocket_call_decision_seconds",
+        "audiosocket_calls_dialed",
+        "audiosocket_calls_resident_answered",
+        "audiosocket_stt_seconds",
+        "audiosocket_tts_seconds",
+        "audiosocket_nlu_seconds",
+    ):
+        assert name in families, name
+    assert families["audiosocket_frame_gap_seconds"].type == "histogram"
+    assert _value(families["audiosocket_sessions_active"], extension="1") == 0
+    assert _value(families["audiosocket_legs_active"], extension="1", role="visitor") == 0
+    assert _value(families["audiosocket_redis_available"]) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_counters_move_after_a_call(redis_server, tmp_path):
+    """
+    While a call is up its session and visitor leg show on extension 1; after it hangs up
+    the call is counted under its condominium and outcome, and the frames it sent and
+    received stay counted (counters never go back when a leg closes).
+    """
+    ai, ret = free_ports(2)
+    svc = await started(config_for(redis_server.path, tmp_path, ai, ret))
+    try:
+        call = defer.Deferred.fromCoroutine(
+            place_call(CallOptions(host="127.0.0.1", port=ai, hangup_after=1.5), reactor)
+        )
+        await defer.Deferred.fromCoroutine(_wait_for(lambda: svc.registry.active() == 1))
+        during = await _scrape(svc)
+        report = await call.addTimeout(10, reactor)
+        await defer.Deferred.fromCoroutine(_wait_for(lambda: svc.registry.finished == 1))
+        after = await _scrape(svc)
+    finally:
+        await stopped(svc)
+    assert report.connected
+    assert _value(during["audiosocket_sessions_active"], extension="1") == 1
+    assert _value(during["audiosocket_legs_active"], extension="1", role="visitor") == 1
+    assert _value(after["audiosocket_sessions_active"], extension="1") == 0
+    assert _value(after["audiosocket_calls"], condominium="1", outcome="abandoned") == 1
+    frames_out = _value(after["audiosocket_frames_out"])
+    assert frames_out >= report.frames_received
+    assert frames_out >= _value(during["audiosocket_frames_out"])
+    assert _value(after["audiosocket_frames_in"]) >= 0.8 * report.frames_sent
+    gaps = after["audiosocket_frame_gap_seconds"]
+    count = [s.value for s in gaps.samples if s.name.endswith("_count")][0]
+    # One gap per send after the first; a late tick sends up to 3 frames in one send.
+    late = _value(after["audiosocket_clock_late_ticks"])
+    assert frames_out - 2 - 2 * late <= count <= frames_out
+
+
+@pytest_twisted.ensureDeferred
+async def test_labels_stay_low_cardinality(redis_server, tmp_path):
+    """
+    After calls with random UUIDs, no label value in the scrape is a UUID, and the only
+    label names are the small fixed set (extension, role, condominium, outcome, reason,
+    operation, le).
+    """
+    ai, ret = free_ports(2)
+    svc = await started(config_for(redis_server.path, tmp_path, ai, ret))
+    try:
+        calls = [
+            defer.Deferred.fromCoroutine(
+                place_call(CallOptions(host="127.0.0.1", port=ai, hangup_after=0.5), reactor)
+            )
+            for _ in range(3)
+        ]
+        await defer.gatherResults(calls).addTimeout(10, reactor)
+        await defer.Deferred.fromCoroutine(_wait_for(lambda: svc.registry.finished == 3))
+        families = await _scrape(svc)
+    finally:
+        await stopped(svc)
+    names, values = set(), set()
+    for family in families.values():
+        for sample in family.samples:
+            names.update(sample.labels)
+            values.update(sample.labels.values())
+    assert names <= {"extension", "role", "condominium", "outcome", "reason", "operation", "le"}
+    assert not [v for v in values if UUID_RE.search(v)]
+    assert _value(families["audiosocket_calls"], condominium="1", outcome="abandoned") == 3
+
+
+async def _wait_for(predicate, timeout: float = 5.0) -> None:
+    from twisted.internet.task import deferLater
+
+    waited = 0.0
+    while not predicate():
+        if waited >= timeout:
+            raise AssertionError("condition not met within {} s".format(timeout))
+        await deferLater(reactor, 0.02, lambda: None)
+        waited += 0.02
