@@ -285,7 +285,9 @@ class CallReport:
         """The report as JSON-safe values, without the PCM and the raw gaps."""
         return asdict(
             self,
-            filter=lambda attribute, value: attribute.name not in ("received_pcm", "gaps_ms", "arrivals_s"),
+            filter=lambda attribute, value: (
+                attribute.name not in ("received_pcm", "gaps_ms", "arrivals_s")
+            ),
         )
 
     def summary(self) -> str:
@@ -1053,9 +1055,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-audio", action="store_true", help="send no audio frames, only UUID and DTMF"
     )
-    parser.add_argument(
-        "--connect-timeout", type=float, default=5.0, metavar="S", help="default 5"
-    )
+    parser.add_argument("--connect-timeout", type=float, default=5.0, metavar="S", help="default 5")
     parser.add_argument("--calls", type=int, default=1, metavar="N", help="concurrent calls")
     parser.add_argument(
         "--ramp", type=float, default=0.0, metavar="S", help="spread the starts over S seconds"

@@ -31,11 +31,13 @@ from audiosocket.callclient import (
     CallProtocol,
     CallReport,
     CallTracker,
+    Pacer,
     aggregate,
     aggregate_summary,
     load_wav,
     options_for_calls,
     parse_args,
+    parse_ports,
     place_call,
     place_calls,
 )
@@ -465,9 +467,7 @@ def test_aggregate():
     """aggregate counts calls, outcomes and late sends, and takes gaps over all calls."""
     reports = [
         CallReport(uuid="a", connected=True, hung_up_by="server", gaps_ms=[20.0, 20.0]),
-        CallReport(
-            uuid="b", connected=True, hung_up_by="server", gaps_ms=[60.0], late_sends=2
-        ),
+        CallReport(uuid="b", connected=True, hung_up_by="server", gaps_ms=[60.0], late_sends=2),
         CallReport(uuid="c", error="cannot connect: refused"),
     ]
     totals = aggregate(reports)
@@ -636,9 +636,7 @@ async def test_place_call_over_tcp(tmp_path):
     """
     port, protocols = await serve(ToneServer)
     record = tmp_path / "heard.wav"
-    options = CallOptions(
-        host="127.0.0.1", port=port.getHost().port, uuid=UUID, record=record
-    )
+    options = CallOptions(host="127.0.0.1", port=port.getHost().port, uuid=UUID, record=record)
     try:
         report = await call(options)
     finally:
@@ -787,9 +785,9 @@ async def test_cancelled_place_calls_cleans_up():
     """Giving up on place_calls hangs up every call and closes every socket before failing."""
     port, protocols = await serve(DTMFServer)
     template = CallOptions(host="127.0.0.1", port=port.getHost().port)
-    d = Deferred.fromCoroutine(
-        place_calls(options_for_calls(template, 3), ramp_s=0.3)
-    ).addTimeout(0.2, reactor)
+    d = Deferred.fromCoroutine(place_calls(options_for_calls(template, 3), ramp_s=0.3)).addTimeout(
+        0.2, reactor
+    )
     try:
         with pytest.raises(TimeoutError):
             await d
@@ -801,9 +799,7 @@ async def test_cancelled_place_calls_cleans_up():
 # ---------------------------------------------------------------- load mode
 
 
-def paced(n: int, **kw) -> tuple[list[CallProtocol], list[TCPStringTransport], Clock, "Pacer"]:
-    from audiosocket.callclient import Pacer
-
+def paced(n: int, **kw) -> tuple[list[CallProtocol], list[TCPStringTransport], Clock, Pacer]:
     clock = Clock()
     pacer = Pacer(clock)
     protocols, transports = [], []
@@ -912,8 +908,6 @@ def test_aggregate_uses_the_pacer_stats():
 
 def test_parse_ports():
     """Ranges and lists of ports expand in order; bad parts are named."""
-    from audiosocket.callclient import parse_ports
-
     assert parse_ports("8080-8083,9000") == (8080, 8081, 8082, 8083, 9000)
     assert parse_ports("8080") == (8080,)
     for bad, said in (("80-x", "'80-x'"), ("9-1", "ends before"), ("70000", "65535")):
@@ -971,8 +965,6 @@ async def test_load_run_across_two_ports():
     between the ports, every call hears the paced server's frames, and the totals count
     the calls, the client's own timing, and who hung up.
     """
-    from audiosocket.callclient import Pacer
-
     ports = [await serve(PacedSilenceServer) for _ in range(2)]
     numbers = [p.getHost().port for p, _ in ports]
     template = CallOptions(host="127.0.0.1", port=numbers[0], hangup_after=0.5, keep_audio=False)
