@@ -156,8 +156,10 @@ class AudioClock(Service):
     def _tick(self, count: int) -> None:
         now = self._reactor.seconds()
         self._ticks += count
-        scheduled = self._loop.starttime + self._ticks * self.interval
-        self.lateness.observe(max(0.0, (now - scheduled) * 1000.0))
+        # Lateness against the first slot this tick pays for: after a stall, that is how long
+        # the oldest owed frame waited (against the latest slot it would never exceed 20 ms).
+        first_owed = self._loop.starttime + (self._ticks - count + 1) * self.interval
+        self.lateness.observe(max(0.0, (now - first_owed) * 1000.0))
         frames = count
         if count > 1:
             self.late_ticks += 1

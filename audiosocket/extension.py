@@ -128,7 +128,9 @@ class ExtensionService(Service):
         except ValueError:
             is_v6 = False
         cls = TCP6ServerEndpoint if is_v6 else TCP4ServerEndpoint
-        return cls(self._reactor, port, interface=host)
+        # A large backlog: hundreds of calls may arrive at once after a PBX restart, and
+        # Twisted's default of 50 leaves the rest waiting in the kernel queue.
+        return cls(self._reactor, port, backlog=1024, interface=host)
 
     async def _listen_one(self, port: int, factory: LegFactory, taken: set[int]):
         candidates = [port]

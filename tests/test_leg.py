@@ -453,3 +453,14 @@ def test_when_audio_fires_with_the_peers_rate():
     leg.dataReceived(wire.audio(bytes(640), 16000))
     assert d.result == 16000
     assert leg.when_audio().result == 16000
+
+
+def test_clock_lateness_counts_from_the_first_owed_frame():
+    """A 100 ms stall shows as ~100 ms of lateness, not the 20 ms of the latest slot."""
+    reactor = Clock()
+    clock = AudioClock(reactor=reactor)
+    clock.startService()
+    reactor.advance(0.02)
+    reactor.advance(0.1)  # five slots owed at once
+    assert clock.lateness.max_ms >= 79.0
+    clock.stopService()
