@@ -211,6 +211,8 @@ class Api:
                 "id": d["id"],
                 "ai_extension": d["ai_extension"],
                 "status": d["status"],
+                "bound_ai_port": d["bound_ai_port"],
+                "bound_return_port": d["bound_return_port"],
                 "active_calls": d["active_calls"],
             }
             for d in extensions

@@ -48,8 +48,8 @@ def ext_json(id=1, ai=8080, ret=8081, **kw):
 
 
 class Setup(ManagerSetup):
-    def __init__(self, token=None, registry=None, condos=(1,)):
-        super().__init__(condos=condos)
+    def __init__(self, token=None, registry=None, condos=(1,), fallback=None):
+        super().__init__(condos=condos, fallback=fallback)
         self.store = MemoryStore(reactor=self.reactor, node_id="node-a")
         self.sessions = FakeSessions()
         self.control = ExtensionControl(self.manager, self.store, reactor=self.reactor)
@@ -113,8 +113,27 @@ def test_status_merges_store_and_extensions():
     assert body["node"] == "n1"
     assert body["store"] == {"available": True}
     assert body["extensions"] == [
-        {"id": 1, "ai_extension": "1001", "status": "listening", "active_calls": 0}
+        {
+            "id": 1,
+            "ai_extension": "1001",
+            "status": "listening",
+            "bound_ai_port": 8080,
+            "bound_return_port": 8081,
+            "active_calls": 0,
+        }
     ]
+
+
+def test_fallback_port_is_reported_by_extension_and_status():
+    """With port fallback, the port actually bound shows in the extension and in /api/status."""
+    s = Setup(fallback=(20000, 20010))
+    s.reactor.busy.add(9000)
+    status, _, created = s.request("POST", "/api/extensions", ext_json(ai_port=9000, return_port=9001))
+    assert status == 201
+    assert created["ai_port"] == 9000 and created["bound_ai_port"] == 20000
+    _, _, body = s.request("GET", "/api/status")
+    assert body["extensions"][0]["bound_ai_port"] == 20000
+    assert body["extensions"][0]["bound_return_port"] == 9001
 
 
 def test_metrics_served_from_registry():
