@@ -216,7 +216,9 @@ def test_dial_failure_moves_to_next_attempt_at_once(bench):
     record = bench.records[0]
     assert record["outcome"] == "no_answer"
     assert [f["reason"] for f in record["dial_failures"]] == ["busy", "busy"]
+    # Clock time: two busy answers end long before two 30 s ring timeouts would.
     assert record["timings"]["total_s"] < 20
+    assert not bench.heard(visitor, "still_calling")
 
 
 def test_late_answer_to_first_attempt_counts(bench):
