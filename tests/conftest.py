@@ -8,6 +8,14 @@ socket open fails, naming what it left.
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import socket as _socket
+import subprocess
+import tempfile
+import time
+
 import pytest
 from twisted.internet import reactor
 
@@ -73,13 +81,6 @@ def pytest_configure(config):
 
 # -- a real redis-server ---------------------------------------------------------------------
 
-import os
-import shutil
-import signal
-import socket as _socket
-import subprocess
-import tempfile
-import time
 
 
 class RedisServer:
