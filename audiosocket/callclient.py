@@ -50,6 +50,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from audiosocket import wire
+from audiosocket.leg import write_now
 
 FRAME_S = wire.FRAME_MS / 1000
 #: Time between the digits of one C{--dtmf} entry.
@@ -562,26 +563,9 @@ class CallProtocol(Protocol):
             self._write(self._next_frame())
 
     def _write(self, data: bytes) -> None:
-        # As the server's legs do (see audiosocket.leg): send at once when nothing is
-        # buffered, so a load run of hundreds of calls keeps real time.
-        sock = self._socket
-        if sock is not None:
-            t = self.transport
-            if (
-                not t._tempDataLen
-                and t.offset == len(t.dataBuffer)
-                and t.connected
-                and not t.disconnecting
-                and not t._writeDisconnected
-            ):
-                try:
-                    sent = sock.send(data)
-                except OSError:
-                    sent = 0
-                if sent == len(data):
-                    return
-                data = data[sent:]
-        self.transport.write(data)
+        # As the server's legs do: send at once when nothing is buffered, so a load run of
+        # hundreds of calls keeps real time.
+        write_now(self.transport, self._socket, data)
 
     def _next_frame(self) -> bytes:
         n = self.frames_sent - self._wav_start

@@ -396,34 +396,7 @@ class AudioSocketProtocol(Protocol):
         return d
 
     def _write(self, data: bytes) -> None:
-        """
-        Send one frame now if the transport has nothing buffered, else queue it behind
-        what is (order is kept either way). Twisted's C{write} only buffers and registers
-        the socket for writing; the send happens on the next reactor iteration, costing two
-        epoll_ctl calls and a dispatch per frame. The clock writes one small frame per leg
-        every 20 ms, so a direct send is most of the per-leg cost saved.
-        """
-        sock = self._socket
-        if sock is not None:
-            t = self.transport
-            if (
-                not t._tempDataLen
-                and t.offset == len(t.dataBuffer)
-                and t.connected
-                and not t.disconnecting
-                and not t._writeDisconnected
-            ):
-                try:
-                    sent = sock.send(data)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                except OSError:
-                    # Let Twisted find the broken connection its own way.
-                    sent = 0
-                if sent == len(data):
-                    return
-                data = data[sent:]
-        self.transport.write(data)
+        write_now(self.transport, self._socket, data)
 
     def tick(self, frames: int, now: float) -> None:
         """Called by the clock: write C{frames} frames (speech if queued, else silence)."""
@@ -458,6 +431,36 @@ class AudioSocketProtocol(Protocol):
         self.factory.clock.remove(self)
         self.transport.write(wire.HANGUP_FRAME)
         self.transport.loseConnection()
+
+
+def write_now(transport, sock, data: bytes) -> None:
+    """
+    Send one frame now if C{transport} has nothing buffered, else queue it behind what is
+    (order is kept either way). Twisted's C{write} only buffers and registers the socket for
+    writing; the send happens on the next reactor iteration, costing two epoll_ctl calls and
+    a dispatch per frame. The clock writes one small frame per leg every 20 ms, so a direct
+    send is most of the per-leg cost saved. C{sock} is L{direct_socket}'s answer (C{None}:
+    always Twisted's buffered write).
+    """
+    if sock is not None:
+        t = transport
+        if (
+            not t._tempDataLen
+            and t.offset == len(t.dataBuffer)
+            and t.connected
+            and not t.disconnecting
+            and not t._writeDisconnected
+        ):
+            try:
+                sent = sock.send(data)
+            except OSError:
+                # Would block, interrupted, or broken: Twisted's write queues the rest and
+                # finds a broken connection its own way.
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+    transport.write(data)
 
 
 def direct_socket(transport):
