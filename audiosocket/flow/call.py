@@ -316,18 +316,23 @@ class _Call:
             self.log.failure("call {uuid}: understanding failed", **self.fields)
             return text, None
 
-    async def _transcribe(self, utterance) -> str | None:
+    async def _transcribe(self, utterance, offer_keypad: bool = True) -> str | None:
+        """
+        The text of an utterance, or C{None} when recognition failed; on the visitor's leg a
+        failure also turns the rest of the call to the keypad (the resident is asked for keys
+        by every prompt already).
+        """
         try:
             return await self.flow._stt.transcribe(utterance.pcm, utterance.rate)
         except defer.CancelledError:
             raise
         except Exception as e:
             self.log.warn(
-                "call {uuid}: speech recognition failed ({error}); offering the keypad",
+                "call {uuid}: speech recognition failed ({error})",
                 **self.fields,
                 error=str(e),
             )
-            if not self.keypad_only:
+            if offer_keypad and not self.keypad_only:
                 self.keypad_only = True
                 await self.visitor.say(self.prompts.say("use_keypad"))
             return None
@@ -516,7 +521,7 @@ class _Call:
                     decision = classify_dtmf(item.digit)
                     evidence = "dtmf:" + item.digit
                 else:
-                    text = await self._resident_text(item)
+                    text = await self._transcribe(item, offer_keypad=False)
                     decision = classify_decision(text) if text else Decision.UNCLEAR
                     evidence = "voice:" + (text or "")
                 if decision is Decision.AUTHORIZED:
@@ -542,19 +547,6 @@ class _Call:
     @property
     def keypad_only_resident(self) -> bool:
         return not self.flow.voice
-
-    async def _resident_text(self, utterance) -> str | None:
-        try:
-            return await self.flow._stt.transcribe(utterance.pcm, utterance.rate)
-        except defer.CancelledError:
-            raise
-        except Exception as e:
-            self.log.warn(
-                "call {uuid}: recognising the resident failed: {error}",
-                **self.fields,
-                error=str(e),
-            )
-            return None
 
     def _detail(self) -> str:
         facts = self.session.facts
