@@ -91,22 +91,21 @@ async def other(redis_server):
 
 
 class Changes:
-    """Collects changes and lets a test wait for the next one."""
+    """
+    Collects changes; C{next()} gives the oldest one not yet taken, waiting if there is none
+    (a message may arrive before or after the command's own reply: neither is lost).
+    """
 
     def __init__(self):
         self.seen: list[ExtensionChange] = []
-        self._waiting: list[defer.Deferred] = []
+        self._queue = defer.DeferredQueue()
 
     def __call__(self, change):
         self.seen.append(change)
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(change)
+        self._queue.put(change)
 
     def next(self) -> defer.Deferred:
-        d = defer.Deferred()
-        self._waiting.append(d)
-        return d.addTimeout(TIMEOUT, reactor)
+        return self._queue.get().addTimeout(TIMEOUT, reactor)
 
 
 # -- interface ---------------------------------------------------------------------------------
@@ -243,9 +242,10 @@ async def test_put_reaches_other_node(store, other):
 @pytest_twisted.ensureDeferred
 async def test_delete_reaches_other_node(store, other):
     """A delete on one node reaches the other node's subscriber as a delete."""
-    await wait(store.save_extension(ext(10)))
     changes = Changes()
     other.subscribe(changes)
+    await wait(store.save_extension(ext(10)))
+    assert (await changes.next()).kind == PUT  # the put comes first
     await wait(store.delete_extension(10))
     assert await changes.next() == ExtensionChange(DELETE, 10, None, "a")
 
