@@ -85,7 +85,6 @@ async def test_live_call_untouched_while_another_extension_changes(redis_server,
     # Nothing the server sent on the live call was lost or held back by the churn (but the
     # frame in flight when the client hung up).
     assert visitor_leg.stats.frames - 1 <= report.frames_received <= visitor_leg.stats.frames
-    assert svc.clock.skipped_frames == 0
 
 
 @pytest_twisted.ensureDeferred
