@@ -251,7 +251,7 @@ class _Call:
                     match = None
             if match is not None:
                 self.apartment = match.apartment
-                resident = match.resident or self._resident_for(facts, match.apartment)
+                resident = match.resident or self._resident_for(match.apartment)
                 self.session.facts = Facts(
                     intent=facts.intent,
                     visitor_name=facts.visitor_name,
@@ -271,7 +271,7 @@ class _Call:
                 return None
             if heard:
                 await self.visitor.say(
-                    self.prompts.say("unknown_apartment", apartment=_spoken(heard)),
+                    self.prompts.say("unknown_apartment", apartment=heard),
                     interruptible=True,
                 )
             else:
@@ -379,7 +379,7 @@ class _Call:
             return directory.find_resident(facts.resident_name, threshold=self.flow._threshold)
         return None
 
-    def _resident_for(self, facts: Facts, apartment) -> str | None:
+    def _resident_for(self, apartment) -> str | None:
         # Nobody named: the apartment's first listed resident is its contact.
         return apartment.residents[0] if apartment.residents else None
 
@@ -387,7 +387,7 @@ class _Call:
         """'Apartamento 101, correto?' — 1 or "sim" confirms; anything else does not."""
         self.visitor.flush()
         await self.visitor.say(
-            self.prompts.say("confirm_apartment", apartment=_spoken(number)), interruptible=True
+            self.prompts.say("confirm_apartment", apartment=number), interruptible=True
         )
         item = await self.visitor.next_input(ANSWER_TIMEOUT_S)
         if item is None:
@@ -419,7 +419,7 @@ class _Call:
         session.state = S.DIALING
         # The phone starts ringing while the visitor hears "aguarde": the resident's time to
         # answer is not added to the prompt's.
-        self.visitor.queue(self.prompts.say("calling", apartment=_spoken(self.apartment.number)))
+        self.visitor.queue(self.prompts.say("calling", apartment=self.apartment.number))
         leg = None
         for attempt in range(1, self.config.attempts + 1):
             session.attempts = attempt
@@ -507,7 +507,7 @@ class _Call:
         session.state = S.ANNOUNCING
         try:
             await resident.say(
-                announcement(self.prompts, _spoken(facts.apartment), facts.visitor_name, facts.intent)
+                announcement(self.prompts, facts.apartment, facts.visitor_name, facts.intent)
             )
             session.state = S.DECIDING
             ask = "ask_decision_keypad" if self.keypad_only_resident else "ask_decision"
@@ -578,7 +578,7 @@ class _Call:
             "no_decision": "no_decision",
         }.get(outcome)
         if outcome == "no_answer":
-            text = self.prompts.say("no_answer", apartment=_spoken(self.apartment.number))
+            text = self.prompts.say("no_answer", apartment=self.apartment.number)
         elif name is not None:
             text = self.prompts.say(name)
         else:
@@ -629,11 +629,6 @@ class _Race:
         sources, self._sources = self._sources, {}
         for d in sources.values():
             d.cancel()
-
-
-def _spoken(number: str) -> str:
-    """Apartment numbers read digit by digit in groups are clearer on a phone: '1 0 1'."""
-    return number
 
 
 def _bare_name(text: str | None) -> str | None:

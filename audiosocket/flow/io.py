@@ -213,8 +213,7 @@ class LegIO:
 
     def queue(self, text: str) -> defer.Deferred:
         """Speak without waiting (the wait message while the phone rings)."""
-        d = defer.Deferred.fromCoroutine(self._quiet_say(text))
-        return d
+        return defer.Deferred.fromCoroutine(self._quiet_say(text))
 
     async def _quiet_say(self, text: str) -> bool:
         try:
