@@ -20,7 +20,8 @@ from twisted.internet.task import deferLater
 from twisted.web import resource, server
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 
-from audiosocket.dialer import DialFailed, DialRequest, HttpDialer
+from audiosocket.dialer import DialFailed, HttpDialer
+from test_dialer import request
 from test_service import config_for, free_ports, started, stopped
 
 
@@ -105,21 +106,11 @@ async def test_https_webhook_with_unverifiable_certificate_is_refused(tmp_path):
         reactor,
         "ssl:0:interface=127.0.0.1:privateKey={}:certKey={}".format(key_path, cert_path),
     ).listen(server.Site(hook))
-    request = DialRequest(
-        uuid="11111111-2222-3333-4444-555555555555",
-        dial="SIP/1101",
-        apartment="101",
-        resident="Ana Souza",
-        extension_id=1,
-        return_extension="1002",
-        audiosocket="127.0.0.1:8081",
-        timeout_s=30.0,
-    )
     dialer = HttpDialer("https://localhost:{}/dial".format(listening.getHost().port), timeout_s=5)
     try:
         failure = None
         try:
-            await dialer.dial(request)
+            await dialer.dial(request())
         except DialFailed as e:
             failure = e
         # The client dropped the handshake; let the server side see it before tear-down.
