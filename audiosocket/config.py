@@ -41,6 +41,7 @@ __all__ = [
     "ConfigError",
     "DialerConfig",
     "FlowConfig",
+    "PrivacyConfig",
     "RedisConfig",
     "ServerConfig",
     "SpeechConfig",
@@ -301,12 +302,37 @@ def _redis_url(value: Any, base: Path) -> str:
     return url
 
 
+#: The longest greeting or prompt text the file may give: with its fields filled in, a prompt
+#: stays well under C{speech.max_text_chars} (whose least value is 200 more than this).
+MAX_PROMPT_CHARS = 500
+
+
+def _prompt_text(value: Any, base: Path) -> str:
+    text = _str(empty=False)(value, base)
+    if len(text) > MAX_PROMPT_CHARS:
+        raise _Invalid(f"must be at most {MAX_PROMPT_CHARS} characters, not {len(text)}")
+    return text
+
+
 def _prompts(value: Any, base: Path) -> Mapping[str, str]:
     if not isinstance(value, dict):
         raise _Invalid(f"must be a table of prompt texts, not {_show(value)}")
     for name, text in value.items():
         if not isinstance(text, str) or not text.strip():
             raise _Invalid(f"must be a non-empty string, not {_show(text)}", f".{name}")
+        try:
+            _prompt_text(text, base)
+        except _Invalid as e:
+            raise _Invalid(e.message, f".{name}") from None
+    # A name or a field the flow does not know would otherwise fail mid-call; a field the
+    # default lacks may be caller data (no prompt reads back what the visitor typed).
+    from audiosocket.flow.prompts import check_overrides
+
+    for name, text in value.items():
+        try:
+            check_overrides({name: text})
+        except ValueError as e:
+            raise _Invalid(str(e), f".{name}") from None
     return MappingProxyType(dict(value))
 
 
@@ -403,6 +429,9 @@ class RedisConfig:
     url: str = _field("", _redis_url)
     password_env: str = _field("", _env_name)
     timeout_s: float = _field(2.0, _positive)
+    #: The embedded redis-server's memory cap, in MiB (its C{maxmemory}). Its policy is
+    #: C{noeviction}: when full, writes fail loudly instead of keys vanishing.
+    embedded_maxmemory_mb: int = _field(256, _int(16, 1048576))
 
     @property
     def embedded(self) -> bool:
@@ -466,6 +495,9 @@ class SpeechConfig:
     stt: str = _field("none", _choice("none", "whisper", "vosk", "azure"))
     nlu: str = _field("rules", _choice("rules", "llm"))
     cache_size: int = _field(256, _int(0))  # synthesized prompts kept in memory
+    cache_mb: int = _field(32, _int(0, 4096))  # and at most this many MiB of them
+    #: Longer texts are refused before synthesis (no prompt comes near it).
+    max_text_chars: int = _field(1000, _int(MAX_PROMPT_CHARS + 200, 100000))
     espeak: EspeakConfig = _table(EspeakConfig)
     whisper: WhisperConfig = _table(WhisperConfig)
     openai: OpenAIConfig = _table(OpenAIConfig)
@@ -522,7 +554,20 @@ class FlowConfig:
     decision_timeout_s: float = _field(10.0, _positive)
     max_retries: int = _field(2, _int(0, 10))
     wait_message_interval_s: float = _field(15.0, _positive)
+    #: More keypad digits than this make the entry invalid (never an apartment).
+    max_digits: int = _field(8, _int(1, 32))
     prompts: Mapping[str, str] = _field({}, _prompts)
+
+
+@frozen(kw_only=True)
+class PrivacyConfig:
+    """
+    C{[privacy]}: what a caller said may be kept. By default logs and call records say only the
+    kind of input ("voice", "dtmf:1") and how many words, never the words.
+    """
+
+    log_speech: bool = _field(False, _bool)  # true: transcripts go to the log (debugging)
+    record_speech: bool = _field(False, _bool)  # true: the resident's words go to the record
 
 
 @frozen(kw_only=True)
@@ -534,7 +579,7 @@ class Condominium:
     directory: Path = _required(_path(must_be_file=True))
     greeting: str = attrs.field(
         default=attrs.Factory(lambda self: f"{self.name}, em que posso ajudar?", takes_self=True),
-        metadata={"check": _str(empty=False)},
+        metadata={"check": _prompt_text},
     )
     max_calls: int | None = _field(None, _optional(_int(1, 100000)))
     #: C{[condominiums.audio]}: this building's own [audio] settings (a noisy gate may need a
@@ -569,6 +614,7 @@ _SECTIONS = {
     "dialer": DialerConfig,
     "audio": AudioConfig,
     "flow": FlowConfig,
+    "privacy": PrivacyConfig,
 }
 
 
@@ -584,6 +630,7 @@ class Config:
     dialer: DialerConfig
     audio: AudioConfig
     flow: FlowConfig
+    privacy: PrivacyConfig
     condominiums: tuple[Condominium, ...]
     extensions: tuple[Extension, ...]
 
@@ -678,6 +725,25 @@ _NEEDS = {
 }
 
 
+#: Providers that may carry a key: (URL setting, key setting).
+_KEYED_URLS = (
+    ("speech.whisper.url", "speech.whisper.api_key_env"),
+    ("speech.openai.url", "speech.openai.api_key_env"),
+    ("speech.llm.url", "speech.llm.api_key_env"),
+)
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _get(config: Config, dotted: str) -> Any:
     return functools.reduce(getattr, dotted.split("."), config)
 
@@ -689,6 +755,15 @@ def _check_rules(config: Config) -> None:
             for key in needed:
                 if not _get(config, key):
                     raise _Invalid(f'is required when {setting} = "{choice}"', key)
+    for url_key, key_env in _KEYED_URLS:
+        url = _get(config, url_key)
+        if url and _get(config, key_env) and urlsplit(url).scheme == "http":
+            if not _is_loopback(urlsplit(url).hostname):
+                raise _Invalid(
+                    f"must be https:// when {key_env} is set: the key would cross the network "
+                    f"in clear (plain http:// is only for a server on loopback), not {_show(url)}",
+                    url_key,
+                )
     vosk = config.speech.vosk.model_dir
     if config.speech.stt == "vosk" and not vosk.is_dir():
         raise _Invalid(f"no such directory: {vosk}", "speech.vosk.model_dir")

@@ -184,6 +184,10 @@ def test_defaults(tmp_path):
     flow = config.flow
     assert (flow.ring_timeout_s, flow.attempts, flow.max_call_s) == (30.0, 2, 180.0)
     assert dict(flow.prompts) == {}
+    assert flow.max_digits == 8
+    assert (speech.cache_mb, speech.max_text_chars) == (32, 1000)
+    assert config.redis.embedded_maxmemory_mb == 256
+    assert (config.privacy.log_speech, config.privacy.record_speech) == (False, False)
     assert config.extensions == ()
 
 
@@ -631,6 +635,74 @@ MISTAKES = {
         "extensions[0].condominium_id",
         "no condominium has id 7",
     ),
+    # typed input and synthesis are bounded; nothing a caller said is read back
+    "max_digits zero": (
+        "[flow]\nmax_digits = 0\n",
+        "flow.max_digits",
+        "must be an integer between 1 and 32, not 0",
+    ),
+    "prompt reads the apartment back": (
+        '[flow.prompts]\nunknown_apartment = "Não encontrei o {apartment}."\n',
+        "flow.prompts.unknown_apartment",
+        "prompt 'unknown_apartment' uses unknown field 'apartment' (allowed: none)",
+    ),
+    "unknown prompt": (
+        '[flow.prompts]\ngreting = "Oi"\n',
+        "flow.prompts.greting",
+        "unknown prompt 'greting'",
+    ),
+    "prompt too long": (
+        '[flow.prompts]\nbusy = "' + "a" * 501 + '"\n',
+        "flow.prompts.busy",
+        "must be at most 500 characters, not 501",
+    ),
+    "greeting too long": (
+        CONDOMINIUM + 'greeting = "' + "a" * 501 + '"\n',
+        "condominiums[0].greeting",
+        "must be at most 500 characters, not 501",
+    ),
+    "max_text_chars too small": (
+        "[speech]\nmax_text_chars = 100\n",
+        "speech.max_text_chars",
+        "must be an integer between 700 and 100000, not 100",
+    ),
+    "cache_mb negative": (
+        "[speech]\ncache_mb = -1\n",
+        "speech.cache_mb",
+        "must be an integer between 0 and 4096, not -1",
+    ),
+    "embedded maxmemory too small": (
+        "[redis]\nembedded_maxmemory_mb = 1\n",
+        "redis.embedded_maxmemory_mb",
+        "must be an integer between 16 and 1048576, not 1",
+    ),
+    "privacy not a bool": (
+        '[privacy]\nlog_speech = "yes"\n',
+        "privacy.log_speech",
+        'must be true or false, not "yes"',
+    ),
+    # a key never crosses the network in clear
+    "whisper key over http": (
+        '[speech.whisper]\nurl = "http://stt.example.com/v1"\napi_key_env = "STT_KEY"\n',
+        "speech.whisper.url",
+        "must be https:// when speech.whisper.api_key_env is set: the key would cross the "
+        "network in clear (plain http:// is only for a server on loopback), not "
+        '"http://stt.example.com/v1"',
+    ),
+    "openai key over http": (
+        '[speech.openai]\nurl = "http://10.0.0.5/v1"\n',
+        "speech.openai.url",
+        "must be https:// when speech.openai.api_key_env is set: the key would cross the "
+        "network in clear (plain http:// is only for a server on loopback), not "
+        '"http://10.0.0.5/v1"',
+    ),
+    "llm key over http": (
+        '[speech.llm]\nurl = "http://llm.lan:8000/v1"\nmodel = "m"\napi_key_env = "K"\n',
+        "speech.llm.url",
+        "must be https:// when speech.llm.api_key_env is set: the key would cross the "
+        "network in clear (plain http:// is only for a server on loopback), not "
+        '"http://llm.lan:8000/v1"',
+    ),
 }
 
 
@@ -645,6 +717,22 @@ def test_mistake_names_file_and_key(tmp_path, text, key, message):
     message = message.replace("{dir}", str(tmp_path))
     assert (e.path, e.key, e.message) == (str(path), key, message)
     assert str(e) == f"{path}: {key}: {message}"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:9000/v1", "http://localhost:9000/v1", "http://[::1]:9000/v1", "http://127.8.0.1/v1"],
+)
+def test_plain_http_with_a_key_is_fine_on_loopback(tmp_path, url):
+    """A local faster-whisper server on 127.0.0.1 needs no TLS, key or not."""
+    config = load(tmp_path, f'[speech.whisper]\nurl = "{url}"\napi_key_env = "STT_KEY"\n')
+    assert config.speech.whisper.url == url
+
+
+def test_plain_http_without_a_key_is_fine(tmp_path):
+    """No key, nothing to leak: a keyless server on the LAN may be plain http://."""
+    config = load(tmp_path, '[speech.whisper]\nurl = "http://10.0.0.9:9000/v1"\n')
+    assert config.speech.whisper.url == "http://10.0.0.9:9000/v1"
 
 
 def test_secrets_are_not_echoed_in_errors(tmp_path):
