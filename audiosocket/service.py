@@ -245,6 +245,7 @@ class DoormanService(MultiService):
             stt=self.stt,
             nlu=self.nlu,
             listener_for=self._listener_for,
+            privacy=config.privacy,
         )
         self.registry = SessionRegistry(
             reactor=reactor,

@@ -20,7 +20,7 @@ from zope.interface import implementer
 
 from audiosocket import wire
 from audiosocket.clock import AudioClock
-from audiosocket.config import FlowConfig
+from audiosocket.config import FlowConfig, PrivacyConfig
 from audiosocket.dialer import DialFailed, IDialer
 from audiosocket.flow.call import DoormanFlow, Site
 from audiosocket.flow.directory import Apartment, Directory
@@ -193,7 +193,9 @@ class Peer:
 
 
 class Bench:
-    def __init__(self, *, max_calls=100, dialer=None, flow=None, voice=False, **flow_overrides):
+    def __init__(
+        self, *, max_calls=100, dialer=None, flow=None, voice=False, privacy=None, **flow_overrides
+    ):
         self.reactor = Clock()
         self.clock = AudioClock(reactor=self.reactor)
         self.clock.startService()
@@ -223,6 +225,7 @@ class Bench:
             stt=self.stt,
             nlu=RulesNLU() if voice else None,
             listener_for=self._listener if voice else None,
+            privacy=privacy or PrivacyConfig(),
         )
         self.records = []
         self.registry = SessionRegistry(

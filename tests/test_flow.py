@@ -128,7 +128,7 @@ def test_unclear_answers_are_bounded(bench):
 def test_unknown_apartment_asked_again_then_call_ends(bench):
     """An apartment not in the directory is asked again (bounded), then the visitor is told."""
     visitor = start_call(bench, "999#")
-    bench.until(lambda: bench.heard(visitor, "unknown_apartment", apartment="999"))
+    bench.until(lambda: bench.heard(visitor, "unknown_apartment"))
     visitor.press("998#")
     bench.advance(5)
     visitor.press("997#")
@@ -140,10 +140,76 @@ def test_unknown_apartment_asked_again_then_call_ends(bench):
     assert visitor.hangup_after_audio
 
 
+def test_unknown_apartment_is_not_read_back(bench):
+    """"Não encontrei esse apartamento": the number the visitor typed is never synthesized."""
+    visitor = start_call(bench, "999#")
+    bench.until(lambda: bench.heard(visitor, "unknown_apartment"))
+    assert not [t for t in bench.tts.texts if "999" in t]
+    visitor.drop()
+    bench.until(bench.ended)
+
+
+def test_too_many_digits_are_not_understood_and_not_read_back(bench):
+    """
+    More digits than max_digits (8) make the entry invalid: the visitor hears "não entendi"
+    and is asked again, no digit of it is synthesized, and the call goes on with 101#.
+    """
+    visitor = start_call(bench, "123456789#")
+    bench.until(lambda: bench.heard(visitor, "not_understood"))
+    bench.until(lambda: bench.heard(visitor, "ask_apartment_keypad"))
+    assert not bench.heard(visitor, "unknown_apartment")
+    assert not [t for t in bench.tts.texts if "1234" in t]
+    visitor.press("101#")
+    bench.until(lambda: bench.dialer.requests)
+    assert bench.dialer.requests[0].apartment == "101"
+    visitor.drop()
+    bench.until(bench.ended)
+
+
+def test_max_digits_is_still_an_entry(bench):
+    """Exactly max_digits digits are an apartment number like any other (here not found)."""
+    visitor = start_call(bench, "12345678#")
+    bench.until(lambda: bench.heard(visitor, "unknown_apartment"))
+    assert not bench.heard(visitor, "not_understood")
+    visitor.drop()
+    bench.until(bench.ended)
+
+
+def test_max_digits_is_configurable():
+    """[flow] max_digits = 3: four digits are already too many."""
+    bench = Bench(max_digits=3)
+    try:
+        visitor = start_call(bench, "1011#")
+        bench.until(lambda: bench.heard(visitor, "not_understood"))
+        assert bench.dialer.requests == []
+        visitor.drop()
+        bench.until(bench.ended)
+    finally:
+        bench.stop()
+
+
+def test_overflowing_entry_ends_after_a_pause(bench):
+    """Too many digits without #: the entry still ends dtmf_timeout_s after the last key."""
+    visitor = start_call(bench, "1" * 40)
+    bench.until(lambda: bench.heard(visitor, "not_understood"), max_s=20)
+    visitor.drop()
+    bench.until(bench.ended)
+
+
+def test_star_after_too_many_digits_starts_afresh(bench):
+    """* clears an overflowing entry too: what follows it counts."""
+    visitor = start_call(bench, "1234567890*101#")
+    bench.until(lambda: bench.dialer.requests)
+    assert bench.dialer.requests[0].apartment == "101"
+    assert not bench.heard(visitor, "not_understood")
+    visitor.drop()
+    bench.until(bench.ended)
+
+
 def test_second_try_finds_the_apartment(bench):
     """A wrong number then a right one goes on to the resident."""
     visitor = start_call(bench, "999#")
-    bench.until(lambda: bench.heard(visitor, "unknown_apartment", apartment="999"))
+    bench.until(lambda: bench.heard(visitor, "unknown_apartment"))
     visitor.press("102#")
     bench.until(lambda: bench.dialer.requests)
     assert bench.dialer.requests[0].dial == "SIP/1102"

@@ -304,7 +304,7 @@ async def test_full_voice_call(redis_server, tmp_path):
         "apartment": "101",
         "resident": "Ana Souza",
     }
-    assert record["decision_input"] == "voice:sim"
+    assert record["decision_input"] == "voice"
     assert visitor.hung_up_by == "server"
     assert phone.requests[0]["dial"] == "SIP/1101"
 

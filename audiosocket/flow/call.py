@@ -22,7 +22,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from audiosocket.config import AudioConfig
+from audiosocket.config import AudioConfig, PrivacyConfig
 from audiosocket.dialer import DialFailed, DialRequest
 from audiosocket.flow.directory import Directory, Match
 from audiosocket.flow.io import LegGone, LegIO
@@ -61,6 +61,8 @@ class DoormanFlow:
         reload applies to the next call and never changes one in progress).
     @param stt: an L{ISTT}, or C{None} for keypad-only calls.
     @param listener_for: C{listener_for(leg, audio_config) -> Listener} when speech is on.
+    @param privacy: whether transcripts may go to the log and the call record (by default
+        neither: they say "voice" and how many words).
     """
 
     log = Logger()
@@ -77,6 +79,7 @@ class DoormanFlow:
         nlu=None,
         listener_for: Callable[[Any], Any] | None = None,
         match_threshold: float = 80.0,
+        privacy: PrivacyConfig = PrivacyConfig(),
     ):
         self._tts = tts
         self._dialer = dialer
@@ -87,6 +90,7 @@ class DoormanFlow:
         self._nlu = nlu
         self._listener_for = listener_for if stt is not None else None
         self._threshold = match_threshold
+        self.privacy = privacy
 
     @property
     def voice(self) -> bool:
@@ -270,10 +274,8 @@ class _Call:
                 await self.visitor.say(self.prompts.say("unknown_apartment_final"))
                 return None
             if heard:
-                await self.visitor.say(
-                    self.prompts.say("unknown_apartment", apartment=heard),
-                    interruptible=True,
-                )
+                # Never the number itself: what a caller typed or said is not read back.
+                await self.visitor.say(self.prompts.say("unknown_apartment"), interruptible=True)
             else:
                 await self.visitor.say(self.prompts.say("not_understood"), interruptible=True)
             await self._ask_missing()
@@ -288,7 +290,18 @@ class _Call:
             if item is None:
                 return None
             if isinstance(item, Dtmf):
-                typed = await self.visitor.digits(item.digit, self.config.dtmf_timeout_s)
+                typed = await self.visitor.digits(
+                    item.digit, self.config.dtmf_timeout_s, self.config.max_digits
+                )
+                if typed is None:
+                    # Longer than any apartment number: an invalid entry ("não entendi").
+                    self.log.info(
+                        "call {uuid}: visitor typed more than {max_digits} digits",
+                        **self.fields,
+                        max_digits=self.config.max_digits,
+                    )
+                    known = self.session.facts
+                    return Facts(intent=known.intent, visitor_name=known.visitor_name)
                 if not typed:
                     return None
                 return self.session.facts.merge(Facts(apartment=typed))
@@ -305,9 +318,12 @@ class _Call:
         text = await self._transcribe(utterance)
         if text is None or not text.strip():
             return text, None
-        self.log.info(
-            "call {uuid}: visitor said {text!r}", **self.fields, text=text
-        )
+        if self.flow.privacy.log_speech:
+            self.log.info("call {uuid}: visitor said {text!r}", **self.fields, text=text)
+        else:
+            self.log.info(
+                "call {uuid}: visitor said {words} word(s)", **self.fields, words=len(text.split())
+            )
         try:
             return text, await self.flow._nlu.extract(text, self.site.directory)
         except defer.CancelledError:
@@ -534,7 +550,7 @@ class _Call:
                     continue
                 unclear += 1
                 if unclear > self.config.max_retries:
-                    session.decision_input = evidence
+                    session.decision_input = self._kept(evidence)
                     return "no_decision"
                 resident.flush()
                 await resident.say(self.prompts.say("decision_again"), interruptible=True)
@@ -562,14 +578,22 @@ class _Call:
     def _decided(self, outcome: str, evidence: str) -> str:
         session = self.session
         session.decided_at = self.reactor.seconds()
-        session.decision_input = evidence
+        session.decision_input = self._kept(evidence)
+        logged = evidence if self.flow.privacy.log_speech else _kind(evidence)
         self.log.info(
             "call {uuid}: resident {outcome} ({evidence})",
             **self.fields,
             outcome=outcome,
-            evidence=evidence,
+            evidence=logged,
         )
         return outcome
+
+    def _kept(self, evidence: str) -> str:
+        """
+        The evidence as the call record keeps it: C{"dtmf:1"}, C{"timeout"}, C{"voice"} — the
+        resident's words (C{"voice:pode subir"}) only with C{[privacy] record_speech}.
+        """
+        return evidence if self.flow.privacy.record_speech else _kind(evidence)
 
     async def _tell_visitor(self, outcome: str) -> None:
         name = {
@@ -629,6 +653,11 @@ class _Race:
         sources, self._sources = self._sources, {}
         for d in sources.values():
             d.cancel()
+
+
+def _kind(evidence: str) -> str:
+    """C{"voice:<words>"} is C{"voice"}; keys and timeouts carry no caller's words."""
+    return "voice" if evidence.startswith("voice:") else evidence
 
 
 def _bare_name(text: str | None) -> str | None:

@@ -146,26 +146,37 @@ class LegIO:
             raise self._interrupt
         return item
 
-    async def digits(self, first: str, timeout: float) -> str:
+    async def digits(self, first: str, timeout: float, max_digits: int | None = None) -> str | None:
         """
         Collect keypad digits after C{first}: C{#} ends, C{*} clears, and C{timeout} seconds
         after the last key the digits typed so far are taken. Speech while typing is ignored.
+
+        At most C{max_digits} are kept: past that the entry is invalid, the rest of it is
+        read (so its keys do not start a new entry) but not kept, and the result is C{None}.
+        C{*} still starts afresh. Memory stays bounded however long a caller types.
+
+        @return: the digits (C{""} when none were typed), or C{None} for too many.
         """
         typed = ""
+        too_long = False
         key = first
         while True:
             if key == "#":
-                return typed
+                break
             if key == "*":
-                typed = ""
-            elif key.isdigit():
-                typed += key
+                typed, too_long = "", False
+            elif key.isdigit() and not too_long:
+                if max_digits is not None and len(typed) >= max_digits:
+                    typed, too_long = "", True
+                else:
+                    typed += key
             item = None
             while item is None or not isinstance(item, Dtmf):
                 item = await self.next_input(timeout)
                 if item is None:
-                    return typed
+                    return None if too_long else typed
             key = item.digit
+        return None if too_long else typed
 
     # ------------------------------------------------------------ output
 
@@ -186,11 +197,12 @@ class LegIO:
         except defer.CancelledError:
             raise
         except Exception:
+            # Not the text itself: it may carry a caller's name.
             self.log.failure(
-                "{role} leg {uuid}: cannot synthesize {text!r}",
+                "{role} leg {uuid}: cannot synthesize a prompt of {chars} characters",
                 role=self.role,
                 uuid=str(leg.uuid),
-                text=text,
+                chars=len(text),
             )
             return False
         self._check()

@@ -4,6 +4,11 @@ What the doorman says, in pt-BR, by name.
 Every text can be replaced in the config (C{[flow.prompts]}, same names). Texts are Python
 format strings; the fields each one may use are listed beside it and filled by L{Prompts.say}.
 Fixed texts (no fields) are synthesized once at start-up so the first call does not wait.
+
+Nothing a caller typed or said is read back to them: an apartment number in a prompt is always
+the directory's (C{confirm_apartment}, C{calling}, C{no_answer}); "não encontrei" names no
+number. The only caller data spoken at all is the visitor's name, to the resident
+(C{announce}, C{who_detail}), and only a name of at most L{MAX_NAME_CHARS}.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ DEFAULTS: dict[str, str] = {
     "ask_name": "Qual é o seu nome, por favor?",
     "ask_intent": "É uma visita, uma entrega ou um serviço?",
     "confirm_apartment": "Apartamento {apartment}, correto? Diga sim ou tecle 1; não, tecle 2.",
-    "unknown_apartment": "Não encontrei o apartamento {apartment}.",
+    # No field: what the visitor typed or said is never read back.
+    "unknown_apartment": "Não encontrei esse apartamento.",
     "unknown_apartment_final": "Não encontrei esse apartamento. Por favor, procure a portaria. Até logo.",
     "not_understood": "Desculpe, não entendi.",
     "use_keypad": "Não consegui ouvir bem. Por favor, use o teclado.",
@@ -49,6 +55,9 @@ DEFAULTS: dict[str, str] = {
     "resident_denied": "Obrigado. A entrada não foi autorizada. Até logo.",
     "resident_no_decision": "Não recebi a sua resposta. A entrada não foi autorizada. Até logo.",
 }
+
+#: A visitor's name longer than this is not spoken (no real name is; a transcript may be).
+MAX_NAME_CHARS = 60
 
 #: How the announcement names the purpose of the visit.
 PURPOSE = {
@@ -99,6 +108,6 @@ class Prompts:
 def announcement(prompts: Prompts, apartment: str, visitor: str | None, intent: str | None) -> str:
     """'Olá, morador do apartamento 501! Pedro da Silva está na portaria para uma entrega.'"""
     purpose = PURPOSE.get(intent or "", "")
-    if visitor:
+    if visitor and len(visitor) <= MAX_NAME_CHARS:
         return prompts.say("announce", apartment=apartment, visitor=visitor, purpose=purpose)
     return prompts.say("announce_unknown", apartment=apartment, purpose=purpose)
