@@ -39,7 +39,7 @@ from audiosocket.dialer import make_dialer
 from audiosocket.extension import ExtensionManager
 from audiosocket.flow.call import DoormanFlow, Site
 from audiosocket.flow.directory import Directory, DirectoryError
-from audiosocket.flow.prompts import Prompts
+from audiosocket.flow.prompts import Prompts, greeting
 from audiosocket.session import SessionRegistry
 from audiosocket.speech.tts import make_pool
 
@@ -151,6 +151,15 @@ def build_sites(config: Config) -> dict[int, Site]:
     return sites
 
 
+def fixed_texts(sites) -> frozenset[str]:
+    """Every site's fixed prompts and greeting: the texts that carry no caller's data."""
+    texts = set()
+    for site in sites.values():
+        texts.update(site.prompts.fixed())
+        texts.add(greeting(site.prompts, site.greeting))
+    return frozenset(texts)
+
+
 class DoormanService(MultiService):
     """
     The whole server. Attributes are the parts, for the API, tests and benchmarks:
@@ -189,6 +198,8 @@ class DoormanService(MultiService):
         self._reloading = None
         self._reload_again = False
         self.sites = build_sites(config)
+        self._fixed_for = None
+        self._fixed_texts: frozenset[str] = frozenset()
 
         state_dir = config.server.state_dir
         self.state_dir = Path(state_dir)
@@ -307,9 +318,21 @@ class DoormanService(MultiService):
             config.secret,
             pool=self.tts_pool,
             store=store,
+            shared=self._shared_text,
             reactor=self._reactor,
             http=self.http,
         )
+
+    def _shared_text(self, text: str) -> bool:
+        """
+        May the audio of C{text} be kept in Redis? Only a fixed prompt or a greeting of the
+        current sites: never a text carrying a caller's data (an announcement naming the visitor).
+        """
+        sites = self.sites
+        if self._fixed_for is not sites:  # reloaded since: recompute
+            self._fixed_texts = fixed_texts(sites)
+            self._fixed_for = sites
+        return text in self._fixed_texts
 
     def _make_understanding(self, config: Config):
         from audiosocket.flow.understand import make_nlu
@@ -420,14 +443,10 @@ class DoormanService(MultiService):
         self.ready.callback(self)
 
     def _preload_prompts(self) -> None:
-        texts = set()
-        for site in self.sites.values():
-            texts.update(site.prompts.fixed())
-            texts.add(site.prompts.say("greeting", greeting=site.greeting))
         preload = getattr(self.tts, "preload", None)
         if preload is None:
             return
-        d = preload(sorted(texts), 8000)
+        d = preload(sorted(fixed_texts(self.sites)), 8000)
         d.addErrback(lambda f: self.log.failure("preloading prompts failed", f))
 
     def stopService(self):

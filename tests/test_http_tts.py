@@ -261,6 +261,11 @@ class SilentStore:
         return Deferred()
 
 
+def everything(text: str) -> bool:
+    """Every text may be stored (the tests of the store cache itself)."""
+    return True
+
+
 @implementer(ITTS)
 class CountingTTS:
     name = "fake:voice"
@@ -275,7 +280,7 @@ class CountingTTS:
 
 def test_store_cached_provides_itts():
     """StoreCachedTTS implements ITTS and keeps the provider's name."""
-    cached = StoreCachedTTS(CountingTTS(), memory_store(), reactor=task.Clock())
+    cached = StoreCachedTTS(CountingTTS(), memory_store(), shared=everything, reactor=task.Clock())
     assert verifyObject(ITTS, cached)
     assert cached.name == "fake:voice"
 
@@ -283,9 +288,9 @@ def test_store_cached_provides_itts():
 def test_store_cached_second_synthesis_from_store():
     """The second synthesis of a text is served from the store without the provider."""
     provider, store = CountingTTS(), memory_store()
-    cached = StoreCachedTTS(provider, store, reactor=task.Clock())
+    cached = StoreCachedTTS(provider, store, shared=everything, reactor=task.Clock())
     first = cached.synthesize("Olá", 8000)
-    second = StoreCachedTTS(provider, store, reactor=task.Clock()).synthesize("Olá", 8000)
+    second = StoreCachedTTS(provider, store, shared=everything, reactor=task.Clock()).synthesize("Olá", 8000)
     assert first.result == second.result == "Olá@8000".encode()
     assert provider.calls == [("Olá", 8000)]
 
@@ -293,7 +298,7 @@ def test_store_cached_second_synthesis_from_store():
 def test_store_cached_key():
     """The key is "tts:" + a sha256 hex of provider, rate and text."""
     store = memory_store()
-    cached = StoreCachedTTS(CountingTTS(), store, reactor=task.Clock())
+    cached = StoreCachedTTS(CountingTTS(), store, shared=everything, reactor=task.Clock())
     cached.synthesize("Olá", 8000)
     ((key, (data, _)),) = store.hub.blobs.items()
     assert re.fullmatch("tts:[0-9a-f]{64}", key)
@@ -305,7 +310,7 @@ def test_store_cached_entry_expires_after_ttl():
     """Once ttl_s has passed the store has forgotten the audio and the provider is asked again."""
     clock = task.Clock()
     provider, store = CountingTTS(), memory_store(clock)
-    cached = StoreCachedTTS(provider, store, ttl_s=3600, reactor=clock)
+    cached = StoreCachedTTS(provider, store, ttl_s=3600, shared=everything, reactor=clock)
     cached.synthesize("Olá", 8000)
     clock.advance(3599)
     cached.synthesize("Olá", 8000)
@@ -326,16 +331,16 @@ def test_store_cached_blank_audio_not_stored():
             return succeed(b"")
 
     store = memory_store()
-    assert StoreCachedTTS(Blank(), store, reactor=task.Clock()).synthesize(" ", 8000).result == b""
+    assert StoreCachedTTS(Blank(), store, shared=everything, reactor=task.Clock()).synthesize(" ", 8000).result == b""
     assert store.hub.blobs == {}
 
 
 def test_store_cached_key_depends_on_rate_text_provider():
     """Different rates, texts or providers never share a key."""
-    a = StoreCachedTTS(CountingTTS(), memory_store(), reactor=task.Clock())
+    a = StoreCachedTTS(CountingTTS(), memory_store(), shared=everything, reactor=task.Clock())
     other = CountingTTS()
     other.name = "fake:other"
-    b = StoreCachedTTS(other, memory_store(), reactor=task.Clock())
+    b = StoreCachedTTS(other, memory_store(), shared=everything, reactor=task.Clock())
     keys = {a.key("Olá", 8000), a.key("Olá", 16000), a.key("Oi", 8000), b.key("Olá", 8000)}
     assert len(keys) == 4
 
@@ -343,7 +348,7 @@ def test_store_cached_key_depends_on_rate_text_provider():
 def test_store_cached_store_failure_falls_through():
     """A store that fails on read and write still gets the provider's audio to the caller."""
     provider = CountingTTS()
-    cached = StoreCachedTTS(provider, broken_store(), reactor=task.Clock())
+    cached = StoreCachedTTS(provider, broken_store(), shared=everything, reactor=task.Clock())
     assert cached.synthesize("Olá", 8000).result == "Olá@8000".encode()
     assert provider.calls == [("Olá", 8000)]
     assert cached.errors == 2
@@ -353,7 +358,7 @@ def test_store_cached_silent_store_times_out():
     """A store read that never answers gives up after timeout_s and asks the provider."""
     clock = task.Clock()
     provider = CountingTTS()
-    cached = StoreCachedTTS(provider, SilentStore(), timeout_s=1.0, reactor=clock)
+    cached = StoreCachedTTS(provider, SilentStore(), timeout_s=1.0, shared=everything, reactor=clock)
     d = cached.synthesize("Olá", 8000)
     assert not d.called
     clock.advance(1.0)
@@ -373,10 +378,51 @@ def test_store_cached_provider_failure_propagates():
             return fail(TTSError("http_500"))
 
     store = memory_store()
-    d = StoreCachedTTS(Failing(), store, reactor=task.Clock()).synthesize("Olá", 8000)
+    d = StoreCachedTTS(Failing(), store, shared=everything, reactor=task.Clock()).synthesize("Olá", 8000)
     assert d.result.value.reason == "http_500"
     d.addErrback(lambda _: None)
     assert store.hub.blobs == {}
+
+
+def test_store_cached_keeps_no_per_call_text():
+    """
+    A text that is not shared (an announcement naming the visitor) is neither written to nor
+    looked up in the store: it goes straight to the provider, every time.
+    """
+    provider, store = CountingTTS(), memory_store()
+    fixed = "Aguarde, por favor."
+    cached = StoreCachedTTS(provider, store, shared={fixed}.__contains__, reactor=task.Clock())
+    announce = "Olá, morador do apartamento 101! Pedro da Silva está na portaria."
+    assert cached.synthesize(announce, 8000).result == f"{announce}@8000".encode()
+    cached.synthesize(announce, 8000)
+    assert store.hub.blobs == {}
+    assert provider.calls == [(announce, 8000), (announce, 8000)]
+    assert cached.private == 2
+    cached.synthesize(fixed, 8000)
+    assert list(store.hub.blobs) == [cached.key(fixed, 8000)]
+
+
+class RecordingStore:
+    """A store that notes every key asked for."""
+
+    def __init__(self):
+        self.asked = []
+
+    def get_blob(self, key):
+        self.asked.append(key)
+        return succeed(None)
+
+    def set_blob(self, key, data, ttl_s):
+        self.asked.append(key)
+        return succeed(None)
+
+
+def test_store_cached_does_not_look_up_per_call_text():
+    """Not even a read: the store never learns a per-call text was spoken."""
+    store = RecordingStore()
+    cached = StoreCachedTTS(CountingTTS(), store, shared=lambda t: False, reactor=task.Clock())
+    cached.synthesize("Pedro da Silva está na portaria.", 8000)
+    assert store.asked == []
 
 
 # --- make_tts --------------------------------------------------------------------------------
@@ -400,12 +446,33 @@ async def test_make_tts_openai_with_store(api, pool):
     )
     store = memory_store()
     tts = make_tts(
-        config, {"OK": "sk-o"}.get, pool=pool, store=store, reactor=reactor, http=api.http
+        config,
+        {"OK": "sk-o"}.get,
+        pool=pool,
+        store=store,
+        shared={"Olá"}.__contains__,
+        reactor=reactor,
+        http=api.http,
     )
     api.answer(body=tone(24000, 60), content_type="audio/pcm")
     pcm = await within(tts.synthesize("Olá", 24000))
     assert api.seen[0].headers["authorization"] == "Bearer sk-o"
     assert [data for data, _ in store.hub.blobs.values()] == [pcm]
+
+
+@pytest_twisted.ensureDeferred
+async def test_make_tts_without_shared_stores_nothing(api, pool):
+    """make_tts with a store but no C{shared}: no text may be kept, so none is."""
+    config = attrs.evolve(
+        SpeechConfig(),
+        tts="openai",
+        openai=attrs.evolve(SpeechConfig().openai, url=api.url + "/v1", api_key_env=""),
+    )
+    store = memory_store()
+    tts = make_tts(config, lambda n: None, pool=pool, store=store, reactor=reactor, http=api.http)
+    api.answer(body=tone(24000, 60), content_type="audio/pcm")
+    await within(tts.synthesize("Olá", 24000))
+    assert store.hub.blobs == {}
 
 
 def test_make_tts_azure_without_key_names_the_variable(pool):

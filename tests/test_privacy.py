@@ -230,3 +230,25 @@ async def test_long_keypad_entry_over_tcp_is_never_synthesized(redis_server, tmp
     assert svc.config.flow.max_digits == 8
     (record,) = calls
     assert record["facts"]["apartment"] == "101"  # the call went on to the resident
+
+
+def test_service_shares_only_fixed_prompts_with_redis(tmp_path):
+    """
+    The server lets its Redis TTS cache keep the fixed prompts and the greeting actually
+    spoken, and never a per-call text: an announcement or a detail naming the visitor.
+    """
+    from audiosocket.flow.prompts import announcement, greeting
+    from audiosocket.service import makeService
+
+    ai, ret = free_ports(2)
+    svc = makeService(config_for("/nonexistent.sock", tmp_path, ai, ret), reactor=reactor)
+    site = svc.sites[1]
+    prompts = site.prompts
+    assert svc._shared_text(greeting(prompts, site.greeting))
+    assert svc._shared_text(prompts.say("not_understood"))
+    assert svc._shared_text(prompts.say("unknown_apartment"))
+    assert not svc._shared_text(announcement(prompts, "101", "Pedro da Silva", "entrega"))
+    detail = prompts.say(
+        "who_detail", visitor="Pedro da Silva", purpose=" para uma visita", resident="Ana Souza"
+    )
+    assert not svc._shared_text(detail)

@@ -17,7 +17,7 @@ from zope.interface.verify import verifyObject
 
 from audiosocket import audio
 from audiosocket.speech.espeak import EspeakEngine, SynthesisError
-from audiosocket.speech.tts import ITTS, CachedTTS, EspeakTTS, make_pool
+from audiosocket.speech.tts import ITTS, CachedTTS, EspeakTTS, TextTooLong, make_pool
 
 GREETING = "Condomínio Apoena, em que posso ajudar?"
 NATIVE_RATE = 22050
@@ -319,6 +319,71 @@ def test_cache_of_size_zero_keeps_nothing():
     assert len(cache) == 0
     cache.synthesize("olá", 8000)
     assert len(fake.calls) == 2
+
+
+def test_cache_is_bounded_by_bytes():
+    """Over max_bytes the least recently used entries go, whatever max_entries allows."""
+    fake = FakeTTS()
+    cache = CachedTTS(fake, max_entries=100, max_bytes=250)
+    for text in ("a", "b", "c"):
+        cache.synthesize(text, 8000)
+        fake.answer(pcm=b"\1" * 100)
+    assert len(cache) == 2 and cache.bytes == 200
+    calls = len(fake.calls)
+    result_of(cache.synthesize("c", 8000))
+    result_of(cache.synthesize("b", 8000))
+    assert len(fake.calls) == calls  # the two newest are kept
+    cache.synthesize("a", 8000)
+    assert len(fake.calls) == calls + 1  # the oldest went
+
+
+def test_cache_never_keeps_an_entry_larger_than_its_bound():
+    """Audio larger than max_bytes reaches its caller but is not kept, and evicts nothing."""
+    fake = FakeTTS()
+    cache = CachedTTS(fake, max_bytes=250)
+    cache.synthesize("small", 8000)
+    fake.answer(pcm=b"\1" * 100)
+    big = cache.synthesize("big", 8000)
+    fake.answer(pcm=b"\1" * 251)
+    assert result_of(big) == b"\1" * 251
+    assert len(cache) == 1 and cache.bytes == 100
+    cache.synthesize("big", 8000)
+    assert fake.calls[-1][0] == "big"  # synthesised again
+
+
+def test_cache_byte_count_follows_clear():
+    """clear() empties the byte count too."""
+    fake = FakeTTS()
+    cache = CachedTTS(fake, max_bytes=1000)
+    cache.synthesize("a", 8000)
+    fake.answer(pcm=b"\1" * 100)
+    cache.clear()
+    assert (len(cache), cache.bytes) == (0, 0)
+
+
+def test_cache_refuses_overlong_text_before_synthesis():
+    """
+    A text over max_text_chars fails with TextTooLong (giving lengths, not the text) and never
+    reaches the provider; one at the bound is synthesised.
+    """
+    fake = FakeTTS()
+    cache = CachedTTS(fake, max_text_chars=10)
+    failure = result_of(cache.synthesize("9" * 11, 8000))
+    assert failure.check(TextTooLong)
+    assert "9" not in str(failure.value)
+    assert fake.calls == [] and cache.refused == 1
+    cache.synthesize("9" * 10, 8000)
+    assert len(fake.calls) == 1
+
+
+def test_make_tts_bounds_the_cache_from_config():
+    """make_tts gives the cache [speech] cache_size, cache_mb and max_text_chars."""
+    from audiosocket.config import SpeechConfig
+    from audiosocket.speech.factory import make_tts
+
+    config = SpeechConfig(cache_size=10, cache_mb=2, max_text_chars=900)
+    tts = make_tts(config, lambda name: None, pool=None, reactor=reactor)
+    assert (tts.max_entries, tts.max_bytes, tts.max_text_chars) == (10, 2 * 1024 * 1024, 900)
 
 
 def test_cache_rate_is_part_of_the_key():

@@ -27,7 +27,7 @@ from audiosocket.dialer import DialFailed, DialRequest
 from audiosocket.flow.directory import Directory, Match
 from audiosocket.flow.io import LegGone, LegIO
 from audiosocket.flow.nlu import Decision, Facts, classify_decision, classify_dtmf
-from audiosocket.flow.prompts import Prompts, announcement
+from audiosocket.flow.prompts import Prompts, announcement, greeting
 from audiosocket.leg import Dtmf
 from audiosocket import session as S
 
@@ -225,8 +225,7 @@ class _Call:
             pass
 
     def _greeting(self) -> str:
-        greeting = self.prompts.say("greeting", greeting=self.site.greeting)
-        return greeting + " " + self.prompts.say("keypad_hint")
+        return greeting(self.prompts, self.site.greeting)
 
     # ------------------------------------------------------------ the visitor's facts
 

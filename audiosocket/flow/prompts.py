@@ -105,6 +105,11 @@ class Prompts:
         return [t for t in self._texts.values() if not fields_of(t)]
 
 
+def greeting(prompts: Prompts, site_greeting: str) -> str:
+    """What a visitor hears first: the condominium's greeting and the keypad offer."""
+    return prompts.say("greeting", greeting=site_greeting) + " " + prompts.say("keypad_hint")
+
+
 def announcement(prompts: Prompts, apartment: str, visitor: str | None, intent: str | None) -> str:
     """'Olá, morador do apartamento 501! Pedro da Silva está na portaria para uma entrega.'"""
     purpose = PURPOSE.get(intent or "", "")

@@ -46,13 +46,18 @@ def make_tts(
     *,
     pool: ThreadPool,
     store=None,
+    shared: Callable[[str], bool] | None = None,
     reactor=None,
     http=None,
 ) -> ITTS:
     """
     The synthesiser C{speech_config.tts} names, behind the caches: C{CachedTTS} (in memory,
-    C{cache_size} entries) in front of C{StoreCachedTTS} (when a C{store} is given) in front
-    of the provider. C{pool} is the synthesis thread pool (started and stopped by the caller).
+    at most C{cache_size} entries and C{cache_mb} MiB, refusing texts over C{max_text_chars})
+    in front of C{StoreCachedTTS} (when a C{store} is given) in front of the provider.
+    C{pool} is the synthesis thread pool (started and stopped by the caller).
+
+    @param shared: which texts may be kept in the C{store}: C{shared(text)} is true only for
+        texts that carry no caller's data (the fixed prompts). Without it nothing is stored.
 
     @raise ValueError: a provider's key is missing (the message names the variable).
     """
@@ -87,8 +92,20 @@ def make_tts(
     else:
         raise ValueError(f"unknown speech.tts {kind!r}")
     if store is not None:
-        provider = StoreCachedTTS(provider, store, reactor=reactor)
-    return CachedTTS(provider, max_entries=speech_config.cache_size)
+        provider = StoreCachedTTS(
+            provider, store, shared=shared or _nothing_shared, reactor=reactor
+        )
+    return CachedTTS(
+        provider,
+        max_entries=speech_config.cache_size,
+        max_bytes=speech_config.cache_mb * 1024 * 1024,
+        max_text_chars=speech_config.max_text_chars,
+    )
+
+
+def _nothing_shared(text: str) -> bool:
+    return False
+
 
 
 def make_stt(

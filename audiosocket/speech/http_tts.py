@@ -3,8 +3,10 @@ Text-to-speech over HTTP, and a cache of synthesised audio in the shared store.
 
   - L{OpenAITTS}: any OpenAI-compatible C{POST {url}/audio/speech} asked for raw PCM;
   - L{AzureTTS}: Azure Speech's REST synthesis from SSML;
-  - L{StoreCachedTTS}: audio kept in a blob store (Redis) across restarts and nodes, so a
-    paid provider synthesises each prompt once a month rather than once a process.
+  - L{StoreCachedTTS}: audio of the fixed prompts kept in a blob store (Redis) across
+    restarts and nodes, so a paid provider synthesises each prompt once a month rather than
+    once a process. Texts that carry a caller's data (an announcement naming the visitor)
+    are never stored there.
 
 Requests go through L{audiosocket.speech.stt.post}: one deadline for the whole exchange,
 cancelled (connection aborted) when it passes. Resampling runs in the synthesis pool.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from typing import Callable
 from urllib.parse import quote
 from xml.sax.saxutils import escape, quoteattr
 
@@ -195,17 +198,21 @@ class AzureTTS(_HTTPTTS):
 @implementer(ITTS)
 class StoreCachedTTS:
     """
-    Synthesised audio kept in a blob store in front of C{tts}.
+    Synthesised audio of shared texts kept in a blob store in front of C{tts}.
+
+    Only a text for which C{shared(text)} is true is read from or written to the store: the
+    fixed prompts, never one carrying a caller's data (a name said at the gate would
+    otherwise sit in Redis for C{ttl_s}). Other texts go straight to the provider.
 
     C{store} has C{get_blob(key) -> Deferred[bytes | None]} and
     C{set_blob(key, data, ttl_s) -> Deferred} (L{audiosocket.store.IStore}; C{ttl_s} is
-    passed as whole seconds). The key is
-    C{"tts:" + sha256(provider name, rate, text)}. The store is a cache, never a dependency:
-    a read or write that fails or takes longer than C{timeout_s} is logged and the audio
+    passed as whole seconds). The key is C{"tts:" + sha256(provider name, rate, text)}: the
+    text itself is not in Redis. The store is a cache, never a dependency: a read or write that fails or takes longer than C{timeout_s} is logged and the audio
     comes from (or still goes to the caller from) the provider. Writes are not waited for.
 
-    Counters: C{hits} (served from the store), C{misses} (provider called), C{errors}
-    (store failures).
+    Counters: C{hits} (served from the store), C{misses} (provider called for a shared
+    text), C{private} (texts not shared, straight to the provider), C{errors} (store
+    failures).
     """
 
     log = Logger()
@@ -215,6 +222,7 @@ class StoreCachedTTS:
         tts: ITTS,
         store,
         *,
+        shared: Callable[[str], bool],
         ttl_s: float = 30 * 86400,
         timeout_s: float = 1.0,
         reactor=None,
@@ -225,11 +233,13 @@ class StoreCachedTTS:
             raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
         self._tts = tts
         self._store = store
+        self._shared = shared
         self._ttl_s = math.ceil(ttl_s)  # Redis expiries are whole seconds
         self._timeout_s = timeout_s
         self._reactor = _resolve_reactor(reactor)
         self.hits = 0
         self.misses = 0
+        self.private = 0
         self.errors = 0
 
     @property
@@ -261,6 +271,9 @@ class StoreCachedTTS:
         return d.addErrback(failed)
 
     async def _synthesize(self, text: str, rate: int) -> bytes:
+        if not self._shared(text):
+            self.private += 1
+            return await self._tts.synthesize(text, rate)
         key = self.key(text, rate)
         cached = await self._store_call("read", self._store.get_blob, key)
         if cached is not None:

@@ -5,6 +5,10 @@ Synthesis is blocking CPU work, so providers run it in a dedicated, bounded thre
 (L{make_pool}) and hand the result back to the reactor thread as a Deferred. A doorman says
 the same few prompts all day, so a L{CachedTTS} in front of any provider makes all but the
 first of them free; L{CachedTTS.preload} warms the fixed ones at start-up.
+
+Bounds: the cache holds at most C{max_entries} entries and C{max_bytes} of audio (an entry
+larger than that is never kept), and a text longer than C{max_text_chars} is refused with
+L{TextTooLong} before any synthesis — no prompt comes near it, so only caller data could.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ from zope.interface import Attribute, Interface, implementer
 
 from audiosocket import audio
 from audiosocket.speech.espeak import EspeakEngine
+
+
+class TextTooLong(ValueError):
+    """A text longer than the synthesizer accepts; the message gives lengths, never the text."""
 
 
 class ITTS(Interface):
@@ -118,8 +126,11 @@ class CachedTTS:
     An in-memory LRU cache of synthesised audio in front of any L{ITTS}.
 
     Entries are keyed by (provider name, rate, text) and at most C{max_entries} are kept,
-    the least recently used going first (0 keeps nothing, but still shares syntheses in
-    progress). Requests for a key whose synthesis is in progress
+    holding at most C{max_bytes} of audio (L{None}: no byte bound), the least recently used
+    going first (0 keeps nothing, but still shares syntheses in progress); audio larger
+    than C{max_bytes} is passed on but never kept. A text longer than C{max_text_chars}
+    (L{None}: no bound) fails with L{TextTooLong} and reaches no provider; C{refused} counts
+    them. Requests for a key whose synthesis is in progress
     join it rather than start another; each caller still gets a Deferred of its own, so one
     caller's callbacks (or cancelling) never change what another receives. A failed
     synthesis is passed to everyone waiting on it and is not cached: the next request tries
@@ -132,11 +143,27 @@ class CachedTTS:
 
     log = Logger()
 
-    def __init__(self, tts: ITTS, max_entries: int = 256):
+    def __init__(
+        self,
+        tts: ITTS,
+        max_entries: int = 256,
+        *,
+        max_bytes: int | None = None,
+        max_text_chars: int | None = None,
+    ):
         if max_entries < 0:
             raise ValueError(f"max_entries must not be negative, got {max_entries}")
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_bytes must not be negative, got {max_bytes}")
+        if max_text_chars is not None and max_text_chars < 1:
+            raise ValueError(f"max_text_chars must be at least 1, got {max_text_chars}")
         self._tts = tts
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.max_text_chars = max_text_chars
+        #: Bytes of audio held in the cache now.
+        self.bytes = 0
+        self.refused = 0
         self._entries: OrderedDict[tuple[str, int, str], bytes] = OrderedDict()
         self._waiting: dict[tuple[str, int, str], list[Deferred]] = {}
         self.hits = 0
@@ -152,6 +179,13 @@ class CachedTTS:
         return len(self._entries)
 
     def synthesize(self, text: str, rate: int) -> Deferred:
+        if self.max_text_chars is not None and len(text) > self.max_text_chars:
+            self.refused += 1
+            return fail(
+                TextTooLong(
+                    f"text of {len(text)} characters refused (at most {self.max_text_chars})"
+                )
+            )
         key = (self._tts.name, rate, text)
         pcm = self._entries.get(key)
         if pcm is not None:
@@ -194,14 +228,23 @@ class CachedTTS:
         return None
 
     def _store(self, key, pcm: bytes) -> None:
+        if self.max_bytes is not None and len(pcm) > self.max_bytes:
+            return  # would evict everything else and still not fit
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.bytes -= len(old)
         self._entries[key] = pcm
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self.bytes += len(pcm)
+        while len(self._entries) > self.max_entries or (
+            self.max_bytes is not None and self.bytes > self.max_bytes
+        ):
+            _, evicted = self._entries.popitem(last=False)
+            self.bytes -= len(evicted)
 
     def clear(self) -> None:
         """Forget every cached entry (syntheses in progress still answer their callers)."""
         self._entries.clear()
+        self.bytes = 0
 
     def preload(self, texts: Iterable[str], rate: int) -> Deferred:
         """
