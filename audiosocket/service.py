@@ -295,7 +295,11 @@ class DoormanService(MultiService):
         if config.redis.embedded:
             from audiosocket.redisproc import EmbeddedRedis
 
-            self.embedded_redis = EmbeddedRedis(self.state_dir, reactor=self._reactor)
+            self.embedded_redis = EmbeddedRedis(
+                self.state_dir,
+                reactor=self._reactor,
+                maxmemory_mb=config.redis.embedded_maxmemory_mb,
+            )
             self.embedded_redis.setServiceParent(self)
             address = self.embedded_redis.address
         else:

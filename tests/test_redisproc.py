@@ -9,7 +9,7 @@ import signal
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
+from twisted.internet import reactor, task, threads
 from twisted.runner.procmon import ProcessMonitor
 
 from audiosocket.model import Extension
@@ -94,6 +94,56 @@ def test_long_state_dir_gets_short_socket(tmp_path):
     assert redis.socket_path is not None
     assert len(redis.socket_path.encode()) <= 100
     assert redis.address == redis.socket_path
+
+
+def test_config_caps_memory_without_eviction(tmp_path):
+    """maxmemory comes from maxmemory_mb, and a full Redis refuses writes (noeviction)."""
+    config = EmbeddedRedis(str(tmp_path), maxmemory_mb=64)._config().splitlines()
+    assert "maxmemory 64mb" in config
+    assert "maxmemory-policy noeviction" in config
+
+
+def config_get(redis: EmbeddedRedis, name: str) -> str:
+    import redis as redis_py
+
+    client = redis_py.Redis(unix_socket_path=redis.socket_path, socket_timeout=5)
+    try:
+        return client.config_get(name)[name]
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_running_server_has_maxmemory(embedded):
+    """The real redis-server answers CONFIG GET with the cap (256 MiB by default) and policy."""
+    assert await wait(threads.deferToThread(config_get, embedded, "maxmemory")) == str(
+        256 * 1024 * 1024
+    )
+    policy = await wait(threads.deferToThread(config_get, embedded, "maxmemory-policy"))
+    assert policy == "noeviction"
+
+
+@pytest_twisted.ensureDeferred
+async def test_full_redis_refuses_writes_and_keeps_extensions(tmp_path):
+    """
+    Filled up, the embedded Redis answers writes with an error (the store's caller sees it)
+    and evicts nothing: an extension saved before is still there.
+    """
+    redis = EmbeddedRedis(str(tmp_path / "state"), maxmemory_mb=3)
+    redis.startService()
+    try:
+        await wait(redis.whenReady())
+        store = await store_on(redis)
+        try:
+            await wait(store.save_extension(ext()))
+            with pytest.raises(Exception, match="OOM"):
+                for i in range(100):
+                    await wait(store.set_blob("fill:{}".format(i), b"x" * 100_000, 3600))
+            assert await wait(store.load_extensions()) == [ext()]
+        finally:
+            await wait(store.stopService())
+    finally:
+        await wait(redis.stopService())
 
 
 @pytest_twisted.ensureDeferred
