@@ -252,3 +252,29 @@ def test_service_shares_only_fixed_prompts_with_redis(tmp_path):
         "who_detail", visitor="Pedro da Silva", purpose=" para uma visita", resident="Ana Souza"
     )
     assert not svc._shared_text(detail)
+
+
+def test_llm_answer_errors_do_not_quote_the_visitor():
+    """A model's bad answer is logged by what is wrong with it, not by the words it echoed."""
+    from audiosocket.flow.understand import LlmError, facts_from_answer
+
+    for answer in (
+        {"apartment": "Pedro da Silva"},
+        {"intent": "Pedro da Silva"},
+        {"visitor_name": ["Pedro da Silva"]},
+    ):
+        with pytest.raises(LlmError) as info:
+            facts_from_answer(answer, None)
+        assert "Pedro" not in str(info.value)
+
+
+def test_an_absurd_visitor_name_is_not_announced():
+    """A "name" longer than any real one (a transcript) is not read to the resident."""
+    from audiosocket.flow.prompts import MAX_NAME_CHARS, Prompts, announcement
+
+    prompts = Prompts()
+    long_name = "Pedro " * (MAX_NAME_CHARS // 6 + 1)
+    text = announcement(prompts, "101", long_name, None)
+    assert "Pedro" not in text
+    assert text == announcement(prompts, "101", None, None)
+    assert "Pedro da Silva" in announcement(prompts, "101", "Pedro da Silva", None)

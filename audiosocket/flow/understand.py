@@ -95,7 +95,7 @@ def _optional_text(answer: dict, key: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise LlmError("bad_response", f'"{key}" must be a string or null, not {value!r}')
+        raise LlmError("bad_response", f'"{key}" must be a string or null, not {type(value).__name__}')
     value = " ".join(value.split())
     if not value or normalize(value) in ("null", "none", "nenhum", "desconhecido"):
         return None
@@ -106,7 +106,8 @@ def _optional_text(answer: dict, key: str) -> str | None:
 
 def facts_from_answer(answer: Any, directory: Directory | None) -> Facts:
     """
-    Validate the model's JSON object into L{Facts}; raise L{LlmError} when it is not one.
+    Validate the model's JSON object into L{Facts}; raise L{LlmError} when it is not one (its
+    message, which is logged, never quotes the values: they are the visitor's words).
 
     The intent must be one of L{INTENTS} (accents and case aside); the apartment must be an
     apartment number; the resident is re-matched to C{directory} with its fuzzy matcher (in
@@ -118,7 +119,7 @@ def facts_from_answer(answer: Any, directory: Directory | None) -> Facts:
     if intent is not None:
         folded = normalize(intent)
         if folded not in _INTENT_ALIASES:
-            raise LlmError("bad_response", f'"intent" must be one of {INTENTS}, not {intent!r}')
+            raise LlmError("bad_response", f'"intent" must be one of {INTENTS}')
         intent = _INTENT_ALIASES[folded]
     apartment = answer.get("apartment")
     if isinstance(apartment, int) and not isinstance(apartment, bool):
@@ -127,7 +128,7 @@ def facts_from_answer(answer: Any, directory: Directory | None) -> Facts:
     if apartment is not None:
         number = normalize_number(apartment)
         if number is None:
-            raise LlmError("bad_response", f'"apartment" is not an apartment number: {apartment!r}')
+            raise LlmError("bad_response", '"apartment" is not an apartment number')
         apartment = number
     resident = _optional_text(answer, "resident")
     if resident is not None and directory is not None:
