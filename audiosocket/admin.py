@@ -1,7 +1,7 @@
 """
 C{audiosocket-admin}: manage a running server's extensions over its HTTP API.
 
-    audiosocket-admin [--url URL] [--token TOKEN] list
+    audiosocket-admin [--url URL] [--token-file FILE] list
     audiosocket-admin add --id 2 --ai-extension 1003 --ai-port 8090 \\
         --return-extension 1004 --return-port 8091 --host 10.0.0.5 --condominium-id 1
     audiosocket-admin add --json extension.json
@@ -15,6 +15,11 @@ C{porta_retorno}, C{ip_servidor}, C{condominio_id} and optionally C{id}; entries
 get 1, 2, ... skipping ids already on the server or in the file. Each entry is reported as
 created, already existing (409) or invalid (422, naming the original field); the exit status
 is 0 only if every entry was created.
+
+The bearer token comes from the environment variable C{AUDIOSOCKET_API_TOKEN}, or from a file
+named with C{--token-file} (its first line; surrounding whitespace ignored). Never from the
+command line: every user of the machine can read a process's arguments (C{ps}), so C{--token}
+is refused with a pointer to both.
 
 Exit status: 0 success, 1 the server refused something, 2 usage error, bad file or server
 unreachable. HTTP errors are reported in one line, never as a traceback.
@@ -69,12 +74,18 @@ class HttpError(AdminError):
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="audiosocket-admin", description="Manage audiosocket extensions (ramais)."
+        prog="audiosocket-admin",
+        description="Manage audiosocket extensions (ramais). The bearer token is read from "
+        "${} or --token-file.".format(TOKEN_ENV),
+        allow_abbrev=False,  # "--token X" must not become "--token-file X"
     )
     p.add_argument("--url", default=DEFAULT_URL, help="API base URL (default %(default)s)")
     p.add_argument(
-        "--token", default=None, help="bearer token (default: ${})".format(TOKEN_ENV)
+        "--token-file",
+        metavar="FILE",
+        help="read the bearer token from FILE (default: ${})".format(TOKEN_ENV),
     )
+    p.add_argument("--token", action=_RefuseToken, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("list", help="list extensions")
     add = sub.add_parser("add", help="add an extension")
@@ -97,6 +108,29 @@ def _parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import", help="import the original ramais_config.json")
     imp.add_argument("file")
     return p
+
+
+class _RefuseToken(argparse.Action):
+    """C{--token VALUE}: refused, without repeating the value."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(
+            "--token is not accepted: a command line is visible to every user of this "
+            "machine; set ${} or use --token-file FILE".format(TOKEN_ENV)
+        )
+
+
+def _read_token(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise AdminError(
+            "cannot read the token file {}: {}".format(path, getattr(e, "strerror", None) or e), 2
+        ) from None
+    if not token:
+        raise AdminError("the token file {} is empty".format(path), 2)
+    return token
 
 
 class _Client:
@@ -146,7 +180,7 @@ class _Client:
             error = HttpError(status, data)
             if status == 401:
                 error.args = (
-                    str(error) + " (give --token or set ${})".format(TOKEN_ENV),
+                    str(error) + " (set ${} or give --token-file)".format(TOKEN_ENV),
                 )
             raise error
         return data
@@ -378,7 +412,11 @@ async def run(
         args = _parser().parse_args(argv)
     except SystemExit as e:  # argparse has printed the usage error
         return e.code if isinstance(e.code, int) else 2
-    token = args.token if args.token is not None else env.get(TOKEN_ENV) or None
+    try:
+        token = _read_token(args.token_file) if args.token_file else env.get(TOKEN_ENV) or None
+    except AdminError as e:
+        err.write("audiosocket-admin: {}\n".format(e))
+        return e.code
     client = _Client(reactor, args.url, token)
     try:
         return await _COMMANDS[args.command](client, args, out)

@@ -2,28 +2,60 @@
 The HTTP API: extensions, sessions, finished calls, status, health, metrics and its own
 OpenAPI document, as a Klein app with its dependencies injected.
 
-Mount C{Api(...).app.resource()} in a C{Site}; never C{app.run()}.
+Serve it with C{Api(...).site()} (an L{ApiSite}); never C{app.run()}, and never a plain
+C{Site} around C{app.resource()}, which would skip the checks below.
 
 Errors are JSON C{{"error": code, "detail": text}} (plus C{"field"} for a 422), produced in one
-place (L{Api.error}). Authentication: with a token configured, every request but
-C{GET /healthz} needs C{Authorization: Bearer <token>}; a missing or wrong token is a 401 (RFC
-6750: C{invalid_token} is a 401, not a 403), and so is every request while the token's source
-(an environment variable) is unset.
+place: L{Api.error} maps every exception to an L{ApiError}, and L{_error_body} renders it, for
+the routes and for the refusals below alike.
+
+Who may drive the API. A web page the operator visits must not be able to (CSRF), nor a page
+whose host name its attacker points at 127.0.0.1 (DNS rebinding), nor may a client make the
+server buffer an unbounded body. So, judged by L{ApiSite} on the request's head, before its
+body is read and before any route runs (a refusal answers and closes the connection, counted
+in C{refused} as C{api_<error>}):
+
+  - C{Host} must be one of the allowed names (config C{[api] allowed_hosts}, default
+    C{localhost}, C{127.0.0.1}, C{[::1]}, plus the endpoint's interface), with or without a
+    port; anything else, or none, is a 421 C{host_not_allowed}.
+  - On a state-changing method (anything but GET, HEAD, OPTIONS), an C{Origin} whose host is
+    not an allowed name (C{null} included), or C{Sec-Fetch-Site: cross-site} or C{same-site},
+    is a 403 C{cross_site}. Clients that are not browsers send neither.
+  - A C{Content-Length} over the cap (config C{[api] max_body_kb}, default 64 KiB) is a 413
+    C{body_too_large}, sent without reading the body; a chunked body is counted as it arrives
+    and cut off at the cap the same way. At most the cap is ever buffered, in memory.
+  - A request with a body must say C{Content-Type: application/json} (a charset, if given,
+    must be UTF-8): anything else is a 415 C{unsupported_media_type}. A browser cannot send
+    that type cross-site without a CORS preflight, which this API never grants.
+  - A request with a body must carry the token (when one is configured): a 401 before the
+    body is read.
+
+Authentication: with a token configured, every request but C{GET /healthz} needs
+C{Authorization: Bearer <token>}; a missing or wrong token is a 401 (RFC 6750:
+C{invalid_token} is a 401, not a 403), and so is every request while the token's source (an
+environment variable) is unset. The routes check it again, and check the content type of the
+JSON bodies they read.
 """
 
 from __future__ import annotations
 
+import collections
 import hmac
+import io
 import json
 import uuid as _uuid
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
+from urllib.parse import urlsplit
 
 from klein import Klein
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.web import http, server
+from twisted.web.http_headers import Headers
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.exceptions import NotFound as RouteNotFound
 
+from .config import LOOPBACK_NAMES, host_name
 from .control import ExtensionControl, StoreUnavailable
 from .extension import Conflict, NotFound
 from .model import EXTENSION_FIELDS, InvalidField, Extension
@@ -31,17 +63,55 @@ from .model import EXTENSION_FIELDS, InvalidField, Extension
 JSON_TYPE = b"application/json; charset=utf-8"
 CALLS_LIMIT_DEFAULT = 50
 CALLS_LIMIT_MAX = 1000
+MAX_BODY_DEFAULT = 64 * 1024
+#: Methods that change nothing; any other method is refused cross-site.
+SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+_REASONS = {421: b"Misdirected Request"}
 
 
 class ApiError(Exception):
     """An error with its HTTP status and code, raised by a route."""
 
-    def __init__(self, status: int, code: str, detail: str, headers=None):
+    def __init__(self, status: int, code: str, detail: str, headers=None, extra=None):
         super().__init__(detail)
         self.status = status
         self.code = code
         self.detail = detail
         self.headers = headers or {}
+        self.extra = extra or {}
+
+
+def _error_body(e: ApiError) -> bytes:
+    """The JSON of an error, for a route's answer and a refusal before the body alike."""
+    data = dict({"error": e.code, "detail": e.detail}, **e.extra)
+    return json.dumps(data, ensure_ascii=False).encode("utf-8")
+
+
+def json_content_type(value: bytes | str | None) -> bool:
+    """Is C{value} (a C{Content-Type}) C{application/json}, with no charset but UTF-8?"""
+    if value is None:
+        return False
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    media, *params = (p.strip().lower() for p in value.split(";"))
+    if media != "application/json":
+        return False
+    for param in params:
+        name, _, charset = param.partition("=")
+        if name.strip() == "charset" and charset.strip().strip('"') not in ("utf-8", "utf8"):
+            return False
+    return True
+
+
+def _origin_host(origin: bytes) -> str | None:
+    """The normalized host of an C{Origin} header, or L{None} (C{null}, not http(s), bad)."""
+    try:
+        parts = urlsplit(origin.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if parts.scheme not in ("http", "https") or parts.path or parts.query:
+        return None
+    return host_name(parts.netloc)
 
 
 def _unauthorized(detail: str, invalid: bool) -> ApiError:
@@ -78,6 +148,11 @@ class Api:
         C{/healthz} is then refused); C{token=None} itself means no authentication.
     @param status: returns process status merged into C{GET /api/status}.
     @param metrics_registry: a prometheus_client registry for C{GET /metrics}.
+    @param allowed_hosts: the names a C{Host} may carry, normalized by
+        L{audiosocket.config.host_name} (C{ApiConfig.host_names}).
+    @param max_body: the request body cap, in bytes.
+    @param refused: a counter of refusals by reason (C{api_<error>}), shared with the
+        AudioSocket listeners' so one metric shows them all.
     """
 
     app = Klein()
@@ -92,6 +167,9 @@ class Api:
         token: Callable[[], str | None] | None = None,
         status: Callable[[], dict] = dict,
         metrics_registry=None,
+        allowed_hosts: Iterable[str] = LOOPBACK_NAMES,
+        max_body: int = MAX_BODY_DEFAULT,
+        refused: collections.Counter | None = None,
     ):
         self._control = control
         self._manager = control.manager
@@ -100,25 +178,117 @@ class Api:
         self._token = token
         self._status = status
         self._registry = metrics_registry
+        self.allowed_hosts = frozenset(allowed_hosts)
+        self.max_body = max_body
+        self.refused = refused if refused is not None else collections.Counter()
+
+    def site(self, **kwargs) -> "ApiSite":
+        """A C{Site} serving this API behind its request checks (see the module docstring)."""
+        return ApiSite(self, **kwargs)
+
+    # ------------------------------------------------------------ before any route
+
+    def admit(self, method: bytes, headers: Headers, length: int | None) -> ApiError | None:
+        """
+        Judge a request by its head alone, before its body is read and before any route runs.
+
+        @param length: the C{Content-Length}, L{None} for a chunked body, 0 for none.
+        @return: the refusal, or L{None} to go on.
+        """
+        hosts = headers.getRawHeaders(b"host") or []
+        name = host_name(hosts[0].decode("latin-1")) if len(hosts) == 1 else None
+        if name is None or name not in self.allowed_hosts:
+            return ApiError(
+                421,
+                "host_not_allowed",
+                "this API does not answer to that Host; add the name to api.allowed_hosts",
+            )
+        if method.upper() not in SAFE_METHODS:
+            for origin in headers.getRawHeaders(b"origin") or ():
+                if _origin_host(origin) not in self.allowed_hosts:
+                    return ApiError(
+                        403, "cross_site", "a change from another site's page is refused"
+                    )
+            fetch_site = (headers.getRawHeaders(b"sec-fetch-site") or [b""])[-1]
+            if fetch_site.strip().lower() in (b"cross-site", b"same-site"):
+                return ApiError(403, "cross_site", "a change from another site's page is refused")
+        if length is not None and length > self.max_body:
+            return self._too_large()
+        if length != 0:
+            if not json_content_type((headers.getRawHeaders(b"content-type") or [None])[-1]):
+                return self._not_json()
+            try:
+                self._check_token((headers.getRawHeaders(b"authorization") or [None])[-1])
+            except ApiError as e:
+                return e
+        return None
+
+    def _too_large(self) -> ApiError:
+        return ApiError(
+            413,
+            "body_too_large",
+            "the request body is over {} bytes (api.max_body_kb)".format(self.max_body),
+        )
+
+    @staticmethod
+    def _not_json() -> ApiError:
+        return ApiError(
+            415, "unsupported_media_type", "the body must be sent as Content-Type: application/json"
+        )
+
+    def refusal(self, error: ApiError, method: bytes, peer) -> bytes:
+        """
+        A whole HTTP response for a request refused before its body was read (the connection
+        closes after it), counted and logged.
+        """
+        reason = "api_" + error.code
+        self.refused[reason] += 1
+        self.log.info(
+            "API request {method} from {peer} refused: {reason}",
+            method=method.decode("latin-1")[:16],
+            peer=getattr(peer, "host", peer),
+            reason=reason,
+        )
+        body = _error_body(error)
+        phrase = http.RESPONSES.get(error.status) or _REASONS.get(error.status, b"Refused")
+        headers = dict(
+            error.headers,
+            **{
+                "Content-Type": JSON_TYPE.decode(),
+                "Content-Length": str(len(body)),
+                "Connection": "close",
+            },
+        )
+        head = [b"HTTP/1.1 %d %s" % (error.status, phrase)]
+        head += [
+            "{}: {}".format(name, value).encode("latin-1") for name, value in headers.items()
+        ]
+        return b"\r\n".join(head) + b"\r\n\r\n" + body
 
     # ------------------------------------------------------------ helpers
 
     def _authorize(self, request) -> None:
+        self._check_token(request.getHeader("authorization"))
+
+    def _check_token(self, header: bytes | str | None) -> None:
         if self._token is None:
             return
         expected = self._token()
-        header = request.getHeader("authorization")
         if not expected:
             raise _unauthorized("the API token is not configured on the server", False)
         if header is None:
             raise _unauthorized("an Authorization: Bearer token is required", False)
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
+        if isinstance(header, str):
+            header = header.encode("utf-8")
+        scheme, _, given = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not given.strip():
             raise _unauthorized("the Authorization header must be 'Bearer <token>'", True)
-        if not hmac.compare_digest(given.strip().encode(), expected.encode()):
+        if not hmac.compare_digest(given.strip(), expected.encode("utf-8")):
             raise _unauthorized("wrong token", True)
 
     def _body(self, request) -> dict:
+        if not json_content_type(request.getHeader("content-type")):
+            raise self._not_json()
         raw = request.content.read()
         try:
             data = json.loads(raw.decode("utf-8"))
@@ -155,9 +325,16 @@ class Api:
 
     @app.handle_errors(Exception)
     def error(self, request, failure):
+        e = self._api_error(request, failure)
+        for name, value in e.headers.items():
+            request.setHeader(name.encode(), value.encode())
+        request.setResponseCode(e.status)
+        request.setHeader(b"Content-Type", JSON_TYPE)
+        return _error_body(e)
+
+    def _api_error(self, request, failure) -> ApiError:
+        """Every exception a route may raise, as the L{ApiError} to answer with."""
         e = failure.value
-        extra = {}
-        headers = {}
         if isinstance(e, (RouteNotFound, MethodNotAllowed)):
             # Unknown routes are private too: do not tell an anonymous caller what exists.
             try:
@@ -165,34 +342,28 @@ class Api:
             except ApiError as auth:
                 e = auth
         if isinstance(e, ApiError):
-            status, code, detail, headers = e.status, e.code, e.detail, e.headers
-        elif isinstance(e, InvalidField):
-            status, code, detail = 422, "invalid_field", str(e)
-            extra["field"] = e.field
-        elif isinstance(e, NotFound):
-            status, code, detail = 404, "not_found", str(e)
-        elif isinstance(e, Conflict):
-            status, code, detail = 409, "conflict", str(e)
-        elif isinstance(e, StoreUnavailable):
-            status, code = 503, "store_unavailable"
+            return e
+        if isinstance(e, InvalidField):
+            return ApiError(422, "invalid_field", str(e), extra={"field": e.field})
+        if isinstance(e, NotFound):
+            return ApiError(404, "not_found", str(e))
+        if isinstance(e, Conflict):
+            return ApiError(409, "conflict", str(e))
+        if isinstance(e, StoreUnavailable):
             detail = str(e) or "the extension store is unavailable"
-            headers = {"Retry-After": "5"}
-        elif isinstance(e, RouteNotFound):
-            status, code, detail = 404, "not_found", "no such route"
-        elif isinstance(e, MethodNotAllowed):
-            status, code = 405, "method_not_allowed"
+            return ApiError(503, "store_unavailable", detail, {"Retry-After": "5"})
+        if isinstance(e, RouteNotFound):
+            return ApiError(404, "not_found", "no such route")
+        if isinstance(e, MethodNotAllowed):
             allowed = ", ".join(sorted(e.valid_methods or ()))
-            detail = "allowed methods: {}".format(allowed)
-            headers = {"Allow": allowed}
-        elif isinstance(e, HTTPException):
-            status, code, detail = e.code or 500, "http_error", e.description or e.name
-        else:
-            self.log.failure("unhandled error in {method} {path}", failure,
-                             method=request.method, path=request.path)
-            status, code, detail = 500, "internal_error", "internal server error"
-        for name, value in headers.items():
-            request.setHeader(name.encode(), value.encode())
-        return _json(request, dict({"error": code, "detail": detail}, **extra), status)
+            return ApiError(
+                405, "method_not_allowed", "allowed methods: {}".format(allowed), {"Allow": allowed}
+            )
+        if isinstance(e, HTTPException):
+            return ApiError(e.code or 500, "http_error", e.description or e.name)
+        self.log.failure("unhandled error in {method} {path}", failure,
+                         method=request.method, path=request.path)
+        return ApiError(500, "internal_error", "internal server error")
 
     # ------------------------------------------------------------ health, status, metrics
 
@@ -342,6 +513,71 @@ class Api:
         return _json(request, {"calls": list(calls)})
 
 
+# ---------------------------------------------------------------- the HTTP layer
+
+
+class _CheckedRequest(server.Request):
+    """
+    A request judged by L{Api.admit} as soon as its head is in, and whose body is counted
+    against the cap as it arrives. Twisted's C{Request} buffers the whole body before any
+    resource sees it, so this is the only place a bound on it can hold.
+
+    A refusal writes the whole answer, closes the connection (whatever the client still
+    sends is never read) and leaves the request unprocessed.
+    """
+
+    _refused = False
+    _received = 0
+
+    def gotLength(self, length):
+        api = self.channel.site.api
+        # The request line is parsed, but Request.method is only set once the body is in;
+        # the channel holds it meanwhile.
+        method = getattr(self.channel, "_command", b"")
+        error = api.admit(method, self.requestHeaders, length)
+        if error is not None:
+            self._refuse(api, error, method)
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data):
+        if self._refused:
+            return
+        self._received += len(data)
+        api = self.channel.site.api
+        if self._received > api.max_body:  # chunked, or more than Content-Length promised
+            self._refuse(api, api._too_large(), getattr(self.channel, "_command", b""))
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command, path, version):
+        if not self._refused:
+            super().requestReceived(command, path, version)
+
+    def _refuse(self, api: Api, error: ApiError, method: bytes) -> None:
+        self._refused = True
+        # Without this the channel would invite the body ("100 Continue") after the answer.
+        self.requestHeaders.removeHeader(b"expect")
+        channel = self.channel
+        channel.transport.write(api.refusal(error, method, self.client))
+        channel.loseConnection()
+
+
+class ApiSite(server.Site):
+    """The C{Site} serving an L{Api}: every request passes L{Api.admit} first."""
+
+    requestFactory = _CheckedRequest
+    displayTracebacks = False
+
+    def __init__(self, api: Api, **kwargs):
+        super().__init__(api.app.resource(), **kwargs)
+        self.api = api
+
+    def getContentFile(self, length):
+        # The body is at most the cap: memory, never a temporary file per request.
+        return io.BytesIO()
+
+
 # ---------------------------------------------------------------- OpenAPI
 
 
@@ -386,9 +622,22 @@ def openapi_document() -> dict:
     errors = {
         "400": _error_response("Bad JSON, a body that is not an object, or a bad parameter"),
         "401": _error_response("Missing or wrong bearer token"),
+        "403": _error_response(
+            "A change from another site: an Origin that is not an allowed host, or "
+            "Sec-Fetch-Site cross-site or same-site"
+        ),
         "404": _error_response("Unknown extension, session or route"),
         "405": _error_response("Method not allowed on this route"),
         "409": _error_response("Extension id or port already taken"),
+        "413": _error_response(
+            "The body is over the cap (api.max_body_kb); refused before it is read, and the "
+            "connection is closed"
+        ),
+        "415": _error_response("A body not sent as Content-Type: application/json"),
+        "421": _error_response(
+            "The Host header is not an allowed name (api.allowed_hosts); refused before any "
+            "route runs"
+        ),
         "422": _error_response("Invalid field; `field` names it"),
         "503": _error_response("The extension store is unavailable; nothing changed"),
     }
@@ -398,18 +647,25 @@ def openapi_document() -> dict:
 
     ext = "#/components/schemas/Extension"
     port = {"type": "integer", "minimum": 1, "maximum": 65535}
+    number = {"type": "string", "pattern": "^[0-9A-Za-z*#+-]{1,32}$"}
     ext_props = {
         "id": {"type": "integer", "minimum": 1},
-        "ai_extension": {"type": "string", "minLength": 1},
+        "ai_extension": number,
         "ai_port": port,
-        "return_extension": {"type": "string", "minLength": 1},
+        "return_extension": number,
         "return_port": port,
-        "host": {"type": "string", "minLength": 1},
+        "host": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 253,
+            "description": "an IPv4 or IPv6 address or a DNS host name; no port, no commas, "
+            "spaces or control characters",
+        },
         "condominium_id": {"type": "integer", "minimum": 1},
         "max_calls": {"type": ["integer", "null"], "minimum": 1},
     }
     assert set(ext_props) == set(EXTENSION_FIELDS)
-    return {
+    document = {
         "openapi": "3.1.0",
         "info": {
             "title": "audiosocket",
@@ -624,6 +880,10 @@ def openapi_document() -> dict:
                                 "not_an_object",
                                 "bad_request",
                                 "unauthorized",
+                                "cross_site",
+                                "body_too_large",
+                                "unsupported_media_type",
+                                "host_not_allowed",
                                 "not_found",
                                 "method_not_allowed",
                                 "conflict",
@@ -743,3 +1003,16 @@ def openapi_document() -> dict:
             },
         },
     }
+    # Refusals made before any route runs apply to every operation of their kind.
+    for item in document["paths"].values():
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            operation["responses"]["421"] = errors["421"]
+            if method in ("post", "put", "delete", "patch"):
+                operation["responses"]["403"] = errors["403"]
+            if "requestBody" in operation:
+                operation["responses"]["413"] = errors["413"]
+                operation["responses"]["415"] = errors["415"]
+            operation["responses"] = dict(sorted(operation["responses"].items()))
+    return document

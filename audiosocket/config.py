@@ -8,7 +8,7 @@ default and a check; L{_build} walks the class, refuses unknown keys and runs th
 that join two settings (a provider needs its URL, the API off loopback needs a token, no port
 used twice) run afterwards in L{_check_rules}.
 
-Secrets are never in the file: keys ending in C{_env} name environment variables, read with
+Secrets are never in the file (C{api.token} is refused outright): keys ending in C{_env} name environment variables, read with
 L{secret} when the secret is used, so a rotated key needs no reload.
 """
 
@@ -31,7 +31,7 @@ import attrs
 from attrs import frozen
 from twisted.internet.endpoints import _parse as _parse_endpoint
 
-from audiosocket.model import EXTENSION_FIELDS, Extension, InvalidField
+from audiosocket.model import EXTENSION_FIELDS, Extension, InvalidField, valid_host
 
 __all__ = [
     "ApiConfig",
@@ -45,6 +45,7 @@ __all__ = [
     "RedisConfig",
     "ServerConfig",
     "SpeechConfig",
+    "host_name",
     "load_config",
     "parse_config",
     "secret",
@@ -389,13 +390,69 @@ class ServerConfig:
         return any(ip in network for network in self.allowed_networks)
 
 
+def _host_names(value: Any, base: Path) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _Invalid(f"must be a list of host names or IP addresses, not {_show(value)}")
+    names = []
+    for i, item in enumerate(value):
+        bracketed = isinstance(item, str) and item.startswith("[") and item.endswith("]")
+        bare = item[1:-1] if bracketed else item
+        if not valid_host(bare) or (bracketed and ":" not in bare):
+            raise _Invalid(
+                f"must be a host name or an IP address, without a port, not {_show(item)}",
+                f"[{i}]",
+            )
+        names.append(host_name(item))
+    return tuple(names)
+
+
+def host_name(value: str) -> str | None:
+    """
+    The host part of a C{Host} header or an C{Origin}'s authority, normalized for comparing:
+    lower case, an IPv6 address compressed and in brackets; the port, if any, dropped.
+    L{None} when C{value} is not a host name or an IP address, with an optional port.
+
+        >>> host_name("LocalHost:8082"), host_name("[0:0::1]"), host_name("::1")
+        ('localhost', '[::1]', '[::1]')
+    """
+    if not isinstance(value, str):
+        return None
+    if value.startswith("["):
+        address, bracket, port = value[1:].partition("]")
+        if not bracket or (port and not re.fullmatch(r":[0-9]{1,5}", port)):
+            return None
+    elif value.count(":") > 1:  # a bare IPv6 address (only in the config)
+        address = value
+    else:
+        address, colon, port = value.partition(":")
+        if colon and not re.fullmatch(r"[0-9]{1,5}", port):
+            return None
+    if not valid_host(address):
+        return None
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address.lower()
+    return f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
+
+
+#: The names the API always answers to, besides its endpoint's interface.
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+
 @frozen(kw_only=True)
 class ApiConfig:
-    """C{[api]}: the HTTP API's endpoint and bearer token."""
+    """
+    C{[api]}: the HTTP API's endpoint, the names it answers to, its body cap and where its
+    bearer token comes from (an environment variable, never the file).
+    """
 
     endpoint: str = _field("tcp:8082:interface=127.0.0.1", _endpoint)
-    token: str = _field("", _str(show=False), repr=False)  # kept out of logs
     token_env: str = _field("", _env_name)
+    #: C{Host} names (and C{Origin} hosts) the API accepts, with any port; the endpoint's
+    #: interface is always accepted too.
+    allowed_hosts: tuple[str, ...] = _field(list(LOOPBACK_NAMES), _host_names)
+    max_body_kb: int = _field(64, _int(1, 10240))
 
     @property
     def is_loopback(self) -> bool:
@@ -410,16 +467,34 @@ class ApiConfig:
             return False
 
     @property
+    def host_names(self) -> frozenset[str]:
+        """
+        The normalized names (see L{host_name}) a request's C{Host} may carry: C{allowed_hosts}
+        and the endpoint's interface, unless that is a wildcard (C{0.0.0.0}, C{::}).
+        """
+        names = set(self.allowed_hosts)
+        _, _, options = _endpoint_parts(self.endpoint)
+        interface = host_name(options.get("interface", ""))
+        if interface is not None and interface not in ("0.0.0.0", "[::]"):
+            names.add(interface)
+        return frozenset(names)
+
+    @property
+    def max_body(self) -> int:
+        """The request body cap in bytes."""
+        return self.max_body_kb * 1024
+
+    @property
     def requires_token(self) -> bool:
         """
         A token is configured, so every request must carry it. When this is true and
         L{bearer_token} is L{None} (its variable unset), the API must refuse every request.
         """
-        return bool(self.token or self.token_env)
+        return bool(self.token_env)
 
     def bearer_token(self) -> str | None:
-        """The token requests must carry, read now (C{token}, else C{token_env}'s variable)."""
-        return self.token or secret(self.token_env)
+        """The token requests must carry, read now from C{token_env}'s variable."""
+        return secret(self.token_env)
 
 
 @frozen(kw_only=True)
@@ -662,8 +737,18 @@ def _unknown(name: str, known) -> str:
     return "unknown key" + (f'; did you mean "{close[0]}"?' if close else "")
 
 
+#: Keys that once existed and must not come back, with what to do instead.
+_REFUSED = {
+    "api.token": "a token is not kept in the config file (anyone who can read the file, or a "
+    "backup of it, could use the API): put it in an environment variable and name that "
+    "variable in api.token_env",
+}
+
+
 def _check_keys(data: dict, known, key: str) -> None:
     for name in data:
+        if _join(key, name) in _REFUSED:
+            raise _Invalid(_REFUSED[_join(key, name)], _join(key, name))
         if name not in known:
             raise _Invalid(_unknown(name, known), _join(key, name))
 
@@ -770,9 +855,9 @@ def _check_rules(config: Config) -> None:
 
     if not config.api.is_loopback and not config.api.requires_token:
         raise _Invalid(
-            "is required (or api.token_env) when the API is not on loopback "
-            f'("{config.api.endpoint}")',
-            "api.token",
+            "must name the environment variable holding the API token when the API is not "
+            f'on loopback ("{config.api.endpoint}")',
+            "api.token_env",
         )
 
     audio = config.audio

@@ -3,13 +3,25 @@ Value objects shared by config, store and API: what an extension (*ramal*) is.
 
 Validation lives here once, so the config file, the HTTP API and the Redis store refuse the
 same things with the same words. Errors name the field.
+
+These values end up in dial strings and Asterisk channel variables (C{host:return_port} is
+where Asterisk connects the resident's leg, the numbers are dialed), so they are held to the
+characters that can mean nothing else there:
+
+  - C{host}: an IPv4 or IPv6 address (no brackets, no zone) or a DNS host name of RFC 1123
+    labels (letters, digits, inner hyphens; 63 per label, 253 in all; the last label not all
+    digits). No port, no comma, no space, no control character: C{10.0.0.2:8081,X=Y} would
+    otherwise smuggle a channel variable into an AMI Originate.
+  - C{ai_extension}, C{return_extension}: 1 to 32 of C{0-9 A-Z a-z * # + -}.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from typing import Any
 
-from attrs import asdict, frozen
+from attrs import asdict, field, frozen
 
 
 class InvalidField(ValueError):
@@ -54,6 +66,46 @@ def _str(data: dict, name: str) -> str:
     return value.strip()
 
 
+_NUMBER = re.compile(r"[0-9A-Za-z*#+-]{1,32}")
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def valid_host(value: str) -> bool:
+    """
+    Is C{value} an IP address (v4, or v6 without brackets or zone) or an RFC 1123 host name?
+    Nothing else: no port, no brackets, no separator of any kind.
+    """
+    if not isinstance(value, str) or not value.isascii() or "%" in value:
+        return False
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        pass
+    labels = value.split(".")
+    return (
+        len(value) <= 253
+        and all(_LABEL.fullmatch(label) for label in labels)
+        and not labels[-1].isdigit()  # "10.0.0.300" is a bad address, not a name
+    )
+
+
+def _check_number(instance, attribute, value) -> None:
+    if not isinstance(value, str) or not _NUMBER.fullmatch(value):
+        raise InvalidField(
+            attribute.name, "must be 1 to 32 of the characters 0-9 A-Z a-z * # + -"
+        )
+
+
+def _check_host(instance, attribute, value) -> None:
+    if not valid_host(value):
+        raise InvalidField(
+            attribute.name,
+            "must be an IP address or a DNS host name, without a port "
+            "(no commas, spaces or control characters)",
+        )
+
+
 @frozen
 class Extension:
     """
@@ -62,18 +114,19 @@ class Extension:
     """
 
     id: int
-    ai_extension: str
+    ai_extension: str = field(validator=_check_number)
     ai_port: int
-    return_extension: str
+    return_extension: str = field(validator=_check_number)
     return_port: int
-    host: str
+    host: str = field(validator=_check_host)
     condominium_id: int
     max_calls: int | None = None  # per-extension admission limit; None = only the global one
 
     @classmethod
     def from_dict(cls, data: Any) -> "Extension":
         """
-        Build from untrusted input (JSON body, TOML table, Redis hash).
+        Build from untrusted input (JSON body, TOML table, Redis hash). Constructing one
+        directly runs the same checks on C{host} and the extension numbers.
 
         @raise InvalidField: naming the first bad, missing or unknown field.
         """

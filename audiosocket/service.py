@@ -29,7 +29,6 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
-from twisted.web.server import Site as WebSite
 
 from audiosocket import __version__
 from audiosocket.clock import AudioClock
@@ -372,6 +371,9 @@ class DoormanService(MultiService):
             token=token,
             status=self.status,
             metrics_registry=self.metrics.registry,
+            allowed_hosts=api_config.host_names,
+            max_body=api_config.max_body,
+            refused=self.manager.refused,
         )
 
     def site(self, condominium_id: int) -> Site:
@@ -433,8 +435,7 @@ class DoormanService(MultiService):
             await self.embedded_redis.whenReady()
         await self.control.start(self.config.extensions)
         self._preload_prompts()
-        site = WebSite(self.api.app.resource())
-        site.displayTracebacks = False
+        site = self.api.site()
         self.api_port = await serverFromString(self._reactor, self.config.api.endpoint).listen(site)
         if self._install_signals:
             self._install_sighup()

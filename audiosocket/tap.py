@@ -5,6 +5,9 @@ C{twistd audiosocket}: the command-line options and C{makeService}.
     twistd audiosocket --config /etc/audiosocket.toml        # daemon (twistd.pid, twistd.log)
 
 A bad config file stops start-up with one line naming the file and the key, and exit code 1.
+
+No option takes a secret (a command line is visible to every user of the machine): the API
+token is read from the environment variable that C{[api] token_env} names.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """
-Tests for L{audiosocket.admin}: the CLI against a real twisted.web Site on 127.0.0.1:0 serving
-the L{Api} (its extension manager on a MemoryReactor, so no AudioSocket ports open).
+Tests for L{audiosocket.admin}: the CLI against the L{Api}'s own C{ApiSite} on 127.0.0.1:0
+(its extension manager on a MemoryReactor, so no AudioSocket ports open).
 """
 
 import io
@@ -97,7 +97,7 @@ class Server:
 
 
 async def _serve(s):
-    factory = Tracking(Site(s.api.app.resource()))
+    factory = Tracking(s.api.site())
     port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
     s.url = "http://127.0.0.1:{}".format(port.getHost().port)
     return factory, port
@@ -240,10 +240,35 @@ async def test_missing_token(server):
 
 
 @pytest_twisted.ensureDeferred
-async def test_token_option_wins(server):
-    """--token is used when given, over the environment."""
-    code, _, _ = await server.cli("--token", TOKEN, "list", token="wrong")
-    assert code == 0
+async def test_token_file_wins(server, tmp_path):
+    """--token-file is read (first line, whitespace stripped), over the environment."""
+    path = tmp_path / "token"
+    path.write_text(TOKEN + "\n")
+    code, _, err = await server.cli("--token-file", str(path), "list", token="wrong")
+    assert code == 0, err
+
+
+@pytest_twisted.ensureDeferred
+async def test_token_file_unreadable_or_empty(server, tmp_path):
+    """A token file that cannot be read, or is empty, is one line and exit 2."""
+    code, _, err = await server.cli("--token-file", str(tmp_path / "nope"), "list")
+    assert code == 2 and "cannot read the token file" in err
+    (tmp_path / "empty").write_text("\n")
+    code, _, err = await server.cli("--token-file", str(tmp_path / "empty"), "list")
+    assert code == 2 and "is empty" in err
+
+
+@pytest_twisted.ensureDeferred
+async def test_token_on_command_line_refused(server, capsys):
+    """
+    --token is refused (a process list would show it), naming the two ways that work and
+    without repeating the value.
+    """
+    code, out, _ = await server.cli("--token", "s3cret-value", "list", token=None)
+    assert code == 2 and out == ""
+    usage = capsys.readouterr().err
+    assert admin.TOKEN_ENV in usage and "--token-file" in usage
+    assert "s3cret-value" not in usage
 
 
 @pytest_twisted.ensureDeferred

@@ -1,20 +1,26 @@
 """
 Tests for L{audiosocket.api}: every route and error status through C{StubTreq} (real HTTP
 requests into the Klein resource, no sockets), with the extension manager on a
-MemoryReactor + Clock so "listening" is observable without opening ports.
+MemoryReactor + Clock so "listening" is observable without opening ports; and the checks
+made before any route runs (Host, Origin, content type, body cap) through an L{ApiSite} on
+127.0.0.1 over real TCP, with raw HTTP written by hand.
 """
 
 import json
 import uuid
 
 import pytest
+import pytest_twisted
 from prometheus_client import CollectorRegistry, Counter
-from twisted.internet import defer
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
+from twisted.protocols.policies import WrappingFactory
+from twisted.web.http_headers import Headers
 from treq.testing import StubTreq
 
-from audiosocket.api import Api, openapi_document
+from audiosocket.api import Api, json_content_type, openapi_document
 from audiosocket.control import ExtensionControl
-from audiosocket.model import Extension
+from audiosocket.model import Extension, InvalidField
 from audiosocket.store import MemoryStore
 from extkit import ManagerSetup, ext_fields, run
 
@@ -48,7 +54,7 @@ def ext_json(id=1, ai=8080, ret=8081, **kw):
 
 
 class Setup(ManagerSetup):
-    def __init__(self, token=None, registry=None, condos=(1,), fallback=None):
+    def __init__(self, token=None, registry=None, condos=(1,), fallback=None, **api):
         super().__init__(condos=condos, fallback=fallback)
         self.store = MemoryStore(reactor=self.reactor, node_id="node-a")
         self.sessions = FakeSessions()
@@ -60,6 +66,7 @@ class Setup(ManagerSetup):
             token=token,
             status=lambda: {"node": "n1"},
             metrics_registry=registry,
+            **api,
         )
         self.treq = StubTreq(self.api.app.resource())
 
@@ -69,6 +76,8 @@ class Setup(ManagerSetup):
         if token is not None:
             hdrs["Authorization"] = "Bearer " + token
         data = raw if raw is not None else (None if body is None else json.dumps(body))
+        if data is not None:
+            hdrs.setdefault("Content-Type", "application/json")
         d = self.treq.request(method, BASE + path, data=data, headers=hdrs)
         response = _result(self.treq, d)
         content = _result(self.treq, self.treq.content(response))
@@ -253,6 +262,15 @@ def test_post_port_busy_on_host_409():
         ({"ai_port": 70000}, "ai_port"),
         ({"return_port": 8080}, "return_port"),
         ({"host": ""}, "host"),
+        ({"host": "10.0.0.2:8081,AUDIOSOCKET_UUID=x"}, "host"),
+        ({"host": "10.0.0.2:8081"}, "host"),
+        ({"host": "pbx.local x"}, "host"),
+        ({"host": "pbx\nlocal"}, "host"),
+        ({"host": "[::1]"}, "host"),
+        ({"ai_extension": "1001,X=1"}, "ai_extension"),
+        ({"ai_extension": "1" * 33}, "ai_extension"),
+        ({"return_extension": "20 01"}, "return_extension"),
+        ({"return_extension": "2001\r\nAction: Logoff"}, "return_extension"),
         ({"colour": "blue"}, "colour"),
         ({"condominium_id": 99}, "condominium_id"),
         ({"max_calls": 0}, "max_calls"),
@@ -265,6 +283,60 @@ def test_post_invalid_field_422(change, field):
     assert (status, body["error"], body["field"]) == (422, "invalid_field", field)
     assert body["detail"].startswith(field)
     assert s.reactor.listening() == []
+
+
+def test_model_refuses_bad_values_however_built():
+    """An Extension built directly (not from a dict) runs the same checks on host and numbers."""
+    with pytest.raises(InvalidField) as e:
+        Extension(**dict(ext_json(), host="10.0.0.2,X=1"))
+    assert e.value.field == "host"
+    with pytest.raises(InvalidField) as e:
+        Extension(**dict(ext_json(), ai_extension="1001 "))
+    assert e.value.field == "ai_extension"
+
+
+@pytest.mark.parametrize("host", ["10.0.0.2", "2001:db8::5", "pbx-1.condominio.example", "asterisk"])
+def test_post_accepts_addresses_and_host_names(host):
+    """An IPv4 or IPv6 address or a DNS host name is a valid host."""
+    s = Setup()
+    status, _, body = s.request("POST", "/api/extensions", ext_json(host=host))
+    assert (status, body["host"]) == (201, host)
+
+
+def test_post_extension_numbers_may_use_dial_characters():
+    """Extension numbers may hold letters and * # + - (1 to 32 of them)."""
+    s = Setup()
+    data = ext_json(ai_extension="*99#", return_extension="+55-11-" + "9" * 25)
+    assert s.request("POST", "/api/extensions", data)[0] == 201
+
+
+def test_post_text_plain_415():
+    """A JSON body sent as text/plain is a 415 and creates nothing."""
+    s = Setup()
+    status, _, body = s.request(
+        "POST", "/api/extensions", ext_json(), headers={"Content-Type": "text/plain"}
+    )
+    assert (status, body["error"]) == (415, "unsupported_media_type")
+    assert s.manager.extensions == {} and s.store.hub.extensions == {}
+
+
+@pytest.mark.parametrize(
+    "value, ok",
+    [
+        ("application/json", True),
+        ("Application/JSON; charset=UTF-8", True),
+        ('application/json; charset="utf-8"', True),
+        ("application/json; charset=latin-1", False),
+        ("text/plain", False),
+        ("application/x-www-form-urlencoded", False),
+        ("multipart/form-data; boundary=x", False),
+        ("application/jsonp", False),
+        (None, False),
+    ],
+)
+def test_json_content_type(value, ok):
+    """Only application/json (with a UTF-8 charset if any) is a JSON content type."""
+    assert json_content_type(value) is ok
 
 
 def test_post_missing_field_422():
@@ -484,6 +556,409 @@ def test_auth_post_refused_before_body():
     assert s.reactor.listening() == []
 
 
+# ---------------------------------------------------------------- checks on the head
+
+
+def head(**headers):
+    """Request headers as the channel holds them (names with underscores as dashes)."""
+    return Headers({k.replace("_", "-").encode(): [v.encode()] for k, v in headers.items()})
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["localhost", "localhost:8082", "LOCALHOST", "127.0.0.1", "127.0.0.1:8082", "[::1]", "[::1]:8082"],
+)
+def test_admit_loopback_hosts(host):
+    """The loopback names are allowed by default, with or without a port."""
+    assert Setup().api.admit(b"GET", head(host=host), 0) is None
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["evil.example", "evil.example:8082", "127.0.0.1.nip.io", "localhost.evil.example", "10.0.0.5", "127.0.0.1:x"],
+)
+def test_admit_foreign_host_421(host):
+    """A Host that is not an allowed name (DNS rebinding) is a 421, whatever the method."""
+    error = Setup().api.admit(b"GET", head(host=host), 0)
+    assert (error.status, error.code) == (421, "host_not_allowed")
+
+
+def test_admit_missing_or_repeated_host_421():
+    """No Host, or two of them, is a 421."""
+    api = Setup().api
+    assert api.admit(b"GET", Headers(), 0).status == 421
+    two = Headers({b"host": [b"localhost", b"evil.example"]})
+    assert api.admit(b"GET", two, 0).status == 421
+
+
+def test_admit_configured_host():
+    """A name given in allowed_hosts is accepted in Host and Origin."""
+    api = Setup(allowed_hosts={"doorman.example", "localhost"}).api
+    headers = head(host="doorman.example:8443", origin="https://doorman.example:8443")
+    assert api.admit(b"DELETE", headers, 0) is None
+
+
+@pytest.mark.parametrize(
+    "origin", ["http://evil.example", "null", "http://127.0.0.1.evil.example", "file://", "chrome-extension://abc"]
+)
+def test_admit_foreign_origin_on_change_403(origin):
+    """A state-changing request from a page of another site is a 403."""
+    error = Setup().api.admit(b"POST", head(host="127.0.0.1:8082", origin=origin), 0)
+    assert (error.status, error.code) == (403, "cross_site")
+
+
+def test_admit_foreign_origin_on_read_allowed():
+    """A GET carrying a foreign Origin goes on: it changes nothing and CORS hides the answer."""
+    assert Setup().api.admit(b"GET", head(host="localhost", origin="http://evil.example"), 0) is None
+
+
+def test_admit_own_origin_on_change_allowed():
+    """An Origin naming an allowed host (any port) may change things."""
+    headers = head(host="127.0.0.1:8082", origin="http://127.0.0.1:8082")
+    assert Setup().api.admit(b"PUT", headers, 0) is None
+
+
+@pytest.mark.parametrize("site, refused", [("cross-site", True), ("same-site", True), ("same-origin", False), ("none", False)])
+def test_admit_sec_fetch_site(site, refused):
+    """Sec-Fetch-Site cross-site or same-site refuses a change; same-origin and none do not."""
+    error = Setup().api.admit(b"POST", head(host="localhost", sec_fetch_site=site), 0)
+    assert (error is not None and error.status == 403) is refused
+
+
+def test_admit_body_over_cap_413():
+    """A Content-Length over the cap is a 413; at the cap it goes on."""
+    api = Setup(max_body=1000).api
+    json_head = head(host="localhost", content_type="application/json")
+    assert api.admit(b"POST", json_head, 1001).status == 413
+    assert api.admit(b"POST", json_head, 1000) is None
+
+
+def test_admit_body_not_json_415():
+    """Any request with a body (sized or chunked) must be application/json."""
+    api = Setup().api
+    for length in (10, None):
+        error = api.admit(b"POST", head(host="localhost", content_type="text/plain"), length)
+        assert (error.status, error.code) == (415, "unsupported_media_type")
+
+
+def test_admit_body_needs_token_first():
+    """With a token configured, a request with a body is refused (401) before the body."""
+    api = Setup(token=lambda: "s3cret").api
+    json_head = head(host="localhost", content_type="application/json")
+    assert api.admit(b"POST", json_head, 10).status == 401
+    json_head.setRawHeaders(b"authorization", [b"Bearer s3cret"])
+    assert api.admit(b"POST", json_head, 10) is None
+
+
+# ---------------------------------------------------------------- over real TCP
+
+
+class Tracking(WrappingFactory):
+    """Knows when every server-side connection has closed."""
+
+    def __init__(self, wrapped):
+        super().__init__(wrapped)
+        self._waiters = []
+
+    def unregisterProtocol(self, p):
+        super().unregisterProtocol(p)
+        if not self.protocols:
+            waiters, self._waiters = self._waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def all_closed(self):
+        if not self.protocols:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+
+class RawClient(protocol.Protocol):
+    """Writes bytes as given, keeps everything the server sends, notes who closed first."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.received = b""
+        self.closed = defer.Deferred()
+
+    def connectionMade(self):
+        self.transport.write(self.data)
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.closed.callback(None)
+
+    def response(self):
+        """(status, headers dict with lower-case names, JSON body) of the first response."""
+        head, _, body = self.received.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = dict(
+            (name.strip().lower(), value.strip())
+            for name, _, value in (line.partition(":") for line in lines[1:])
+        )
+        if headers.get("transfer-encoding") == "chunked":
+            size, _, rest = body.partition(b"\r\n")
+            body = rest[: int(size, 16)]
+        return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+class Served:
+    """An API listening on C{port} (127.0.0.1), and the L{Setup} behind it if any."""
+
+    def __init__(self, port, setup=None):
+        self.setup = setup
+        self.number = port.getHost().port
+
+    async def send(self, data: bytes) -> RawClient:
+        """Connect, write C{data}, and wait (bounded) until the server closes."""
+        client = RawClient(data)
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.number), client)
+        await client.closed.addTimeout(5, reactor)
+        return client
+
+
+def raw_request(method, path, body=b"", **headers) -> bytes:
+    """An HTTP/1.1 request with Connection: close; headers named with underscores as dashes."""
+    lines = ["{} {} HTTP/1.1".format(method, path)]
+    headers.setdefault("connection", "close")
+    if body and "transfer_encoding" not in headers:
+        headers.setdefault("content_length", str(len(body)))
+    lines += ["{}: {}".format(k.replace("_", "-"), v) for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+@pytest_twisted.async_yield_fixture
+async def served():
+    setup = Setup()
+    factory = Tracking(setup.api.site())
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+    try:
+        yield Served(port, setup)
+    finally:
+        await factory.all_closed().addTimeout(5, reactor)
+        await port.stopListening()
+
+
+def created_nothing(setup) -> bool:
+    return setup.manager.extensions == {} and setup.store.hub.extensions == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_json_post_from_own_host_creates(served):
+    """The control case: a JSON POST to 127.0.0.1 with its own Origin creates the extension."""
+    here = "127.0.0.1:{}".format(served.number)
+    client = await served.send(
+        raw_request(
+            "POST", "/api/extensions", json.dumps(ext_json()).encode(),
+            host=here, origin="http://" + here, content_type="application/json",
+        )
+    )
+    status, _, body = client.response()
+    assert (status, body["id"]) == (201, 1)
+    assert 1 in served.setup.store.hub.extensions
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_cross_site_text_plain_post_refused(served):
+    """
+    The CSRF a web page can send without a preflight (a text/plain POST, its Origin foreign)
+    to the loopback API without a token is a 403 and creates no extension.
+    """
+    client = await served.send(
+        raw_request(
+            "POST", "/api/extensions", json.dumps(ext_json()).encode(),
+            host="127.0.0.1:{}".format(served.number),
+            origin="http://evil.example", content_type="text/plain",
+        )
+    )
+    status, headers, body = client.response()
+    assert (status, body["error"]) == (403, "cross_site")
+    assert headers["content-type"] == "application/json; charset=utf-8"
+    assert created_nothing(served.setup)
+    assert served.setup.api.refused["api_cross_site"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_dns_rebinding_host_refused(served):
+    """
+    A page whose name its attacker pointed at 127.0.0.1 sends its own name as Host (and
+    Origin): a 421 before any route runs, and no extension is created.
+    """
+    client = await served.send(
+        raw_request(
+            "POST", "/api/extensions", json.dumps(ext_json()).encode(),
+            host="evil.example:{}".format(served.number),
+            origin="http://evil.example:{}".format(served.number), content_type="text/plain",
+        )
+    )
+    status, _, body = client.response()
+    assert (status, body["error"]) == (421, "host_not_allowed")
+    assert created_nothing(served.setup)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_text_plain_body_415(served):
+    """A body that is not application/json is a 415, even from a client that is no browser."""
+    client = await served.send(
+        raw_request(
+            "POST", "/api/extensions", json.dumps(ext_json()).encode(),
+            host="localhost", content_type="text/plain",
+        )
+    )
+    status, _, body = client.response()
+    assert (status, body["error"]) == (415, "unsupported_media_type")
+    assert created_nothing(served.setup)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_huge_content_length_413_without_reading_body(served):
+    """
+    A 50 MiB Content-Length, unauthenticated, is answered 413 and the connection closed by
+    the server while the client has sent only the head: the body is never waited for.
+    """
+    client = await served.send(
+        raw_request(
+            "POST", "/api/extensions", host="localhost", content_type="application/json",
+            content_length=str(50 * 1024 * 1024), expect="100-continue",
+        )
+    )
+    status, headers, body = client.response()
+    assert (status, body["error"]) == (413, "body_too_large")
+    assert headers["connection"] == "close"
+    assert b"100 Continue" not in client.received
+    assert created_nothing(served.setup)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_chunked_body_over_cap_aborted(served):
+    """A chunked body is cut off with a 413 as soon as it passes the cap (64 KiB)."""
+    chunk = b"[" + b" " * (64 * 1024) + b"]"
+    client = await served.send(
+        raw_request(
+            "POST", "/api/extensions", host="localhost", content_type="application/json",
+            transfer_encoding="chunked",
+        )
+        + b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+    )
+    status, _, body = client.response()
+    assert (status, body["error"]) == (413, "body_too_large")
+    assert created_nothing(served.setup)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_chunked_body_under_cap_served(served):
+    """A chunked JSON body under the cap is read and served as usual."""
+    data = json.dumps(ext_json()).encode()
+    client = await served.send(
+        raw_request(
+            "POST", "/api/extensions", host="localhost", content_type="application/json",
+            transfer_encoding="chunked",
+        )
+        + b"%x\r\n" % len(data) + data + b"\r\n0\r\n\r\n"
+    )
+    assert client.response()[0] == 201
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_ami_injection_in_host_422(served):
+    """
+    A host carrying an AMI channel variable after a comma is a 422 naming host; nothing
+    reaches the store or the manager.
+    """
+    payload = ext_json(host="10.0.0.2:8081,AUDIOSOCKET_UUID=00000000-0000-0000-0000-000000000000")
+    client = await served.send(
+        raw_request(
+            "POST", "/api/extensions", json.dumps(payload).encode(),
+            host="localhost", content_type="application/json",
+        )
+    )
+    status, _, body = client.response()
+    assert (status, body["error"], body["field"]) == (422, "invalid_field", "host")
+    assert created_nothing(served.setup)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_bad_extension_number_422(served):
+    """An extension number with a comma is a 422 naming it; nothing is created."""
+    payload = ext_json(return_extension="2001,CALLERID(num)=0")
+    client = await served.send(
+        raw_request(
+            "POST", "/api/extensions", json.dumps(payload).encode(),
+            host="localhost", content_type="application/json",
+        )
+    )
+    status, _, body = client.response()
+    assert (status, body["field"]) == (422, "return_extension")
+    assert created_nothing(served.setup)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_token_checked_before_body():
+    """
+    With a token configured, a POST announcing a body but carrying no token is a 401 sent
+    while only its head has arrived.
+    """
+    setup = Setup(token=lambda: "s3cret")
+    factory = Tracking(setup.api.site())
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+    try:
+        client = await Served(port, setup).send(
+            raw_request(
+                "POST", "/api/extensions", host="localhost", content_type="application/json",
+                content_length="1000",
+            )
+        )
+    finally:
+        await factory.all_closed().addTimeout(5, reactor)
+        await port.stopListening()
+    status, headers, body = client.response()
+    assert (status, body["error"]) == (401, "unauthorized")
+    assert headers["www-authenticate"].startswith("Bearer")
+
+
+@pytest_twisted.ensureDeferred
+async def test_service_serves_api_behind_its_checks(redis_server, tmp_path):
+    """
+    The real service (makeService) serves its API through the checks, with the configured
+    names and cap: a foreign Host and an oversize body are refused and counted with the
+    listeners' refusals, a configured name is served.
+    """
+    from test_service import config_for, free_ports, started, stopped
+
+    ai, ret = free_ports(2)
+    config = config_for(
+        redis_server.path, tmp_path, ai, ret,
+        api={"allowed_hosts": ["doorman.example"], "max_body_kb": 1},
+    )
+    svc = await started(config)
+    try:
+        number = svc.api_port.getHost().port
+        served = Served(svc.api_port)
+        foreign = await served.send(raw_request("GET", "/api/extensions", host="localhost"))
+        named = await served.send(raw_request("GET", "/api/extensions", host="doorman.example"))
+        interface = await served.send(
+            raw_request("GET", "/healthz", host="127.0.0.1:{}".format(number))
+        )
+        big = await served.send(
+            raw_request(
+                "PUT", "/api/extensions/1", host="doorman.example",
+                content_type="application/json", content_length="1025",
+            )
+        )
+    finally:
+        await stopped(svc)
+    assert foreign.response()[0] == 421  # allowed_hosts replaced the loopback names
+    assert named.response()[0] == 200
+    assert interface.response()[0] == 200  # the endpoint's interface is always allowed
+    assert big.response()[0] == 413
+    assert svc.manager.refused["api_host_not_allowed"] == 1
+    assert svc.manager.refused["api_body_too_large"] == 1
+
+
 # ---------------------------------------------------------------- OpenAPI
 
 
@@ -526,6 +1001,21 @@ def test_openapi_refs_resolve():
             assert op["responses"], (path, method)
             if path != "/healthz":
                 assert "401" in op["responses"], (path, method)
+
+
+def test_openapi_documents_refusals():
+    """The refusals made before any route runs are documented where they can happen."""
+    doc = openapi_document()
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            if method == "parameters":
+                continue
+            assert "421" in op["responses"], (path, method)
+            assert ("403" in op["responses"]) is (method in ("post", "put", "delete"))
+            if "requestBody" in op:
+                assert {"413", "415"} <= set(op["responses"]), (path, method)
+    codes = doc["components"]["schemas"]["Error"]["properties"]["error"]["enum"]
+    assert {"host_not_allowed", "cross_site", "body_too_large", "unsupported_media_type"} <= set(codes)
 
 
 def test_openapi_validates():

@@ -149,11 +149,14 @@ def test_defaults(tmp_path):
     assert server.state_dir == tmp_path / "var"
     assert (server.port_fallback, server.port_fallback_range) == (False, (20000, 20999))
     assert server.handshake_timeout_s == 5.0
-    assert (config.api.endpoint, config.api.token, config.api.token_env) == (
+    api = config.api
+    assert (api.endpoint, api.token_env, api.allowed_hosts, api.max_body_kb) == (
         "tcp:8082:interface=127.0.0.1",
         "",
-        "",
+        ("localhost", "127.0.0.1", "[::1]"),
+        64,
     )
+    assert api.max_body == 65536
     assert (config.redis.url, config.redis.timeout_s) == ("", 2.0)
     speech = config.speech
     assert (speech.tts, speech.stt, speech.nlu, speech.cache_size) == (
@@ -275,8 +278,8 @@ def test_secrets_come_from_environment_at_use_time(tmp_path, monkeypatch):
 
 def test_api_token_from_environment(tmp_path, monkeypatch):
     """
-    An API off loopback may take its token from token_env instead of the file; the token is
-    read when asked for and never shown in the config's repr.
+    An API off loopback takes its token from the variable token_env names, read when asked
+    for (a rotated token needs no reload) and never shown in the config's repr.
     """
     config = load(
         tmp_path,
@@ -285,9 +288,47 @@ def test_api_token_from_environment(tmp_path, monkeypatch):
     assert not config.api.is_loopback and config.api.requires_token
     monkeypatch.setenv("TEST_API_TOKEN", "s3cret")
     assert config.api.bearer_token() == "s3cret"
-    inline = load(tmp_path, '[api]\nendpoint = "tcp:8082"\ntoken = "in-file"\n')
-    assert inline.api.bearer_token() == "in-file"
-    assert "in-file" not in repr(inline)
+    monkeypatch.setenv("TEST_API_TOKEN", "rotated")
+    assert config.api.bearer_token() == "rotated"
+    assert "rotated" not in repr(config)
+
+
+@pytest.mark.parametrize("value", ['"in-file"', '""'])
+def test_api_token_in_file_refused(tmp_path, value):
+    """
+    A token in the file (even an empty one) is an error on api.token that points to
+    api.token_env and does not repeat the value.
+    """
+    e = error(write(tmp_path, f'[api]\nendpoint = "tcp:8082"\ntoken = {value}\n'))
+    assert e.key == "api.token"
+    assert "api.token_env" in e.message and "environment variable" in e.message
+    assert "in-file" not in str(e)
+
+
+@pytest.mark.parametrize(
+    "endpoint, names",
+    [
+        ("tcp:8082:interface=127.0.0.1", {"localhost", "127.0.0.1", "[::1]"}),
+        ("tcp:8082:interface=192.168.0.10", {"localhost", "127.0.0.1", "[::1]", "192.168.0.10"}),
+        (r"tcp:8082:interface=\:\:1", {"localhost", "127.0.0.1", "[::1]"}),
+        (r"tcp:8082:interface=fd00\:\:5", {"localhost", "127.0.0.1", "[::1]", "[fd00::5]"}),
+        ("tcp:8082:interface=0.0.0.0", {"localhost", "127.0.0.1", "[::1]"}),
+        ("tcp:8082", {"localhost", "127.0.0.1", "[::1]"}),
+        ("unix:/run/audiosocket.sock", {"localhost", "127.0.0.1", "[::1]"}),
+    ],
+)
+def test_api_host_names_add_the_interface(tmp_path, endpoint, names):
+    """The API answers to allowed_hosts and its endpoint's interface, unless that is a wildcard."""
+    config = load(tmp_path, f'[api]\nendpoint = {json.dumps(endpoint)}\ntoken_env = "T"\n')
+    assert config.api.host_names == names
+
+
+def test_api_allowed_hosts_normalized(tmp_path):
+    """allowed_hosts are kept lower case, IPv6 addresses compressed and bracketed."""
+    config = load(
+        tmp_path, '[api]\nallowed_hosts = ["Doorman.Example", "0:0::1", "[fd00:0::5]", "10.0.0.5"]\n'
+    )
+    assert config.api.allowed_hosts == ("doorman.example", "[::1]", "[fd00::5]", "10.0.0.5")
 
 
 @pytest.mark.parametrize(
@@ -305,7 +346,7 @@ def test_api_token_from_environment(tmp_path, monkeypatch):
 )
 def test_api_is_loopback(tmp_path, endpoint, loopback):
     """ApiConfig.is_loopback is true only for unix sockets and loopback interfaces."""
-    config = load(tmp_path, f'[api]\nendpoint = {json.dumps(endpoint)}\ntoken = "t"\n')
+    config = load(tmp_path, f'[api]\nendpoint = {json.dumps(endpoint)}\ntoken_env = "T"\n')
     assert config.api.is_loopback is loopback
 
 
@@ -532,7 +573,7 @@ MISTAKES = {
         'unknown tcp: endpoint option "interfac" in "tcp:8082:interfac=127.0.0.1"',
     ),
     "ssl without key": (
-        '[api]\nendpoint = "ssl:8443"\ntoken = "t"\n',
+        '[api]\nendpoint = "ssl:8443"\ntoken_env = "T"\n',
         "api.endpoint",
         'must name a privateKey= for an ssl: endpoint, not "ssl:8443"',
     ),
@@ -544,8 +585,29 @@ MISTAKES = {
     # rules joining settings
     "public API without token": (
         '[api]\nendpoint = "tcp:8082:interface=0.0.0.0"\n',
-        "api.token",
-        'is required (or api.token_env) when the API is not on loopback ("tcp:8082:interface=0.0.0.0")',
+        "api.token_env",
+        "must name the environment variable holding the API token when the API is not on "
+        'loopback ("tcp:8082:interface=0.0.0.0")',
+    ),
+    "allowed host with a port": (
+        '[api]\nallowed_hosts = ["localhost", "doorman.example:8082"]\n',
+        "api.allowed_hosts[1]",
+        'must be a host name or an IP address, without a port, not "doorman.example:8082"',
+    ),
+    "allowed host with a comma": (
+        '[api]\nallowed_hosts = ["a,b"]\n',
+        "api.allowed_hosts[0]",
+        'must be a host name or an IP address, without a port, not "a,b"',
+    ),
+    "allowed hosts not a list": (
+        '[api]\nallowed_hosts = "localhost"\n',
+        "api.allowed_hosts",
+        'must be a list of host names or IP addresses, not "localhost"',
+    ),
+    "body cap too small": (
+        "[api]\nmax_body_kb = 0\n",
+        "api.max_body_kb",
+        "must be an integer between 1 and 10240, not 0",
     ),
     "whisper without url": (
         '[speech]\nstt = "whisper"\n',
@@ -615,6 +677,17 @@ MISTAKES = {
         "must be between 1 and 65535, not 70000",
     ),
     "extension field missing": (extension(host=None), "extensions[0].host", "is required"),
+    "extension host with a channel variable": (
+        extension(host="10.0.0.2:8081,AUDIOSOCKET_UUID=x"),
+        "extensions[0].host",
+        "must be an IP address or a DNS host name, without a port "
+        "(no commas, spaces or control characters)",
+    ),
+    "extension number with a comma": (
+        extension(ai_extension="1001,X=1"),
+        "extensions[0].ai_extension",
+        "must be 1 to 32 of the characters 0-9 A-Z a-z * # + -",
+    ),
     "duplicate extension id": (
         extension() + extension(ai_port=9080, return_port=9081),
         "extensions[1].id",

@@ -1,10 +1,14 @@
 """
 Tests for L{audiosocket.control}: local changes applied to manager and store all-or-nothing,
 start-up seeding and loading (with the store down, and its later recovery), and changes
-from other nodes applied locally; on a MemoryReactor + Clock.
+from other nodes applied locally; on a MemoryReactor + Clock (and one bad record loaded from
+a real redis-server).
 """
 
+import json
+
 import pytest
+import pytest_twisted
 from twisted.internet import defer
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
@@ -280,3 +284,34 @@ def test_draining_status_visible():
     assert s.manager.draining[1].status == DRAINING
     leg.connectionLost(Failure(Exception("gone")))
     assert s.manager.draining == {}
+
+
+# ---------------------------------------------------------------- a bad record in Redis
+
+
+@pytest_twisted.ensureDeferred
+async def test_stored_extension_with_injected_host_is_skipped(redis_server):
+    """
+    At start-up, a record in the real Redis whose host carries an AMI channel variable after a
+    comma is logged and skipped: the good extension loads, the bad one never reaches the
+    manager, and start-up completes.
+    """
+    from test_store import redis_command, started, wait
+
+    store = await started(redis_server.path)
+    try:
+        await wait(store.save_extension(ext(1)))
+        bad = dict(ext(2, ai=9000, ret=9001).to_dict(), host="10.0.0.2:9001,AUDIOSOCKET_UUID=x")
+        redis_command(
+            redis_server.path, b"HSET", b"audiosocket:extensions", b"2", json.dumps(bad).encode()
+        )
+        s = ManagerSetup()
+        control = ExtensionControl(s.manager, store, reactor=s.reactor)
+        with capturedLogs() as events:
+            await wait(defer.Deferred.fromCoroutine(control.start([])))
+        control.stop()
+    finally:
+        await wait(store.stopService())
+    assert sorted(s.manager.extensions) == [1] and control.synced
+    skipped = [e for e in events if "skipping corrupt extension" in e.get("log_format", "")]
+    assert len(skipped) == 1 and "host" in str(skipped[0]["error"])

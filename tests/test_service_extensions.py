@@ -23,7 +23,10 @@ def api_url(svc, path: str) -> str:
 
 async def request(method: str, url: str, body=None):
     data = None if body is None else json.dumps(body).encode()
-    response = await treq.request(method, url, data=data, persistent=False).addTimeout(10, reactor)
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    response = await treq.request(
+        method, url, data=data, headers=headers, persistent=False
+    ).addTimeout(10, reactor)
     content = await treq.content(response)
     return response.code, (json.loads(content) if content else None)
 

@@ -46,6 +46,24 @@ def test_bad_config_is_a_usage_error_naming_file_and_key(etc):
     assert "\n" not in str(e.value)
 
 
+def test_token_in_config_file_is_a_usage_error(etc):
+    """An [api] token in the file stops the options, pointing to token_env, not echoing it."""
+    path = etc / "audiosocket.toml"
+    text = path.read_text()
+    assert 'token_env = ""' in text
+    path.write_text(text.replace('token_env = ""', 'token = "s3cret-value"'))
+    with pytest.raises(usage.UsageError) as e:
+        Options().parseOptions(["--config", str(path)])
+    assert "api.token:" in str(e.value) and "api.token_env" in str(e.value)
+    assert "s3cret-value" not in str(e.value)
+
+
+def test_no_option_takes_a_token():
+    """twistd audiosocket has no --token: a secret on a command line shows in process lists."""
+    with pytest.raises(usage.UsageError):
+        Options().parseOptions(["--config", str(ETC / "audiosocket.toml"), "--token", "x"])
+
+
 def test_twistd_exits_nonzero_on_bad_config(etc):
     """`twistd -n audiosocket` with a broken file exits non-zero and says which key."""
     path = etc / "audiosocket.toml"
