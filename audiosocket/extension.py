@@ -74,13 +74,14 @@ class ExtensionService(Service):
         fallback_ports: Callable[[int], Iterable[int]] | None = None,
         leg_options: dict | None = None,
         refused=None,
+        peers=None,
     ):
         self.extension = extension
         self.name = "extension-{}".format(extension.id)
         self._bind = bind
         self._reactor = reactor
         self._fallback_ports = fallback_ports
-        options = dict(leg_options or {}, reactor=reactor, refused=refused)
+        options = dict(leg_options or {}, reactor=reactor, refused=refused, peers=peers)
         self.ai_factory = LegFactory(
             VISITOR, clock, lambda leg: on_leg(self, leg), **options
         )
@@ -259,6 +260,12 @@ class ExtensionManager(MultiService):
 
     @param on_leg: C{on_leg(extension_service, leg)} for every leg that sent its UUID.
     @param condominium_exists: tells whether a condominium id is configured (422 if not).
+    @param leg_options: keywords for every port's L{LegFactory}: the handshake timeout,
+        allowed peers and the C{[limits]} bounds (see L{audiosocket.leg}).
+    @ivar refused: reason code → connections refused or closed for bad input, over every
+        port (the metrics' C{audiosocket_refused_connections}).
+    @ivar peers: address → connections open from it over every port, against which
+        C{max_connections_per_peer} is checked.
     """
 
     log = Logger()
@@ -290,6 +297,7 @@ class ExtensionManager(MultiService):
         self.extensions: dict[int, ExtensionService] = {}
         self.draining: dict[int, ExtensionService] = {}
         self.refused: collections.Counter = collections.Counter()
+        self.peers: collections.Counter = collections.Counter()
         # One change at a time: two concurrent POSTs must not both take port 9000.
         self._lock = defer.DeferredLock()
 
@@ -355,6 +363,7 @@ class ExtensionManager(MultiService):
             fallback_ports=self._fallback_ports(0),
             leg_options=self._leg_options,
             refused=self.refused,
+            peers=self.peers,
         )
 
     # ------------------------------------------------------------ changes

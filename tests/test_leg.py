@@ -85,10 +85,16 @@ def test_silence_fill():
     assert [(f.kind, f.payload) for f in got] == [(0x10, bytes(320))] * 5
 
 
-def test_paced_before_uuid():
-    """The leg is paced from connection, not from its UUID: Asterisk times out otherwise."""
+def test_not_paced_before_uuid():
+    """
+    A connection is paced from its UUID on (Asterisk sends it at once); before that it
+    costs no clock tick, so connections that never identify themselves load nothing.
+    """
     h = Harness()
     leg, t = h.connect()
+    h.ticks(3)
+    assert frames(t) == [] and len(h.clock) == 0
+    leg.dataReceived(wire.uuid_frame(U1))
     h.ticks(3)
     assert len(frames(t)) == 3
 
@@ -382,18 +388,18 @@ def test_duplicate_live_uuid_refused():
 
 
 def test_flooding_peer_closed():
-    """A peer streaming far faster than real time is closed as flood."""
-    h = Harness(flood_allowance_s=2.0)
+    """A peer streaming far faster than real time is closed as audio_flood."""
+    h = Harness(audio_burst_s=2.0)
     leg, t = h.call()
     leg.dataReceived(wire.audio(TONE) * 99)  # 1.98 s at once: allowed burst
     assert not t.disconnecting
     leg.dataReceived(wire.audio(TONE) * 5)
-    assert t.disconnecting and leg.close_reason == "flood"
+    assert t.disconnecting and leg.close_reason == "audio_flood"
 
 
 def test_real_time_peer_is_not_flood():
     """A peer sending one frame per 20 ms for a minute is never taken for a flood."""
-    h = Harness(flood_allowance_s=0.5)
+    h = Harness(audio_burst_s=0.5)
     leg, t = h.call()
     for _ in range(3000):
         leg.dataReceived(wire.audio(TONE))
