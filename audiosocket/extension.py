@@ -12,6 +12,15 @@ C{StreamServerEndpointService}: a busy port must be an error the API caller sees
 fallback port), not a log line; and because a listening port's C{stopListening} leaves
 accepted connections open, each extension tracks its legs and drains or hangs them up
 itself.
+
+Input is bounded everywhere: events a second per leg, bytes buffered for a peer that does
+not read, connections per listening port and per peer address, busy (turned-away) calls,
+the sample rates a peer may choose. The manager hands the C{[limits]} bounds to every
+port's L{LegFactory} (C{leg_options}) and owns what spans ports: the count of connections
+per peer address (C{peers}) and the refusals by reason code (C{refused}, the metrics'
+C{audiosocket_refused_connections}). Hitting a bound closes that ONE connection with a
+logged reason code, counted there, and never hurts another call; the bounds and their codes
+are listed in L{audiosocket.leg}.
 """
 
 from __future__ import annotations
