@@ -42,6 +42,7 @@ __all__ = [
     "DialerConfig",
     "FlowConfig",
     "PrivacyConfig",
+    "LimitsConfig",
     "RedisConfig",
     "ServerConfig",
     "SpeechConfig",
@@ -440,6 +441,46 @@ def host_name(value: str) -> str | None:
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 
+def _rates(value: Any, base: Path) -> tuple[int, ...]:
+    from audiosocket.wire import KIND_OF_RATE
+
+    known = sorted(KIND_OF_RATE)
+    if not isinstance(value, list) or not value:
+        raise _Invalid(f"must be a non-empty list of sample rates from {known}, not {_show(value)}")
+    for i, rate in enumerate(value):
+        if isinstance(rate, bool) or rate not in KIND_OF_RATE:
+            raise _Invalid(f"must be one of {known}, not {_show(rate)}", f"[{i}]")
+    return tuple(sorted(set(value)))
+
+
+@frozen(kw_only=True)
+class LimitsConfig:
+    """
+    C{[limits]}: what one peer may make the server hold or do. Hitting a bound closes that
+    one connection with a logged reason code, counted in C{audiosocket_refused_connections}.
+    """
+
+    max_connections_per_port: int = _field(200, _int(1, 1000000))
+    max_connections_per_peer: int = _field(400, _int(1, 1000000))
+    max_handshakes_per_port: int = _field(64, _int(1, 1000000))
+    events_per_s: float = _field(20.0, _positive)
+    event_burst: int = _field(40, _int(1, 100000))
+    audio_burst_s: float = _field(2.0, _positive)
+    max_unsent_kb: int = _field(64, _int(1, 1048576))
+    slow_reader_s: float = _field(5.0, _positive)
+    rates: tuple[int, ...] = _field([8000, 12000, 16000, 24000, 32000, 44100, 48000], _rates)
+    max_rate_switches: int = _field(5, _int(0, 1000))
+    max_busy: int = _field(20, _int(0, 100000))
+    busy_max_s: float = _field(15.0, _positive)
+
+    @property
+    def leg_options(self) -> dict[str, Any]:
+        """The bounds of one connection and one port: L{audiosocket.leg.LegFactory}'s keywords."""
+        options = attrs.asdict(self)
+        del options["max_busy"], options["busy_max_s"]  # the session registry's
+        return options
+
+
 @frozen(kw_only=True)
 class ApiConfig:
     """
@@ -690,6 +731,7 @@ _SECTIONS = {
     "audio": AudioConfig,
     "flow": FlowConfig,
     "privacy": PrivacyConfig,
+    "limits": LimitsConfig,
 }
 
 
@@ -706,6 +748,7 @@ class Config:
     audio: AudioConfig
     flow: FlowConfig
     privacy: PrivacyConfig
+    limits: LimitsConfig
     condominiums: tuple[Condominium, ...]
     extensions: tuple[Extension, ...]
 

@@ -12,6 +12,15 @@ C{StreamServerEndpointService}: a busy port must be an error the API caller sees
 fallback port), not a log line; and because a listening port's C{stopListening} leaves
 accepted connections open, each extension tracks its legs and drains or hangs them up
 itself.
+
+Input is bounded everywhere: events a second per leg, bytes buffered for a peer that does
+not read, connections per listening port and per peer address, busy (turned-away) calls,
+the sample rates a peer may choose. The manager hands the C{[limits]} bounds to every
+port's L{LegFactory} (C{leg_options}) and owns what spans ports: the count of connections
+per peer address (C{peers}) and the refusals by reason code (C{refused}, the metrics'
+C{audiosocket_refused_connections}). Hitting a bound closes that ONE connection with a
+logged reason code, counted there, and never hurts another call; the bounds and their codes
+are listed in L{audiosocket.leg}.
 """
 
 from __future__ import annotations
@@ -74,13 +83,14 @@ class ExtensionService(Service):
         fallback_ports: Callable[[int], Iterable[int]] | None = None,
         leg_options: dict | None = None,
         refused=None,
+        peers=None,
     ):
         self.extension = extension
         self.name = "extension-{}".format(extension.id)
         self._bind = bind
         self._reactor = reactor
         self._fallback_ports = fallback_ports
-        options = dict(leg_options or {}, reactor=reactor, refused=refused)
+        options = dict(leg_options or {}, reactor=reactor, refused=refused, peers=peers)
         self.ai_factory = LegFactory(
             VISITOR, clock, lambda leg: on_leg(self, leg), **options
         )
@@ -259,6 +269,12 @@ class ExtensionManager(MultiService):
 
     @param on_leg: C{on_leg(extension_service, leg)} for every leg that sent its UUID.
     @param condominium_exists: tells whether a condominium id is configured (422 if not).
+    @param leg_options: keywords for every port's L{LegFactory}: the handshake timeout,
+        allowed peers and the C{[limits]} bounds (see L{audiosocket.leg}).
+    @ivar refused: reason code → connections refused or closed for bad input, over every
+        port (the metrics' C{audiosocket_refused_connections}).
+    @ivar peers: address → connections open from it over every port, against which
+        C{max_connections_per_peer} is checked.
     """
 
     log = Logger()
@@ -290,6 +306,7 @@ class ExtensionManager(MultiService):
         self.extensions: dict[int, ExtensionService] = {}
         self.draining: dict[int, ExtensionService] = {}
         self.refused: collections.Counter = collections.Counter()
+        self.peers: collections.Counter = collections.Counter()
         # One change at a time: two concurrent POSTs must not both take port 9000.
         self._lock = defer.DeferredLock()
 
@@ -355,6 +372,7 @@ class ExtensionManager(MultiService):
             fallback_ports=self._fallback_ports(0),
             leg_options=self._leg_options,
             refused=self.refused,
+            peers=self.peers,
         )
 
     # ------------------------------------------------------------ changes

@@ -6,21 +6,57 @@ hangup) and plays outbound audio through the shared L{AudioClock}: one frame per
 speech when some is queued, silence otherwise. It never decides what to say; the code that
 does (the flow) gets the leg once its UUID is known, through the factory's C{on_leg}.
 
-Every bad-input case closes this one connection with a logged reason code, counted on the
-factory; other legs never notice.
+Input is bounded everywhere, so one peer can neither stall nor flood the others: events a
+second per leg, bytes buffered for a peer that does not read, connections per port and per
+peer address, connections still in their handshake, audio ahead of real time, the sample
+rates a peer may choose and how often it may switch. Hitting a bound closes that ONE
+connection with a logged reason code, counted on the factory (C{refused}, exported by
+L{audiosocket.metrics} as C{audiosocket_refused_connections_total{reason}}); no other leg
+notices. The bounds and their reason codes (defaults from C{[limits]} in the config):
+
+  - C{max_connections_per_port} (200): accepted connections open on one port →
+    C{too_many_connections}, closed at accept, before any byte is read.
+  - C{max_connections_per_peer} (400): connections from one address over every port of
+    the manager → C{too_many_from_peer}. Asterisk is one peer carrying every call, so this
+    must cover the whole call capacity (two legs a call, plus turned-away calls).
+  - C{max_handshakes_per_port} (64): connections that have not sent their UUID yet →
+    C{too_many_handshakes}; such a connection is not paced by the clock (it costs no tick)
+    and is closed after C{handshake_timeout} (C{handshake_timeout}).
+  - C{events_per_s}, C{event_burst} (20/s, 40): a token bucket of keypad (DTMF) frames →
+    C{event_flood}. A person presses at most ~10 keys a second. The decoder is driven one
+    frame at a time, so a read of 400 KB of DTMF frames costs C{event_burst} frames of
+    work before the leg closes, not 100,000.
+  - C{audio_burst_s} (2 s): a token bucket of audio received ahead of real time, refilled
+    at one second per second up to its capacity: a peer silent for a minute may not then
+    send a minute at once → C{audio_flood}.
+  - C{max_unsent_kb}, C{slow_reader_s} (64 KiB, 5 s): the leg is a streaming producer on
+    its transport; when more than C{max_unsent_kb} wait to be sent Twisted pauses it, and
+    a paused leg writes nothing (its playout waits). Paused longer than C{slow_reader_s} →
+    C{slow_reader}, and the connection is aborted rather than left flushing to a peer that
+    does not read.
+  - C{rates} (8000 … 48000): the audio kinds a peer may send; another kind →
+    C{rate_not_allowed}, refused at its 3-byte header.
+  - C{max_rate_switches} (5): changes of audio kind in one leg. The first is logged; the
+    rest are only counted (a line a frame for a peer alternating kinds would flood the
+    log); one more closes the leg → C{rate_flapping}.
+
+Malformed input (first frame not a UUID, unknown kind, …) closes the leg the same way with
+the decoder's reason code (L{audiosocket.wire}).
 """
 
 from __future__ import annotations
 
 import collections
 import uuid as _uuid
-from typing import Callable
+from typing import Callable, Iterable
 
 from attrs import frozen
 from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from . import wire
 from .clock import AudioClock, FrameStats
@@ -70,6 +106,37 @@ class _Played:
         self.done = done
 
 
+class TokenBucket:
+    """
+    C{rate} tokens a second, up to C{capacity}; starts full. Tokens do not accrue beyond
+    the capacity, so time spent idle never buys more than one burst.
+    """
+
+    __slots__ = ("rate", "capacity", "tokens", "at")
+
+    def __init__(self, rate: float, capacity: float, now: float):
+        self.rate = rate
+        self.capacity = capacity
+        self.tokens = capacity
+        self.at = now
+
+    def take(self, amount: float, now: float) -> bool:
+        """Take C{amount} tokens at time C{now}; C{False} (and nothing taken) if short."""
+        tokens = self.tokens + (now - self.at) * self.rate
+        if tokens > self.capacity:
+            tokens = self.capacity
+        self.at = now
+        if tokens + 1e-9 < amount:
+            self.tokens = tokens
+            return False
+        self.tokens = tokens - amount
+        return True
+
+
+#: Audio rates a peer may use by default: every AudioSocket kind up to 48 kHz.
+DEFAULT_RATES = (8000, 12000, 16000, 24000, 32000, 44100, 48000)
+
+
 _SILENCE: dict[int, bytes] = {}
 
 
@@ -81,6 +148,7 @@ def silence_frame(rate: int) -> bytes:
     return frame
 
 
+@implementer(IPushProducer)
 class AudioSocketProtocol(Protocol):
     """
     One call leg. Public surface for the flow:
@@ -108,7 +176,16 @@ class AudioSocketProtocol(Protocol):
         self.closed = False
         self.close_reason: str | None = None
         self.hung_up_by: str | None = None
-        self._decoder = wire.Decoder(max_audio_payload=factory.max_audio_payload)
+        self._decoder = wire.Decoder(
+            max_audio_payload=factory.max_audio_payload, rates=factory.rates
+        )
+        now = factory.reactor.seconds()
+        self._event_bucket = TokenBucket(factory.events_per_s, factory.event_burst, now)
+        self._audio_bucket: TokenBucket | None = None  # from the first audio frame
+        self.rate_switches = 0
+        self._producing = False  # registered as the transport's producer
+        self._paused = False
+        self._slow_timer = None
         self._out: collections.deque[_Played] = collections.deque()
         self._hangup_requested = False
         self._hangup_sent = False
@@ -117,7 +194,6 @@ class AudioSocketProtocol(Protocol):
         self._handshake_timer = None
         self._audio_started: float | None = None
         self._audio_waiters: list[defer.Deferred] = []
-        self._audio_received_s = 0.0
         self._socket = None
         self._last_audio_kind = -1
         self._last_audio_size = -1
@@ -133,12 +209,49 @@ class AudioSocketProtocol(Protocol):
         self._socket = direct_socket(transport)
         self.peer = transport.getPeer()
         self.port = getattr(transport.getHost(), "port", None)
+        if hasattr(transport, "registerProducer"):
+            # Twisted pauses the leg once more than max_unsent_kb wait to be sent.
+            if hasattr(transport, "bufferSize"):
+                transport.bufferSize = self.factory.max_unsent_kb * 1024
+            transport.registerProducer(self, True)
+            self._producing = True
         self._handshake_timer = self.factory.reactor.callLater(
             self.factory.handshake_timeout, self._handshake_expired
         )
-        # Asterisk's AudioSocket() hangs up after 2 s with no audio either way, so the leg
-        # is paced (silence until there is something to say) from the moment it connects.
-        self.factory.clock.add(self)
+        # Not paced until its UUID arrives (Asterisk sends it at once): a connection that
+        # never identifies itself costs no clock tick.
+
+    # ------------------------------------------------------------ IPushProducer
+
+    def pauseProducing(self) -> None:
+        """The transport holds more than C{max_unsent_kb}: write nothing until it drains."""
+        self._paused = True
+        if self._slow_timer is None and not self.closed:
+            self._slow_timer = self.factory.reactor.callLater(
+                self.factory.slow_reader_s, self._slow_reader
+            )
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self._slow_timer is not None:
+            if self._slow_timer.active():
+                self._slow_timer.cancel()
+            self._slow_timer = None
+
+    def stopProducing(self) -> None:
+        # The connection is going away; connectionLost does the cleaning up.
+        pass
+
+    def _slow_reader(self) -> None:
+        self._slow_timer = None
+        self.abort(
+            "slow_reader",
+            "peer read nothing for {} s with {} KiB unsent".format(
+                self.factory.slow_reader_s, self.factory.max_unsent_kb
+            ),
+        )
+
+    # ------------------------------------------------------------ inbound
 
     def dataReceived(self, data: bytes):
         if self.closed or self._hangup_sent:
@@ -154,30 +267,40 @@ class AudioSocketProtocol(Protocol):
         ):
             self._audio(data[0], data[wire.HEADER_SIZE :])
             return
+        # One frame decoded at a time: once a bound closes the leg, the rest of this read
+        # is never decoded (a 64 KiB read can hold 16,000 keypad frames).
+        frames = self._decoder.frames(data)
         try:
-            frames = self._decoder.feed(data)
+            for frame in frames:
+                self._frame(frame)
+                if self.closed:
+                    break
         except wire.ProtocolError as e:
-            self._frames(e.frames)
             self.abort(e.reason, str(e))
-            return
-        self._frames(frames)
+        finally:
+            frames.close()
 
-    def _frames(self, frames):
-        for frame in frames:
-            if self.closed:
+    def _frame(self, frame: wire.Frame) -> None:
+        kind = frame.kind
+        if kind in wire.AUDIO_KINDS:
+            self._audio_frame(frame)
+        elif kind == wire.Kind.UUID:
+            self._uuid_frame(frame)
+        elif kind == wire.Kind.DTMF:
+            if not self._event_bucket.take(1, self.factory.reactor.seconds()):
+                self.abort(
+                    "event_flood",
+                    "more than {} keypad events at once, or {} a second".format(
+                        self.factory.event_burst, self.factory.events_per_s
+                    ),
+                )
                 return
-            kind = frame.kind
-            if kind in wire.AUDIO_KINDS:
-                self._audio_frame(frame)
-            elif kind == wire.Kind.UUID:
-                self._uuid_frame(frame)
-            elif kind == wire.Kind.DTMF:
-                self._put_event(Dtmf(frame.payload.decode("ascii")))
-            elif kind == wire.Kind.HANGUP:
-                # Asterisk hangs up by closing TCP; a peer that says it first is honoured.
-                self.hung_up_by = "peer"
-                self._put_event(Hangup("peer", "hangup frame"))
-                self.transport.loseConnection()
+            self._put_event(Dtmf(frame.payload.decode("ascii")))
+        elif kind == wire.Kind.HANGUP:
+            # Asterisk hangs up by closing TCP; a peer that says it first is honoured.
+            self.hung_up_by = "peer"
+            self._put_event(Hangup("peer", "hangup frame"))
+            self._close_transport(flush=True)
 
     def _uuid_frame(self, frame: wire.Frame):
         if self._handshake_timer is not None and self._handshake_timer.active():
@@ -193,6 +316,10 @@ class AudioSocketProtocol(Protocol):
             return
         self.uuid = uuid
         factory.live[uuid] = self
+        factory.handshaking.discard(self)
+        # Asterisk's AudioSocket() hangs up after 2 s with no audio either way, so the leg
+        # is paced (silence until there is something to say) from its UUID on.
+        factory.clock.add(self)
         self.log.info(
             "{role} leg {uuid} connected from {peer} on port {port}",
             role=self.role,
@@ -217,26 +344,37 @@ class AudioSocketProtocol(Protocol):
         rate = wire.RATE_OF_KIND[kind]
         if rate != self.rate:
             if self.frames_in:
-                self.log.info(
-                    "leg {uuid} switched audio from {old} Hz to {new} Hz",
-                    uuid=str(self.uuid),
-                    old=self.rate,
-                    new=rate,
-                )
+                self.rate_switches += 1
+                if self.rate_switches > self.factory.max_rate_switches:
+                    self.abort(
+                        "rate_flapping",
+                        "audio kind changed {} times".format(self.rate_switches),
+                    )
+                    return
+                if self.rate_switches == 1:
+                    # Only the first: a peer alternating kinds would log a line a frame.
+                    self.log.info(
+                        "leg {uuid} switched audio from {old} Hz to {new} Hz",
+                        uuid=str(self.uuid),
+                        old=self.rate,
+                        new=rate,
+                    )
             self.rate = rate
         self.frames_in += 1
         now = self.factory.reactor.seconds()
-        if self._audio_started is None:
+        bucket = self._audio_bucket
+        if bucket is None:
             self._audio_started = now
+            bucket = self._audio_bucket = TokenBucket(1.0, self.factory.audio_burst_s, now)
             waiters, self._audio_waiters = self._audio_waiters, []
             for d in waiters:
                 d.callback(rate)
-        self._audio_received_s += len(payload) / (2.0 * rate)
-        ahead = self._audio_received_s - (now - self._audio_started)
-        if ahead > self.factory.flood_allowance_s:
+        if not bucket.take(len(payload) / (2.0 * rate), now):
             self.abort(
-                "flood",
-                "peer sent {:.1f} s of audio ahead of real time".format(ahead),
+                "audio_flood",
+                "peer sent more than {} s of audio ahead of real time".format(
+                    self.factory.audio_burst_s
+                ),
             )
             return
         queue = self.audio
@@ -251,7 +389,7 @@ class AudioSocketProtocol(Protocol):
         try:
             self.events.put(event)
         except defer.QueueOverflow:
-            self.abort("flood", "more than {} unread events".format(self.events.size))
+            self.abort("event_flood", "more than {} unread events".format(self.events.size))
 
     def _handshake_expired(self):
         self._handshake_timer = None
@@ -277,7 +415,24 @@ class AudioSocketProtocol(Protocol):
             reason=reason,
         )
         self._stop_everything()
-        self.transport.loseConnection()
+        self._close_transport()
+
+    def _close_transport(self, flush: bool = False) -> None:
+        """
+        Close the connection. A refusal (C{flush} false) aborts it when bytes are still
+        waiting to be sent: a peer that does not read must not keep the connection, and
+        the bytes, alive. A hangup flushes them (the goodbye must play); the flow bounds
+        how long that may take.
+        """
+        transport = self.transport
+        if self._producing:
+            # A registered producer keeps loseConnection waiting for it forever.
+            self._producing = False
+            transport.unregisterProducer()
+        if not flush and _unsent(transport):
+            transport.abortConnection()
+        else:
+            transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone):
         if not self.closed and not self._hangup_sent:
@@ -319,9 +474,12 @@ class AudioSocketProtocol(Protocol):
     def _stop_everything(self):
         self.closed = True
         self.factory.clock.remove(self)
-        if self._handshake_timer is not None and self._handshake_timer.active():
-            self._handshake_timer.cancel()
-        self._handshake_timer = None
+        self._decoder.discard()
+        for name in ("_handshake_timer", "_slow_timer"):
+            timer = getattr(self, name)
+            if timer is not None and timer.active():
+                timer.cancel()
+            setattr(self, name, None)
         self._drop_playback()
 
     # ------------------------------------------------------------ outbound
@@ -400,6 +558,8 @@ class AudioSocketProtocol(Protocol):
 
     def tick(self, frames: int, now: float) -> None:
         """Called by the clock: write C{frames} frames (speech if queued, else silence)."""
+        if self._paused:
+            return  # the peer is not reading: no more bytes for it (see pauseProducing)
         write = self._write
         out = self._out
         sent = 0
@@ -430,7 +590,7 @@ class AudioSocketProtocol(Protocol):
         self.hung_up_by = "server"
         self.factory.clock.remove(self)
         self.transport.write(wire.HANGUP_FRAME)
-        self.transport.loseConnection()
+        self._close_transport(flush=True)
 
 
 def write_now(transport, sock, data: bytes) -> None:
@@ -463,6 +623,14 @@ def write_now(transport, sock, data: bytes) -> None:
     transport.write(data)
 
 
+def _unsent(transport) -> int:
+    """Bytes a Twisted TCP transport holds that it has not sent yet (0 for others)."""
+    data = getattr(transport, "dataBuffer", None)
+    if not isinstance(data, bytes):
+        return 0
+    return len(data) - transport.offset + transport._tempDataLen
+
+
 def direct_socket(transport):
     """
     The socket of a plain (not TLS) Twisted TCP transport, which L{AudioSocketProtocol._write}
@@ -490,9 +658,15 @@ class LegFactory(Factory):
     """
     Builds the legs of one listening port (an extension's AI or return port).
 
+    The bounds (see the module docstring) are keyword arguments named like their
+    C{[limits]} config keys.
+
     @param on_leg: called with the leg once its UUID is known; raise L{Refused} to turn it
         away. It must not block.
+    @param peers: address → connections open from it, shared by every factory of one
+        extension manager (so C{max_connections_per_peer} spans all its ports).
     @ivar live: UUID → leg for this port's connected legs.
+    @ivar handshaking: legs connected that have not sent their UUID yet.
     @ivar refused: reason code → count of legs closed for bad input or refusal.
     """
 
@@ -511,9 +685,19 @@ class LegFactory(Factory):
         allowed_peers=None,
         audio_queue_frames: int = 250,
         event_queue_size: int = 64,
-        flood_allowance_s: float = 2.0,
         max_audio_payload: int = 16384,
+        max_connections_per_port: int = 200,
+        max_connections_per_peer: int = 400,
+        max_handshakes_per_port: int = 64,
+        events_per_s: float = 20.0,
+        event_burst: int = 40,
+        audio_burst_s: float = 2.0,
+        max_unsent_kb: int = 64,
+        slow_reader_s: float = 5.0,
+        rates: Iterable[int] = DEFAULT_RATES,
+        max_rate_switches: int = 5,
         refused=None,
+        peers=None,
     ):
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -527,14 +711,78 @@ class LegFactory(Factory):
         self.allowed_peers = tuple(allowed_peers or ())
         self.audio_queue_frames = audio_queue_frames
         self.event_queue_size = event_queue_size
-        self.flood_allowance_s = flood_allowance_s
         self.max_audio_payload = max_audio_payload
+        self.max_connections_per_port = max_connections_per_port
+        self.max_connections_per_peer = max_connections_per_peer
+        self.max_handshakes_per_port = max_handshakes_per_port
+        self.events_per_s = events_per_s
+        self.event_burst = event_burst
+        self.audio_burst_s = audio_burst_s
+        self.max_unsent_kb = max_unsent_kb
+        self.slow_reader_s = slow_reader_s
+        self.rates = frozenset(rates)
+        self.max_rate_switches = max_rate_switches
         self.live: dict[_uuid.UUID, AudioSocketProtocol] = {}
         self.connections: set[AudioSocketProtocol] = set()
+        self.handshaking: set[AudioSocketProtocol] = set()
         self.refused = refused if refused is not None else collections.Counter()
+        self.peers = peers if peers is not None else collections.Counter()
+        self._quiet: dict[str, list] = {}  # reason → [last logged at, refusals not logged]
 
     def count_refused(self, reason: str) -> None:
         self.refused[reason] += 1
+
+    def _within_limits(self, addr) -> bool:
+        """
+        Admit a connection from C{addr} under the per-port, per-peer and handshake bounds,
+        or count and log its refusal (the caller then closes it at accept).
+        """
+        if len(self.connections) >= self.max_connections_per_port:
+            reason, limit = "too_many_connections", self.max_connections_per_port
+        elif len(self.handshaking) >= self.max_handshakes_per_port:
+            reason, limit = "too_many_handshakes", self.max_handshakes_per_port
+        elif (
+            getattr(addr, "host", None) is not None
+            and self.peers[addr.host] >= self.max_connections_per_peer
+        ):
+            reason, limit = "too_many_from_peer", self.max_connections_per_peer
+        else:
+            return True
+        self.count_refused(reason)
+        # A connection flood must not become a log flood: one line a second per reason.
+        now = self.reactor.seconds()
+        quiet = self._quiet.setdefault(reason, [None, 0])
+        if quiet[0] is not None and now - quiet[0] < 1.0:
+            quiet[1] += 1
+            return False
+        self.log.warn(
+            "refusing {role} connection from {peer}: limit of {limit} reached [{reason}]"
+            " ({unlogged} more refused since the last line)",
+            role=self.role,
+            peer=_addr(addr),
+            limit=limit,
+            reason=reason,
+            unlogged=quiet[1],
+        )
+        quiet[0], quiet[1] = now, 0
+        return False
+
+    def _track(self, leg: AudioSocketProtocol, addr) -> None:
+        self.connections.add(leg)
+        self.handshaking.add(leg)
+        host = getattr(addr, "host", None)
+        if host is not None:
+            self.peers[host] += 1
+
+        def gone(_):
+            self.connections.discard(leg)
+            self.handshaking.discard(leg)
+            if host is not None:
+                self.peers[host] -= 1
+                if self.peers[host] <= 0:
+                    del self.peers[host]
+
+        leg.when_closed().addBoth(gone)
 
     def buildProtocol(self, addr):
         if self.allowed_peers and not _peer_allowed(addr, self.allowed_peers):
@@ -545,9 +793,10 @@ class LegFactory(Factory):
                 peer=_addr(addr),
             )
             return None
+        if not self._within_limits(addr):
+            return None
         leg = self.protocol(self)
-        self.connections.add(leg)
-        leg.when_closed().addBoth(lambda _: self.connections.discard(leg))
+        self._track(leg, addr)
         return leg
 
 

@@ -3,9 +3,12 @@ Prometheus metrics for C{GET /metrics}.
 
 Two kinds, to keep the per-frame path free of metric updates:
 
-  - read at scrape time by L{_ServerCollector}: sessions and legs per extension, frames in
-    and out, the clock's late ticks, skipped frames and tick lateness, the frame-gap
-    histogram merged over the legs, refused connections by reason, Redis availability;
+  - read at scrape time by L{_ServerCollector}: sessions and legs per extension, turned-away
+    calls in progress, frames in and out, the clock's late ticks, skipped frames and tick
+    lateness, the frame-gap histogram merged over the legs, refused connections by reason
+    (malformed input, and every bound of L{audiosocket.leg} and the session registry:
+    C{too_many_connections}, C{event_flood}, C{slow_reader}, C{busy_overflow}, ...),
+    Redis availability;
   - updated on events (a call ended, a synthesis or a transcription finished): calls by
     outcome per condominium, time to the resident's answer and to the decision, dialed
     and answered calls (the answer rate is C{answered / dialed}), STT/NLU/TTS latency.
@@ -126,8 +129,11 @@ class _ServerCollector:
             labels=["extension", "role"],
         )
         per_ext: dict[int, int] = {}
+        busy = 0
         for session in list(server.registry.sessions.values()):
-            if not session.busy:
+            if session.busy:
+                busy += 1
+            else:
                 ext_id = session.extension.id
                 per_ext[ext_id] = per_ext.get(ext_id, 0) + 1
         for ext_id, svc in sorted(manager.extensions.items()):
@@ -139,6 +145,11 @@ class _ServerCollector:
                 totals.track(leg)
         yield sessions
         yield legs
+        yield GaugeMetricFamily(
+            "audiosocket_calls_busy",
+            "Turned-away calls hearing that the lines are busy now (bounded by max_busy)",
+            value=busy,
+        )
 
         live = totals.live()
         gaps = Histogram(bounds=GAP_BUCKETS_MS)
@@ -182,7 +193,7 @@ class _ServerCollector:
 
         refused = CounterMetricFamily(
             "audiosocket_refused_connections",
-            "Connections closed for bad input or turned away, by reason",
+            "Connections refused or closed for bad input or a bound hit, by reason",
             labels=["reason"],
         )
         for reason, n in sorted(manager.refused.items()):

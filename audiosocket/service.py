@@ -263,6 +263,8 @@ class DoormanService(MultiService):
             run_busy=self.flow.run_busy,
             max_calls=config.server.max_calls,
             max_call_s=config.flow.max_call_s,
+            max_busy=config.limits.max_busy,
+            busy_max_s=config.limits.busy_max_s,
             on_end=self._record,
             condominium_limit=lambda cid: self.sites[cid].max_calls if cid in self.sites else None,
         )
@@ -277,6 +279,7 @@ class DoormanService(MultiService):
             leg_options={
                 "handshake_timeout": server.handshake_timeout_s,
                 "allowed_peers": server.allowed_networks,
+                **config.limits.leg_options,
             },
         )
         self.manager.setServiceParent(self)

@@ -7,6 +7,12 @@ while the session's flow is waiting for it (the server originated that call); an
 resident leg is refused. The L{SessionRegistry} is the only place keyed by call: it admits or
 turns away visitors (C{max_calls}, per-extension limits), routes resident legs, and when a
 session's flow ends it removes every trace of it and hands the call record on.
+
+Turned-away (busy) calls are bounded too, or a flood of calls past C{max_calls} would cost
+as much as admitted ones: at most C{max_busy} hear "linhas ocupadas" at once (one more is
+closed at once, reason C{busy_overflow}), and each is closed after C{busy_max_s} whatever
+it is doing (reason C{busy_timeout}). They also hold a connection each, counted against
+the ports' and the peer's connection limits (L{audiosocket.leg}).
 """
 
 from __future__ import annotations
@@ -262,6 +268,8 @@ class SessionRegistry:
     @param run_flow: C{run_flow(session) -> Deferred} runs the conversation; it fires when
         the call is over (both legs hung up). It must set C{session.outcome}.
     @param run_busy: the same for a visitor turned away for lack of lines.
+    @param max_busy: turned-away calls at once; one more is closed without a word.
+    @param busy_max_s: a turned-away call is closed after this long.
     @param on_end: called with each finished session (call records, metrics); errors are
         logged, never raised into the call.
     """
@@ -276,6 +284,8 @@ class SessionRegistry:
         run_busy: Callable[[Session], defer.Deferred],
         max_calls: int = 100,
         max_call_s: float = 180.0,
+        max_busy: int = 20,
+        busy_max_s: float = 15.0,
         on_end: Callable[[Session], Any] | None = None,
         condominium_limit: Callable[[int], int | None] = lambda condominium_id: None,
     ):
@@ -284,6 +294,8 @@ class SessionRegistry:
         self._run_busy = run_busy
         self.max_calls = max_calls
         self.max_call_s = max_call_s
+        self.max_busy = max_busy
+        self.busy_max_s = busy_max_s
         self._condominium_limit = condominium_limit
         self._on_end = [on_end] if on_end else []
         self.sessions: dict[_uuid.UUID, Session] = {}
@@ -304,6 +316,10 @@ class SessionRegistry:
             and (extension_id is None or s.extension.id == extension_id)
             and (condominium_id is None or s.extension.condominium_id == condominium_id)
         )
+
+    def busy(self) -> int:
+        """Turned-away calls still hearing "linhas ocupadas"."""
+        return sum(1 for s in self.sessions.values() if s.busy)
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -331,6 +347,11 @@ class SessionRegistry:
             if limit is not None and self.active(condominium_id=extension.condominium_id) >= limit:
                 why = "condominium max_calls {} reached".format(limit)
         busy = why is not None
+        if busy and self.busy() >= self.max_busy:
+            raise Refused(
+                "busy_overflow",
+                "{}, and {} turned-away calls already in progress".format(why, self.max_busy),
+            )
         port = extension_service.bound_return_port or extension.return_port
         session = Session(
             leg.uuid,
@@ -349,6 +370,7 @@ class SessionRegistry:
                 ext=extension.id,
                 why=why,
             )
+            session.call_later(self.busy_max_s, self._busy_expired, session)
             run = self._run_busy
         else:
             self.log.info(
@@ -363,6 +385,13 @@ class SessionRegistry:
         session.flow = d
         d.addErrback(self._flow_failed, session)
         d.addBoth(self._ended, session)
+
+    def _busy_expired(self, session: Session) -> None:
+        # The prompt and the hangup should long be over: a peer that does not read (or
+        # does not close) must not keep a turned-away call, and its slot, for ever.
+        session.visitor.abort(
+            "busy_timeout", "turned-away call still open after {} s".format(self.busy_max_s)
+        )
 
     def _resident(self, extension: Extension, leg: AudioSocketProtocol) -> None:
         session = self.sessions.get(leg.uuid)

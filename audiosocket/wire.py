@@ -15,6 +15,7 @@ from __future__ import annotations
 import struct
 import uuid as _uuid
 from enum import IntEnum
+from typing import Iterable, Iterator
 
 from attrs import frozen
 
@@ -196,6 +197,10 @@ class FrameTooLarge(ProtocolError):
     reason = "frame_too_large"
 
 
+class RateNotAllowed(ProtocolError):
+    reason = "rate_not_allowed"
+
+
 class TruncatedFrame(ProtocolError):
     reason = "truncated_frame"
 
@@ -215,13 +220,24 @@ class Decoder:
     @param max_audio_payload: the largest audio payload accepted. 20 ms at 192 kHz is 7680
         bytes; the default leaves room for larger packetization while still refusing a
         peer that announces 64 KiB of nonsense.
+    @param rates: the sample rates whose audio kinds are accepted (L{None}: all); audio in
+        any other kind is L{RateNotAllowed}, refused at its header.
     """
 
-    def __init__(self, *, expect_uuid: bool = True, max_audio_payload: int = 16384):
+    def __init__(
+        self,
+        *,
+        expect_uuid: bool = True,
+        max_audio_payload: int = 16384,
+        rates: Iterable[int] | None = None,
+    ):
         self._buffer = bytearray()
         self._expect_uuid = expect_uuid
         self._seen_uuid = not expect_uuid
         self._max_audio = max_audio_payload
+        self._audio_kinds = (
+            AUDIO_KINDS if rates is None else frozenset(KIND_OF_RATE[r] for r in rates)
+        )
         self._failed: ProtocolError | None = None
 
     @property
@@ -230,32 +246,59 @@ class Decoder:
         return len(self._buffer)
 
     def feed(self, data: bytes) -> list[Frame]:
+        """
+        Every whole frame C{data} completes, as a list.
+
+        @raise ProtocolError: on the first malformed frame; its C{frames} are the good
+            frames decoded before it.
+        """
+        if self._failed is not None:
+            raise self._failed
+        frames: list[Frame] = []
+        try:
+            for frame in self.frames(data):
+                frames.append(frame)
+        except ProtocolError as e:
+            # The good frames before the bad one still count (a DTMF digit, say).
+            e.frames = frames
+            raise
+        return frames
+
+    def frames(self, data: bytes) -> Iterator[Frame]:
+        """
+        Like L{feed}, but lazily: each frame is decoded only when the caller asks for it.
+        A caller that stops early (a bound was hit and the connection is closing) does no
+        work for the rest, however much one read brought; what was not decoded stays
+        buffered. Close the iterator (or exhaust it) before the next call.
+        """
         if self._failed is not None:
             raise self._failed
         buf = self._buffer
         buf += data
-        frames: list[Frame] = []
         offset = 0
-        size = len(buf)
         try:
-            while size - offset >= HEADER_SIZE:
+            while len(buf) - offset >= HEADER_SIZE:
                 kind, length = HEADER.unpack_from(buf, offset)
                 self._check_header(kind, length)
                 end = offset + HEADER_SIZE + length
-                if end > size:
+                if end > len(buf):
                     break
                 payload = bytes(buf[offset + HEADER_SIZE : end])
+                frame = self._check_frame(kind, payload)
                 offset = end
-                frames.append(self._check_frame(kind, payload))
+                yield frame
         except ProtocolError as e:
-            # The good frames before the bad one still count (a DTMF digit, say).
-            e.frames = frames
             self._failed = e
             raise
         finally:
             if offset:
                 del buf[:offset]
-        return frames
+
+    def discard(self) -> None:
+        """The connection is closing: forget buffered bytes and decode nothing more."""
+        self._buffer = bytearray()
+        if self._failed is None:
+            self._failed = ProtocolError("the decoder was discarded")
 
     def finish(self) -> None:
         """
@@ -277,6 +320,10 @@ class Decoder:
             if length != 16:
                 raise BadUUID(f"UUID payload is {length} bytes, not 16")
         elif kind in AUDIO_KINDS:
+            if kind not in self._audio_kinds:
+                raise RateNotAllowed(
+                    f"audio at {RATE_OF_KIND[kind]} Hz (kind 0x{kind:02x}) is not allowed here"
+                )
             if length == 0:
                 raise EmptyAudio(f"zero-length audio frame (kind 0x{kind:02x})")
             if length > self._max_audio:

@@ -68,6 +68,12 @@ def write_config(path: Path, *, extensions: int, api_port: int, **sections) -> d
         "api": {"endpoint": "tcp:{}:interface=127.0.0.1".format(api_port)},
         "redis": {"url": ""},
         "flow": {"max_call_s": 600, "max_retries": 10, "dtmf_timeout_s": 3.0},
+        # The load generator is one peer carrying every call, like Asterisk.
+        "limits": {
+            "max_connections_per_peer": 1000000,
+            "max_connections_per_port": 1000000,
+            "max_handshakes_per_port": 1000000,
+        },
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)

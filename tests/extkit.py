@@ -85,19 +85,21 @@ def run(coro_or_d):
 class ManagerSetup:
     """
     An L{ExtensionManager} binding 127.0.0.1, started with its L{AudioClock} on a new
-    L{Reactor}; C{condos} are the condominiums that exist, C{fallback} its port fallback range.
+    L{Reactor}; C{condos} are the condominiums that exist, C{fallback} its port fallback range,
+    C{on_leg} and C{leg_options} passed on to the manager.
     """
 
-    def __init__(self, condos=(1,), fallback=None):
+    def __init__(self, condos=(1,), fallback=None, on_leg=None, leg_options=None):
         self.reactor = Reactor()
         self.clock = AudioClock(reactor=self.reactor)
         self.clock.startService()
         self.manager = ExtensionManager(
             clock=self.clock,
-            on_leg=lambda svc, leg: None,
+            on_leg=on_leg or (lambda svc, leg: None),
             reactor=self.reactor,
             bind="127.0.0.1",
             condominium_exists=lambda c: c in condos,
             port_fallback_range=fallback,
+            leg_options=leg_options,
         )
         self.manager.startService()

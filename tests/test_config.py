@@ -194,6 +194,42 @@ def test_defaults(tmp_path):
     assert config.extensions == ()
 
 
+def test_limits_defaults(tmp_path):
+    """
+    Without a [limits] table every bound takes its documented production default, and
+    leg_options hands the per-connection ones to the leg factory (the busy ones stay out).
+    """
+    limits = load(tmp_path).limits
+    assert (
+        limits.max_connections_per_port,
+        limits.max_connections_per_peer,
+        limits.max_handshakes_per_port,
+    ) == (200, 400, 64)
+    assert (limits.events_per_s, limits.event_burst, limits.audio_burst_s) == (20.0, 40, 2.0)
+    assert (limits.max_unsent_kb, limits.slow_reader_s) == (64, 5.0)
+    assert limits.rates == (8000, 12000, 16000, 24000, 32000, 44100, 48000)
+    assert (limits.max_rate_switches, limits.max_busy, limits.busy_max_s) == (5, 20, 15.0)
+    options = limits.leg_options
+    assert "max_busy" not in options and "busy_max_s" not in options
+    assert options["rates"] == limits.rates and options["event_burst"] == 40
+
+
+def test_limits_leg_options_are_leg_factory_keywords(tmp_path):
+    """Every key leg_options gives is a keyword LegFactory takes (no wiring by hand)."""
+    import inspect
+
+    from audiosocket.leg import LegFactory
+
+    keywords = inspect.signature(LegFactory).parameters
+    assert set(load(tmp_path).limits.leg_options) <= set(keywords)
+
+
+def test_limits_rates_sorted_and_deduplicated(tmp_path):
+    """[limits] rates keep each allowed sample rate once, in order."""
+    limits = load(tmp_path, "[limits]\nrates = [16000, 8000, 16000]\n").limits
+    assert limits.rates == (8000, 16000)
+
+
 def test_greeting_defaults_to_name(tmp_path):
     """A condominium without a greeting is greeted with its name."""
     (condominium,) = load(tmp_path).condominiums
@@ -506,6 +542,28 @@ MISTAKES = {
         "[flow]\nmax_call_s = nan\n",
         "flow.max_call_s",
         "must be a number greater than 0, not NaN",
+    ),
+    "rate not an AudioSocket rate": (
+        "[limits]\nrates = [8000, 11025]\n",
+        "limits.rates[1]",
+        "must be one of [8000, 12000, 16000, 24000, 32000, 44100, 48000, 96000, 192000], "
+        "not 11025",
+    ),
+    "no rates": (
+        "[limits]\nrates = []\n",
+        "limits.rates",
+        "must be a non-empty list of sample rates from [8000, 12000, 16000, 24000, 32000, "
+        "44100, 48000, 96000, 192000], not []",
+    ),
+    "zero events a second": (
+        "[limits]\nevents_per_s = 0\n",
+        "limits.events_per_s",
+        "must be a number greater than 0, not 0",
+    ),
+    "zero connections": (
+        "[limits]\nmax_connections_per_peer = 0\n",
+        "limits.max_connections_per_peer",
+        "must be an integer between 1 and 1000000, not 0",
     ),
     "ms too large": (
         "[audio]\npreroll_ms = 60001\n",

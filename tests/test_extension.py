@@ -178,3 +178,85 @@ def test_shutdown_hangs_up_every_leg():
     assert t.disconnecting
     leg.connectionLost()
     assert stopping.called
+
+
+# ---------------------------------------------------------------- bounds
+
+
+class BusySetup(Setup):
+    """
+    A manager whose legs go to a real L{SessionRegistry}: one line (max_calls 1), admitted
+    calls that never end by themselves, and turned-away calls that last until their leg
+    closes (as the busy prompt does when the peer never hangs up).
+    """
+
+    def __init__(self, **registry):
+        from twisted.internet import defer
+
+        from audiosocket.session import SessionRegistry
+
+        super().__init__(on_leg=lambda svc, leg: self.registry.on_leg(svc, leg))
+        self.registry = SessionRegistry(
+            reactor=self.reactor,
+            run_flow=lambda session: defer.Deferred(),
+            run_busy=lambda session: session.visitor.when_closed(),
+            max_calls=1,
+            **registry,
+        )
+
+
+def test_peer_limit_spans_every_extension():
+    """
+    max_connections_per_peer counts one address over every port of the manager: the
+    connection past it is refused on another extension too, counted on the manager.
+    """
+    s = Setup(leg_options={"max_connections_per_peer": 3})
+    a = run(s.manager.add(ext()))
+    b = run(s.manager.add(ext(id=2, ai=9000, ret=9001)))
+    s.call(a)
+    s.call(a, port="return")
+    s.call(b)
+    assert b.ai_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5556)) is None
+    assert s.manager.refused["too_many_from_peer"] == 1
+    assert s.manager.peers["127.0.0.1"] == 3
+
+
+def test_busy_calls_over_max_busy_are_closed():
+    """
+    Turned-away calls count against max_busy: past it a call is closed at once with
+    busy_overflow (no prompt, no session), while the admitted and the busy calls go on.
+    """
+    s = BusySetup(max_busy=1)
+    svc = run(s.manager.add(ext()))
+    admitted, ta = s.call(svc)
+    busy, tb = s.call(svc)
+    overflow, to = s.call(svc)
+    assert [s.registry.active(), s.registry.busy()] == [1, 1]
+    assert to.disconnecting and overflow.close_reason == "busy_overflow"
+    assert overflow.uuid not in s.registry.sessions
+    assert not ta.disconnecting and not tb.disconnecting
+    assert s.manager.refused["busy_overflow"] == 1
+
+
+def test_busy_call_closed_after_busy_max_s():
+    """A turned-away call still open after busy_max_s is closed as busy_timeout, and ends."""
+    s = BusySetup(busy_max_s=10.0)
+    svc = run(s.manager.add(ext()))
+    s.call(svc)
+    busy, tb = s.call(svc)
+    s.reactor.advance(9.9)
+    assert not tb.disconnecting
+    s.reactor.advance(0.2)
+    assert tb.disconnecting and busy.close_reason == "busy_timeout"
+    busy.connectionLost()
+    assert s.registry.busy() == 0 and s.registry.turned_away == 1
+    assert s.manager.refused["busy_timeout"] == 1
+
+
+def test_admitted_call_has_no_busy_deadline():
+    """busy_max_s applies to turned-away calls only: an admitted call outlives it."""
+    s = BusySetup(busy_max_s=10.0)
+    svc = run(s.manager.add(ext()))
+    leg, t = s.call(svc)
+    s.reactor.advance(11.0)
+    assert not t.disconnecting

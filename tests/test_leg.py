@@ -85,10 +85,16 @@ def test_silence_fill():
     assert [(f.kind, f.payload) for f in got] == [(0x10, bytes(320))] * 5
 
 
-def test_paced_before_uuid():
-    """The leg is paced from connection, not from its UUID: Asterisk times out otherwise."""
+def test_not_paced_before_uuid():
+    """
+    A connection is paced from its UUID on (Asterisk sends it at once); before that it
+    costs no clock tick, so connections that never identify themselves load nothing.
+    """
     h = Harness()
     leg, t = h.connect()
+    h.ticks(3)
+    assert frames(t) == [] and len(h.clock) == 0
+    leg.dataReceived(wire.uuid_frame(U1))
     h.ticks(3)
     assert len(frames(t)) == 3
 
@@ -382,18 +388,18 @@ def test_duplicate_live_uuid_refused():
 
 
 def test_flooding_peer_closed():
-    """A peer streaming far faster than real time is closed as flood."""
-    h = Harness(flood_allowance_s=2.0)
+    """A peer streaming far faster than real time is closed as audio_flood."""
+    h = Harness(audio_burst_s=2.0)
     leg, t = h.call()
     leg.dataReceived(wire.audio(TONE) * 99)  # 1.98 s at once: allowed burst
     assert not t.disconnecting
     leg.dataReceived(wire.audio(TONE) * 5)
-    assert t.disconnecting and leg.close_reason == "flood"
+    assert t.disconnecting and leg.close_reason == "audio_flood"
 
 
 def test_real_time_peer_is_not_flood():
     """A peer sending one frame per 20 ms for a minute is never taken for a flood."""
-    h = Harness(flood_allowance_s=0.5)
+    h = Harness(audio_burst_s=0.5)
     leg, t = h.call()
     for _ in range(3000):
         leg.dataReceived(wire.audio(TONE))
@@ -464,3 +470,226 @@ def test_clock_lateness_counts_from_the_first_owed_frame():
     reactor.advance(0.1)  # five slots owed at once
     assert clock.lateness.max_ms >= 79.0
     clock.stopService()
+
+
+# ---------------------------------------------------------------- bounds
+
+
+def _collect_log(leg):
+    """Send C{leg}'s log events to a list (to count lines, not to read them)."""
+    from twisted.logger import Logger
+
+    events = []
+    leg.log = Logger(namespace="test", source=leg, observer=events.append)
+    return events
+
+
+def test_connections_per_port_capped():
+    """Past max_connections_per_port a connection is refused at accept and counted."""
+    h = Harness(max_connections_per_port=2)
+    a, _ = h.connect()
+    b, _ = h.connect()
+    c, _ = h.connect()
+    assert a is not None and b is not None and c is None
+    assert h.factory.refused["too_many_connections"] == 1
+    lose(a, a.transport)
+    d, _ = h.connect()
+    assert d is not None
+
+
+def test_connections_per_peer_span_every_port():
+    """
+    max_connections_per_peer counts one address over every factory sharing C{peers} (an
+    extension manager's ports); other addresses are not affected.
+    """
+    import collections
+
+    peers = collections.Counter()
+    ai = Harness(max_connections_per_peer=2, peers=peers)
+    ret = Harness(max_connections_per_peer=2, peers=peers)
+    a, _ = ai.connect("10.0.0.9")
+    b, _ = ret.connect("10.0.0.9")
+    assert a is not None and b is not None
+    assert ai.connect("10.0.0.9")[0] is None and ret.connect("10.0.0.9")[0] is None
+    assert ai.factory.refused["too_many_from_peer"] == 1
+    assert ai.connect("10.0.0.10")[0] is not None
+    lose(b, b.transport)
+    assert peers["10.0.0.9"] == 1
+    assert ai.connect("10.0.0.9")[0] is not None
+
+
+def test_handshakes_per_port_capped_until_uuid():
+    """
+    Connections that have not sent their UUID are capped apart from the port's total, so
+    idle connections cannot take every slot; one that identifies itself frees its slot.
+    """
+    h = Harness(max_handshakes_per_port=2)
+    a, _ = h.connect()
+    h.connect()
+    assert h.connect()[0] is None
+    assert h.factory.refused["too_many_handshakes"] == 1
+    a.dataReceived(wire.uuid_frame(U1))
+    assert h.connect()[0] is not None
+
+
+def test_connection_refusals_log_a_line_a_second():
+    """A flood of refused connections logs one line a second, saying how many it left out."""
+    from twisted.logger import Logger
+
+    h = Harness(max_connections_per_port=1)
+    events = []
+    h.factory.log = Logger(namespace="test", observer=events.append)
+    h.connect()
+    for _ in range(100):
+        h.connect()
+    assert len(events) == 1 and h.factory.refused["too_many_connections"] == 100
+    h.reactor.advance(1.0)
+    h.connect()
+    assert len(events) == 2 and events[1]["unlogged"] == 99
+
+
+def test_dtmf_flood_closes_leg():
+    """More keypad frames at once than event_burst closes the leg as event_flood."""
+    h = Harness(events_per_s=20, event_burst=40)
+    leg, t = h.call()
+    leg.dataReceived(wire.dtmf("*") * 40)
+    assert not t.disconnecting and len(leg.events.pending) == 40
+    leg.dataReceived(wire.dtmf("*"))
+    assert t.disconnecting and leg.close_reason == "event_flood"
+    assert h.factory.refused["event_flood"] == 1
+
+
+def test_dtmf_flood_decoding_stops_at_the_bound():
+    """
+    400 KB of keypad frames in one read (100,000 frames) is decoded only up to the frame
+    that hits the bound: the work done is event_burst frames, not the whole read.
+    """
+    h = Harness(event_burst=40)
+    leg, t = h.call()
+    headers = []
+    check = leg._decoder._check_header
+    leg._decoder._check_header = lambda kind, length: (headers.append(kind), check(kind, length))
+    leg.dataReceived(wire.dtmf("*") * 100_000)
+    assert leg.close_reason == "event_flood"
+    assert len(headers) == 41
+    assert leg._decoder.buffered == 0  # what was not decoded is dropped, not kept
+
+
+def test_human_keypad_rate_is_not_a_flood():
+    """Ten keys a second for a minute (faster than anyone types) is never event_flood."""
+    h = Harness(events_per_s=20, event_burst=40)
+    leg, t = h.call()
+    for _ in range(600):
+        leg.dataReceived(wire.dtmf("5"))
+        leg.events.pending.clear()
+        h.reactor.advance(0.1)
+    assert not t.disconnecting
+
+
+def test_audio_burst_after_idle_is_refused():
+    """
+    Time spent silent does not accrue a burst: after a minute without audio a peer may
+    still send only audio_burst_s ahead of real time, not a minute of it.
+    """
+    h = Harness(audio_burst_s=2.0)
+    leg, t = h.call()
+    for _ in range(50):  # one second in real time
+        leg.dataReceived(wire.audio(TONE))
+        h.reactor.advance(0.02)
+    h.reactor.advance(60.0)
+    leg.dataReceived(wire.audio(TONE) * 100)  # 2 s at once: the burst allowed
+    assert not t.disconnecting
+    leg.dataReceived(wire.audio(TONE) * 5)
+    assert t.disconnecting and leg.close_reason == "audio_flood"
+
+
+def test_audio_burst_refills_at_real_time():
+    """A spent burst allowance comes back at one second of audio per second, no faster."""
+    h = Harness(audio_burst_s=2.0)
+    leg, t = h.call()
+    leg.dataReceived(wire.audio(TONE) * 100)
+    h.reactor.advance(1.0)
+    leg.dataReceived(wire.audio(TONE) * 50)
+    assert not t.disconnecting
+    leg.dataReceived(wire.audio(TONE))
+    assert t.disconnecting and leg.close_reason == "audio_flood"
+
+
+def test_rate_not_allowed_refused():
+    """Audio in a kind outside the allowed rates closes the leg as rate_not_allowed."""
+    h = Harness(rates=[8000, 16000])
+    leg, t = h.call()
+    leg.dataReceived(wire.audio(bytes(640), 16000))
+    assert not t.disconnecting
+    leg.dataReceived(wire.audio(bytes(7680), 192000))
+    assert t.disconnecting and leg.close_reason == "rate_not_allowed"
+    assert h.factory.refused["rate_not_allowed"] == 1
+
+
+def test_default_rates_refuse_96_and_192_khz():
+    """By default a peer may not choose 96 or 192 kHz (7.7 KB a frame, 384 KB/s)."""
+    for rate in (96000, 192000):
+        h = Harness()
+        leg, t = h.call()
+        leg.dataReceived(wire.audio(bytes(wire.frame_bytes(rate)), rate))
+        assert leg.close_reason == "rate_not_allowed"
+
+
+def test_rate_flapping_logs_once_then_closes():
+    """
+    A peer alternating audio kinds gets one log line for its first switch (not one a
+    frame), and is closed as rate_flapping on the switch after max_rate_switches.
+    """
+    h = Harness(max_rate_switches=5)
+    leg, t = h.call()
+    events = _collect_log(leg)
+    for i in range(6):
+        rate = 16000 if i % 2 else 8000
+        leg.dataReceived(wire.audio(bytes(wire.frame_bytes(rate)), rate))
+    assert leg.rate_switches == 5 and not t.disconnecting
+    switched = [e for e in events if "switched" in e["log_format"]]
+    assert len(switched) == 1
+    leg.dataReceived(wire.audio(bytes(320), 8000))
+    assert t.disconnecting and leg.close_reason == "rate_flapping"
+
+
+def test_paused_leg_writes_nothing():
+    """While its transport has paused it (peer not reading), the leg writes no frame."""
+    h = Harness()
+    leg, t = h.call()
+    assert t.producer is leg and t.streaming
+    leg.pauseProducing()
+    h.ticks(10)
+    assert t.value() == b""
+    leg.resumeProducing()
+    h.ticks(1)
+    assert len(frames(t)) == 1
+
+
+def test_slow_reader_closed_after_bound():
+    """A leg paused for longer than slow_reader_s is closed as slow_reader."""
+    h = Harness(slow_reader_s=5.0)
+    leg, t = h.call()
+    leg.pauseProducing()
+    h.reactor.advance(4.9)
+    assert not t.disconnecting
+    h.reactor.advance(0.2)
+    assert t.disconnecting and leg.close_reason == "slow_reader"
+    assert t.producer is None  # unregistered, or loseConnection would wait for it
+    assert h.factory.refused["slow_reader"] == 1
+
+
+def test_reader_catching_up_is_not_slow():
+    """A pause that ends before slow_reader_s forgets its deadline."""
+    h = Harness(slow_reader_s=5.0)
+    leg, t = h.call()
+    leg.pauseProducing()
+    h.reactor.advance(4.0)
+    leg.resumeProducing()
+    h.reactor.advance(4.0)
+    leg.pauseProducing()
+    h.reactor.advance(4.0)
+    assert not t.disconnecting
+    lose(leg, t)
+    h.clock.stopService()
+    assert not h.reactor.getDelayedCalls()  # closing the leg cancelled the deadline

@@ -214,6 +214,70 @@ def _value(family, **labels) -> float:
     raise AssertionError("no sample {} in {}".format(labels, family.samples))
 
 
+def test_bound_reasons_are_refused_counter_labels():
+    """
+    Every bound's reason code counted on the manager shows as a label of
+    audiosocket_refused_connections_total, and turned-away calls in progress as a gauge.
+    """
+    clock = Clock()
+    server = _Server(clock)
+    reasons = [
+        "too_many_connections",
+        "too_many_from_peer",
+        "too_many_handshakes",
+        "event_flood",
+        "audio_flood",
+        "slow_reader",
+        "rate_not_allowed",
+        "rate_flapping",
+        "busy_overflow",
+        "busy_timeout",
+    ]
+    for n, reason in enumerate(reasons, start=1):
+        server.manager.refused[reason] += n
+    busy = type("Busy", (), {"busy": True})()
+    server.registry.sessions = {1: busy, 2: busy}
+    metrics = Metrics(server, reactor=clock)
+    refused = _samples(metrics, "audiosocket_refused_connections_total")
+    assert refused == {(("reason", r),): float(n) for n, r in enumerate(reasons, start=1)}
+    assert _samples(metrics, "audiosocket_calls_busy") == {(): 2.0}
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_limit_shows_in_the_scrape(redis_server, tmp_path):
+    """
+    On the real server with [limits] max_connections_per_port = 1, a second connection to
+    the AI port is closed and the scrape counts it under reason too_many_connections.
+    """
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+    from twisted.internet.protocol import Protocol
+
+    class Peer(Protocol):
+        def __init__(self):
+            self.lost = defer.Deferred()
+
+        def connectionLost(self, reason):
+            self.lost.callback(None)
+
+    ai, ret = free_ports(2)
+    svc = await started(
+        config_for(redis_server.path, tmp_path, ai, ret, limits={"max_connections_per_port": 1})
+    )
+    peers = [Peer(), Peer()]
+    try:
+        for peer in peers:
+            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", ai), peer)
+        await peers[1].lost.addTimeout(5, reactor)
+        families = await _scrape(svc)
+    finally:
+        peers[0].transport.loseConnection()
+        await peers[0].lost.addTimeout(5, reactor)
+        await stopped(svc)
+    refused = families["audiosocket_refused_connections"]
+    assert _value(refused, reason="too_many_connections") == 1
+    assert _value(families["audiosocket_calls_busy"]) == 0
+
+
 @pytest_twisted.ensureDeferred
 async def test_metrics_scrape_parses_with_every_family(redis_server, tmp_path):
     """
@@ -236,6 +300,7 @@ async def test_metrics_scrape_parses_with_every_family(redis_server, tmp_path):
         "audiosocket_clock_skipped_frames",
         "audiosocket_clock_tick_lateness_seconds",
         "audiosocket_refused_connections",
+        "audiosocket_calls_busy",
         "audiosocket_redis_available",
         "audiosocket_calls",
         "audiosocket_call_resident_answer_seconds",

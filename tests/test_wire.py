@@ -188,3 +188,36 @@ def test_distinct_reasons():
     classes = [c for c in vars(wire).values() if isinstance(c, type) and issubclass(c, wire.ProtocolError)]
     reasons = [c.reason for c in classes]
     assert len(reasons) == len(set(reasons))
+
+
+def test_frames_decodes_only_what_is_asked_for():
+    """
+    Decoder.frames is lazy: a caller that stops after N frames has had N headers checked,
+    and the frames it did not take stay buffered for later.
+    """
+    decoder = wire.Decoder()
+    data = wire.uuid_frame(UUID) + wire.dtmf("1") * 1000
+    frames = decoder.frames(data)
+    taken = [next(frames) for _ in range(3)]
+    frames.close()
+    assert [f.kind for f in taken] == [wire.Kind.UUID, wire.Kind.DTMF, wire.Kind.DTMF]
+    assert decoder.buffered == 998 * 4
+    assert len(decoder.feed(b"")) == 998
+
+
+def test_rate_not_allowed_refused_at_its_header():
+    """Audio in a rate outside C{rates} is refused from its 3-byte header, payload unread."""
+    decoder = wire.Decoder(rates=[8000, 16000])
+    decoder.feed(wire.uuid_frame(UUID) + wire.audio(bytes(640), 16000))
+    with pytest.raises(wire.RateNotAllowed):
+        decoder.feed(wire.audio(bytes(7680), 192000)[:3])
+
+
+def test_discarded_decoder_holds_nothing():
+    """A discarded decoder (its connection is closing) drops its buffer and decodes no more."""
+    decoder = wire.Decoder()
+    decoder.feed(wire.uuid_frame(UUID) + wire.audio(bytes(320))[:100])
+    decoder.discard()
+    assert decoder.buffered == 0
+    with pytest.raises(wire.ProtocolError):
+        decoder.feed(wire.dtmf("1"))
