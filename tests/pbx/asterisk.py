@@ -535,4 +535,5 @@ class Phone(protocol.DatagramProtocol):
             **figures,
             "stalls_in_speech": stalls,
             "digits_pressed": "".join(self.digits),
+            "gaps_ms": [round(float(g), 2) for g in gaps],
         }

@@ -60,9 +60,37 @@ def asterisk():
 def pytest_terminal_summary(terminalreporter):
     if not REPORTS:
         return
-    terminalreporter.section("real PBX: what the phones heard")
+    import numpy as np
+
+    write = terminalreporter.write_line
+    terminalreporter.section("real PBX: what the phones heard (RTP inter-arrival, ms)")
+    gaps = []
     for name, report in REPORTS:
-        terminalreporter.write_line("{}: {}".format(name, json.dumps(report, ensure_ascii=False)))
+        write(name)
+        for leg in report["legs"]:
+            gaps.extend(leg.pop("gaps_ms", []))
+            write(
+                "  {phone:<14} hung up by {hung_up_by!s:<5} in {packets_in:>4} out {packets_out:>4} "
+                "speech {speech_s:>5.2f} s  p50 {p50} p99 {p99} max {max}  "
+                "stalls in speech {stalls}  keys {keys!r}".format(
+                    phone=leg["phone"], hung_up_by=leg["hung_up_by"],
+                    packets_in=leg["packets_in"], packets_out=leg["packets_out"],
+                    speech_s=leg["speech_s"], p50=leg.get("p50_ms"), p99=leg.get("p99_ms"),
+                    max=leg.get("max_ms"), stalls=leg["stalls_in_speech"] or "none",
+                    keys=leg["digits_pressed"],
+                )
+            )
+        for line in report["asterisk_warnings"]:
+            write("  asterisk: " + line)
+        for line in report["server_warnings"]:
+            write("  server: " + line)
+    if gaps:
+        g = np.asarray(gaps)
+        write(
+            "all legs: {} gaps, p50 {:.2f} p99 {:.2f} max {:.2f} ms".format(
+                g.size, np.percentile(g, 50), np.percentile(g, 99), g.max()
+            )
+        )
 
 
 # -- the server's config -------------------------------------------------------------------------
