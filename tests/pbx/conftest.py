@@ -264,8 +264,16 @@ class Rig:
             "Originate", Channel=phone.dial, Context="audiosocket-visitor",
             Exten=ai_extension, Priority="1", Async="true",
         )
-        await phone.channel_seen.addTimeout(10, reactor)
-        await phone.answered.addTimeout(10, reactor)
+        try:
+            await phone.channel_seen.addTimeout(10, reactor)
+            await phone.answered.addTimeout(10, reactor)
+        except defer.TimeoutError:
+            raise AssertionError(
+                "the visitor's call to {} was not answered with audio; server: {}; "
+                "asterisk: {}".format(
+                    ai_extension, self.server_problems, self.asterisk.problems_since(self.mark)
+                )
+            ) from None
         return phone
 
     async def records(self, n: int, timeout: float = 30.0) -> list[dict]:
