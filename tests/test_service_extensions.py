@@ -61,13 +61,16 @@ def call(port: int, seconds: float, host="127.0.0.1"):
 async def test_live_call_untouched_while_another_extension_changes(redis_server, tmp_path):
     """
     A call on extension 1 keeps every frame while extension 2 is added (its ports answer
-    before the 201), changed to new ports, and removed (its ports stop answering).
+    before the 201), changed to new ports, and removed (its ports stop answering); and the
+    audio clock skipped no frame meanwhile (skipped frames are neither sent nor received, so
+    only the clock's own counter shows a stall such as a blocked reactor).
     """
     a_ai, a_ret, b_ai, b_ret, c_ai, c_ret = free_ports(6)
     svc = await started(config_for(redis_server.path, tmp_path, a_ai, a_ret))
     try:
         live = call(a_ai, 6.0)
         await deferLater(reactor, 0.5, lambda: None)
+        skipped = svc.clock.skipped_frames
         code, body = await request("POST", api_url(svc, "/api/extensions"), extension(2, b_ai, b_ret))
         assert code == 201 and body["status"] == "listening"
         probe = await call(b_ai, 1.0)
@@ -80,6 +83,7 @@ async def test_live_call_untouched_while_another_extension_changes(redis_server,
         assert code == 200
         gone = await call(c_ai, 0.5)
         assert not gone.connected
+        assert svc.clock.skipped_frames == skipped
         visitor_leg = next(iter(svc.manager.get(1).ai_factory.connections))
         report = await live.addTimeout(20, reactor)
     finally:
