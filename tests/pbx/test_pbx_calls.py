@@ -7,14 +7,13 @@ phone saw; the RTP figures are reported in the terminal summary, never asserted.
 
 from __future__ import annotations
 
-import json
 
 import pytest_twisted
-import treq
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 
 from pbx.conftest import extension, free_ports
+from test_service_extensions import api_url, request
 
 #: Generous bounds on events (not timing assertions): a call here lasts a few seconds.
 EVENT_S = 60
@@ -240,11 +239,7 @@ async def test_ten_concurrent_calls_on_two_extensions(rig):
 
 
 async def api(rig, method: str, path: str, body=None):
-    url = "http://127.0.0.1:{}{}".format(rig.svc.api_port.getHost().port, path)
-    data = None if body is None else json.dumps(body).encode()
-    response = await treq.request(method, url, data=data, persistent=False).addTimeout(10, reactor)
-    content = await treq.content(response)
-    return response.code, (json.loads(content) if content else None)
+    return await request(method, api_url(rig.svc, path), body)
 
 
 @pytest_twisted.ensureDeferred
