@@ -7,6 +7,31 @@ Two jobs:
   - L{classify_decision}: whether the resident's answer authorises the visit, refuses it, asks
     who it is, or is unclear.
 
+The resident's answer, the contract (a false "authorized" lets a stranger in; a question asked
+again costs seconds, so it is never traded for convenience):
+  - Voice authorises only on an unambiguous yes — an entry verb ("pode subir", "pode entrar",
+    "manda subir", "deixa entrar", "pode liberar", "libera", "pode abrir") or a plain "sim" /
+    "autorizo" / "libera" / "pode" — with no negation anywhere in the reply (colloquial "num",
+    post-negation "…não", "nada", "nem" included), not phrased as a question (any "?" or a
+    question word), not deferred ("amanhã", "outro dia", "depois", "mais tarde", "outra
+    hora"), not conditional ("se…", "só se", "mas…", "desde que", "caso"), not an
+    instruction to leave a parcel or send the visitor away ("deixa na portaria", "deixar com
+    o porteiro", "manda embora", "manda voltar", "pode desligar", "deixa pra lá", "pode
+    esquecer"), no sarcasm ("e eu sou o Papa", "tá maluco", "só que não"), no hedge ("acho",
+    "talvez", "sei lá", "pode ser").
+  - It is an allowlist: after harmless fillers ("ah", "é", "olha", "então", "bom", "claro",
+    "imagina", "beleza", "ok", "tá"...) and an opening greeting (then only before an entry
+    verb: "alô, sim" is how a phone is picked up) are set aside, every remaining word must
+    belong to a yes phrase. A reply not known to be a yes never authorises.
+  - Clear refusals are DENIED; someone asking who it is, or picking up without having heard
+    the message ("Alô? Pode falar", "Pois não?"), is WHO; everything else is UNCLEAR and
+    asked again (the flow then ends the call as "no_decision"). Between asking again and
+    refusing, the rules ask again.
+  - Only the words count here; when they count is the flow's part: the answer is read only
+    after the question has finished playing (L{audiosocket.flow.call}). Keys 1/2 after the
+    question stay the sure path (L{classify_dtmf}). A language model is never asked for the
+    decision (L{audiosocket.flow.understand}).
+
 Everything works on words, never on substrings: the original system authorised "não, assim não"
 because the text contains "sim". Text is accent-folded and lower-cased for matching (a
 transcript may or may not carry accents); names are returned as the visitor said them,
