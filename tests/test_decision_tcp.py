@@ -89,7 +89,9 @@ async def test_hello_over_the_announcement_does_not_authorize(redis_server, tmp_
     try:
         await defer.Deferred.fromCoroutine(
             place_call(
-                CallOptions(host="127.0.0.1", port=ai, wav=visitor_wav, wav_at=3.0, hangup_after=60),
+                CallOptions(
+                    host="127.0.0.1", port=ai, wav=visitor_wav, wav_at=3.0, hangup_after=60
+                ),
                 reactor,
             )
         ).addTimeout(70, reactor)

@@ -285,7 +285,9 @@ def test_facts_missing():
 
 # -- the resident's decision -----------------------------------------------------------------
 
-DECISIONS = json.loads((Path(__file__).parent / "data" / "resident_decisions.json").read_text("utf-8"))
+DECISIONS = json.loads(
+    (Path(__file__).parent / "data" / "resident_decisions.json").read_text("utf-8")
+)
 CATEGORIES = ("authorize", "must_not_authorize", "may_ask_again", "who", "deny")
 
 
@@ -436,7 +438,8 @@ def _fold_some(draw, text):
     out = []
     for ch in text:
         if draw(st.booleans()):
-            ch = "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c))
+            ch = unicodedata.normalize("NFKD", ch)
+            ch = "".join(c for c in ch if not unicodedata.combining(c))
         out.append(ch.upper() if draw(st.booleans()) else ch)
     return "".join(out)
 
