@@ -954,7 +954,9 @@ _WHO_ENTERS = ("",) + tuple(
 # The entry verbs after "pode"/"manda"/"deixa" ("pode subi" and "pode entra" are how it is
 # often said and transcribed).
 _ENTER = ("subir", "subi", "entrar", "entra")
-_LET_IN = ("",) + _WHO_ENTERS[1:] + ("a entrada", "o acesso", "a subida", "o portao", "a porta")
+_LET_IN = ("",) + _WHO_ENTERS[1:] + (
+    "a entrada", "o acesso", "a subida", "o portao", "a porta", "pra ele", "pra ela",
+)  # fmt: skip
 _GATE = ("", "o portao", "a porta", "pra ele", "pra ela", "o portao pra ele", "o portao pra ela")
 
 
@@ -1006,7 +1008,7 @@ _YES_FILLERS = frozenset(
     for p in (
         "ah ahh aah e eh olha entao bom claro imagina beleza blz ok okay ta certo isso opa oba"
         " uhum aham obrigado obrigada brigado brigada valeu perfeito otimo show tranquilo joia"
-        " legal ja agora moco moca amigo amiga logico"
+        " legal ja agora moco moca amigo amiga logico viu"
     ).split()
 ) | frozenset(
     tuple(p.split())
