@@ -295,6 +295,10 @@ class Bench:
     def heard(self, peer: Peer, name: str, **values) -> bool:
         return self.text(name, **values) in peer.heard
 
+    def asked(self, peer: Peer, name: str, **values) -> bool:
+        """Whether C{peer} has heard the prompt C{name} out (the resident answers after it)."""
+        return self.heard(peer, name, **values) and not peer.leg.playing
+
     def ended(self) -> bool:
         return len(self.registry) == 0 and len(self.records) > 0
 

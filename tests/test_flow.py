@@ -46,7 +46,7 @@ def test_authorized_by_keypad(bench):
     """
     visitor = start_call(bench)
     resident = answer(bench, visitor)
-    bench.until(lambda: bench.heard(resident, "ask_decision_keypad"))
+    bench.until(lambda: bench.asked(resident, "ask_decision_keypad"))
     resident.press("1")
     bench.until(bench.ended)
     (record,) = bench.records
@@ -70,7 +70,7 @@ def test_resident_hears_the_announcement(bench):
     """The resident is told which apartment, then asked 1 or 2."""
     visitor = start_call(bench)
     resident = answer(bench, visitor)
-    bench.until(lambda: bench.heard(resident, "ask_decision_keypad"))
+    bench.until(lambda: bench.asked(resident, "ask_decision_keypad"))
     expected = announcement(bench.prompts, "101", None, None)
     assert bench.tts.label(expected) in resident.heard
     resident.press("2")
@@ -81,7 +81,7 @@ def test_denied_by_keypad(bench):
     """2 denies: the visitor hears the denial; the record says denied."""
     visitor = start_call(bench)
     resident = answer(bench, visitor)
-    bench.until(lambda: bench.heard(resident, "ask_decision_keypad"))
+    bench.until(lambda: bench.asked(resident, "ask_decision_keypad"))
     resident.press("2")
     bench.until(bench.ended)
     assert bench.records[0]["outcome"] == "denied"
@@ -89,11 +89,57 @@ def test_denied_by_keypad(bench):
     assert bench.heard(resident, "resident_denied")
 
 
+def test_denied_by_keypad_is_recorded_as_the_key(bench):
+    """A 2 after the question is the answer taken: the record's evidence is the key."""
+    visitor = start_call(bench)
+    resident = answer(bench, visitor)
+    bench.until(lambda: bench.asked(resident, "ask_decision_keypad"))
+    resident.press("2")
+    bench.until(bench.ended)
+    assert bench.records[0]["decision_input"] == "dtmf:2"
+
+
+def test_key_during_the_announcement_is_discarded(bench):
+    """
+    A 1 pressed while the announcement plays neither cuts it nor answers: the resident hears
+    the announcement and the question whole, and only a key after the question counts.
+    """
+    bench.tts.frames = 50  # a one-second announcement
+    visitor = start_call(bench)
+    resident = answer(bench, visitor)
+    said = bench.tts.label(announcement(bench.prompts, "101", None, None))
+    bench.until(lambda: said in resident.heard)
+    resident.press("1")
+    bench.until(lambda: bench.asked(resident, "ask_decision_keypad"))
+    assert resident.counts[said] == 50
+    assert resident.counts[bench.text("ask_decision_keypad")] == 50
+    assert bench.registry.describe_all()[0]["outcome"] is None
+    bench.until(bench.ended, max_s=30)
+    record = bench.records[0]
+    assert (record["outcome"], record["decision_input"]) == ("denied", "timeout")
+
+
+def test_key_during_the_question_is_discarded(bench):
+    """A 1 pressed over the question itself is not the answer either; a 1 after it is."""
+    bench.tts.frames = 50
+    visitor = start_call(bench)
+    resident = answer(bench, visitor)
+    bench.until(lambda: bench.heard(resident, "ask_decision_keypad"))
+    resident.press("1")
+    bench.until(lambda: bench.asked(resident, "ask_decision_keypad"))
+    assert resident.counts[bench.text("ask_decision_keypad")] == 50
+    bench.advance(1.0)
+    assert len(bench.records) == 0
+    resident.press("1")
+    bench.until(bench.ended)
+    assert bench.records[0]["outcome"] == "authorized"
+
+
 def test_silence_counts_as_denied(bench):
     """No answer within decision_timeout_s is a denial, recorded as such."""
     visitor = start_call(bench)
     resident = answer(bench, visitor)
-    bench.until(lambda: bench.heard(resident, "ask_decision_keypad"))
+    bench.until(lambda: bench.asked(resident, "ask_decision_keypad"))
     bench.until(bench.ended, max_s=30)
     record = bench.records[0]
     assert record["outcome"] == "denied"
@@ -104,9 +150,9 @@ def test_unclear_key_is_asked_again(bench):
     """A key other than 1 or 2 re-asks; a later 1 still authorizes."""
     visitor = start_call(bench)
     resident = answer(bench, visitor)
-    bench.until(lambda: bench.heard(resident, "ask_decision_keypad"))
+    bench.until(lambda: bench.asked(resident, "ask_decision_keypad"))
     resident.press("7")
-    bench.until(lambda: bench.heard(resident, "decision_again"))
+    bench.until(lambda: bench.asked(resident, "decision_again"))
     resident.press("1")
     bench.until(bench.ended)
     assert bench.records[0]["outcome"] == "authorized"
@@ -116,7 +162,7 @@ def test_unclear_answers_are_bounded(bench):
     """After max_retries unclear answers the call ends without a decision (never a yes)."""
     visitor = start_call(bench)
     resident = answer(bench, visitor)
-    bench.until(lambda: bench.heard(resident, "ask_decision_keypad"))
+    bench.until(lambda: bench.asked(resident, "ask_decision_keypad"))
     for _ in range(3):
         resident.press("9")
         bench.advance(3)
@@ -292,7 +338,7 @@ def test_late_answer_to_first_attempt_counts(bench):
     visitor = start_call(bench)
     bench.until(lambda: len(bench.dialer.requests) == 2, max_s=60)
     resident = bench.resident_for(visitor)
-    bench.until(lambda: bench.heard(resident, "ask_decision_keypad"))
+    bench.until(lambda: bench.asked(resident, "ask_decision_keypad"))
     resident.press("1")
     bench.until(bench.ended)
     assert bench.records[0]["outcome"] == "authorized"
@@ -313,7 +359,7 @@ def test_visitor_hangs_up_while_resident_decides(bench):
     """The resident is told the visitor left, then hung up after hearing it."""
     visitor = start_call(bench)
     resident = answer(bench, visitor)
-    bench.until(lambda: bench.heard(resident, "ask_decision_keypad"))
+    bench.until(lambda: bench.asked(resident, "ask_decision_keypad"))
     visitor.drop()
     bench.until(bench.ended)
     assert bench.records[0]["outcome"] == "abandoned"
@@ -325,7 +371,7 @@ def test_resident_hangs_up_before_deciding(bench):
     """Counted as no decision; the visitor is told."""
     visitor = start_call(bench)
     resident = answer(bench, visitor)
-    bench.until(lambda: bench.heard(resident, "ask_decision_keypad"))
+    bench.until(lambda: bench.asked(resident, "ask_decision_keypad"))
     resident.drop()
     bench.until(bench.ended)
     assert bench.records[0]["outcome"] == "no_decision"
@@ -388,6 +434,7 @@ def test_second_resident_leg_is_refused(bench):
     bench.advance(0.1)
     again = bench.connect("resident", visitor.leg.uuid)
     assert again.leg.closed
+    bench.until(lambda: bench.asked(resident, "ask_decision_keypad"))
     resident.press("1")
     bench.until(bench.ended)
     assert bench.records[0]["outcome"] == "authorized"
@@ -409,7 +456,7 @@ def test_operator_hangup(bench):
     """POST …/hangup: both legs hear a short goodbye, then the hangup frame."""
     visitor = start_call(bench)
     resident = answer(bench, visitor)
-    bench.until(lambda: bench.heard(resident, "ask_decision_keypad"))
+    bench.until(lambda: bench.asked(resident, "ask_decision_keypad"))
     done = bench.registry.hangup(str(visitor.leg.uuid))
     bench.until(bench.ended)
     assert done.called
@@ -432,7 +479,7 @@ def test_nothing_remains_after_a_call(bench):
     """When a session ends: no registry entry, no DelayedCall, no queue waiter, no clock entry."""
     visitor = start_call(bench)
     resident = answer(bench, visitor)
-    bench.until(lambda: bench.heard(resident, "ask_decision_keypad"))
+    bench.until(lambda: bench.asked(resident, "ask_decision_keypad"))
     resident.press("1")
     bench.until(bench.ended)
     bench.advance(0.1)
@@ -479,7 +526,7 @@ def test_ten_concurrent_sessions_stay_apart(bench):
     residents = [bench.resident_for(v) for v in visitors]
     for v, a in zip(visitors, apartments):
         assert by_uuid[str(v.leg.uuid)].apartment == a
-    bench.until(lambda: all(bench.heard(r, "ask_decision_keypad") for r in residents))
+    bench.until(lambda: all(bench.asked(r, "ask_decision_keypad") for r in residents))
     for i, r in enumerate(residents):
         r.press("1" if i % 2 == 0 else "2")
     bench.until(lambda: len(bench.records) == 10)
@@ -540,7 +587,7 @@ def test_hangup_during_goodbye_lets_it_play_out(bench):
     """An operator hangup (or the time limit) arriving during the goodbyes does not cut them."""
     visitor = start_call(bench)
     resident = answer(bench, visitor)
-    bench.until(lambda: bench.heard(resident, "ask_decision_keypad"))
+    bench.until(lambda: bench.asked(resident, "ask_decision_keypad"))
     resident.press("1")
     bench.until(lambda: bench.heard(visitor, "authorized"))
     bench.until(lambda: bench.heard(visitor, "goodbye"))

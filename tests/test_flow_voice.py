@@ -39,7 +39,7 @@ def resident_joins(bench, visitor):
     bench.until(lambda: bench.dialer.requests)
     bench.advance(1.0)
     resident = bench.resident_for(visitor)
-    bench.until(lambda: bench.heard(resident, "ask_decision"))
+    bench.until(lambda: bench.asked(resident, "ask_decision"))
     return resident
 
 
@@ -86,9 +86,115 @@ def test_who_is_it_gets_the_detail_then_asks_again(bench):
         "who_detail", visitor="Pedro da Silva", purpose=" com uma entrega", resident="Ana Souza"
     )
     bench.until(lambda: bench.tts.label(detail) in resident.heard)
+    bench.until(lambda: bench.asked(resident, "ask_decision"))
     bench.say(resident, "sim")
     bench.until(bench.ended)
     assert bench.records[0]["outcome"] == "authorized"
+
+
+def test_speech_during_the_announcement_is_discarded(bench):
+    """
+    The resident picks up and says "pode subir" over the announcement: it does not cut the
+    announcement and is not the answer (the question had not been asked); silence after
+    the question is a denial by timeout.
+    """
+    bench.tts.frames = 50
+    visitor = visitor_says(bench, PEDRO)
+    bench.until(lambda: bench.dialer.requests)
+    bench.advance(1.0)
+    resident = bench.resident_for(visitor)
+    said = bench.tts.label(announcement(bench.prompts, "101", "Pedro da Silva", "entrega"))
+    bench.until(lambda: said in resident.heard)
+    assert bench.listeners[resident.leg].settings.barge_in is False
+    bench.say(resident, "pode subir")
+    bench.until(lambda: bench.asked(resident, "ask_decision"))
+    assert resident.counts[said] == 50
+    assert bench.listeners[resident.leg].settings.barge_in is True
+    bench.until(bench.ended, max_s=30)
+    record = bench.records[0]
+    assert (record["outcome"], record["decision_input"]) == ("denied", "timeout")
+    assert "pode subir" not in bench.stt.heard
+
+
+def test_speech_during_the_question_is_discarded(bench):
+    """"Sim" said over the question is dropped; "sim" after it authorizes."""
+    bench.tts.frames = 50
+    visitor = visitor_says(bench, PEDRO)
+    bench.until(lambda: bench.dialer.requests)
+    bench.advance(1.0)
+    resident = bench.resident_for(visitor)
+    bench.until(lambda: bench.heard(resident, "ask_decision"))
+    bench.say(resident, "sim, pode subir")
+    bench.until(lambda: bench.asked(resident, "ask_decision"))
+    bench.advance(1.0)
+    assert bench.records == [] and bench.stt.heard == [PEDRO]
+    bench.say(resident, "sim")
+    bench.until(bench.ended)
+    assert bench.records[0]["outcome"] == "authorized"
+    assert bench.stt.heard == [PEDRO, "sim"]
+
+
+def test_hello_go_ahead_after_the_question_is_asked_who(bench):
+    """
+    "Alô? Pode falar" after the question is someone who has not heard it: the detail and
+    the question are said again, never an authorization.
+    """
+    visitor = visitor_says(bench, PEDRO)
+    resident = resident_joins(bench, visitor)
+    bench.until(lambda: bench.asked(resident, "ask_decision"))
+    bench.say(resident, "Alô? Pode falar")
+    detail = bench.prompts.say(
+        "who_detail", visitor="Pedro da Silva", purpose=" com uma entrega", resident="Ana Souza"
+    )
+    bench.until(lambda: bench.tts.label(detail) in resident.heard)
+    bench.until(bench.ended, max_s=30)
+    assert bench.records[0]["outcome"] == "denied"
+
+
+@pytest.mark.parametrize("reply", ["Pode deixar na portaria", "Sim, mas só amanhã", "Num pode"])
+def test_reply_that_is_not_a_plain_yes_never_authorizes(bench, reply):
+    """Asked again (or refused), then ended without an authorization."""
+    visitor = visitor_says(bench, PEDRO)
+    resident = resident_joins(bench, visitor)
+
+    def deciding():
+        calls = bench.registry.describe_all()
+        return bool(calls) and calls[0]["outcome"] is None
+
+    replies = 0
+    while deciding():
+        # The resident gives the same reply each time a question has been heard out.
+        bench.until(lambda: not resident.leg.playing or not deciding())
+        if deciding():
+            bench.say(resident, reply)
+            replies += 1
+            bench.advance(0.5)
+    bench.until(bench.ended, max_s=60)
+    assert bench.records[0]["outcome"] in ("denied", "no_decision")
+    assert replies <= bench.config.max_retries + 1
+
+
+def test_near_apartment_is_confirmed_by_voice(bench):
+    """"Apartamento 51" is near 501: "isso" confirms it and 501 is called."""
+    visitor = visitor_says(bench, "sou o Pedro da Silva, entrega para o apartamento 51")
+    bench.until(lambda: bench.heard(visitor, "confirm_apartment", apartment="501"))
+    bench.until(lambda: bench.asked(visitor, "confirm_apartment", apartment="501"))
+    bench.say(visitor, "isso")
+    bench.until(lambda: bench.dialer.requests)
+    assert bench.dialer.requests[0].apartment == "501"
+    visitor.drop()
+    bench.until(bench.ended)
+
+
+def test_near_apartment_not_confirmed_by_a_question(bench):
+    """"Isso?" does not confirm: the apartment is not taken and nobody is called."""
+    visitor = visitor_says(bench, "sou o Pedro da Silva, entrega para o apartamento 51")
+    bench.until(lambda: bench.asked(visitor, "confirm_apartment", apartment="501"))
+    bench.say(visitor, "isso?")
+    bench.until(lambda: bench.heard(visitor, "ask_apartment"))
+    assert bench.dialer.requests == []
+    visitor.drop()
+    bench.until(bench.ended)
 
 
 def test_missing_apartment_is_asked_for(bench):
@@ -125,7 +231,7 @@ def test_recognition_failure_falls_back_to_the_keypad(bench):
     visitor.press("101#")
     bench.until(lambda: bench.dialer.requests)
     resident = bench.resident_for(visitor)
-    bench.until(lambda: bench.heard(resident, "ask_decision_keypad") or bench.heard(resident, "ask_decision"))
+    bench.until(lambda: bench.asked(resident, "ask_decision_keypad") or bench.asked(resident, "ask_decision"))
     resident.press("1")
     bench.until(bench.ended)
     assert bench.records[0]["outcome"] == "authorized"

@@ -4,18 +4,27 @@ and Portuguese number words.
 """
 
 import json
+import unicodedata
+from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from audiosocket.flow.directory import Directory
+from audiosocket.flow.directory import Directory, normalize
 from audiosocket.flow.nlu import (
+    _GREETINGS,
+    _YES_FILLERS,
+    _YES_UNITS,
     ENTREGA,
+    NEVER_YES,
     SERVICO,
     VISITA,
     Decision,
     Facts,
     classify_decision,
     classify_dtmf,
+    confirms,
     extract_facts,
     spoken_number,
 )
@@ -276,104 +285,121 @@ def test_facts_missing():
 
 # -- the resident's decision -----------------------------------------------------------------
 
-RESIDENT_ANSWERS = [
-    # authorised
-    ("sim", A),
-    ("Sim.", A),
-    ("pode", A),
-    ("pode subir", A),
-    ("pode entrar", A),
-    ("autorizo", A),
-    ("libera", A),
-    ("pode liberar", A),
-    ("claro", A),
-    ("tá bom", A),
-    ("ok", A),
-    ("beleza", A),
-    ("manda subir", A),
-    ("deixa entrar", A),
-    ("não tem problema, pode subir", A),
-    ("não tem problema", A),
-    ("por que não", A),
-    ("claro que sim", A),
-    ("com certeza", A),
-    ("sim sim, pode mandar subir", A),
-    ("isso, pode liberar", A),
-    ("tô esperando sim, pode subir", A),
-    ("Sim, é meu amigo", A),
-    ("autorizo sim", A),
-    ("pode, pode sim", A),
-    ("é o rapaz da net? pode subir", A),
-    ("quem é? ah tá, pode subir", A),
-    ("pode subir, não tem problema nenhum", A),
-    ("SIM PODE SUBIR", A),
-    # denied
-    ("não", D),
-    ("nao", D),
-    ("Não.", D),
-    ("negativo", D),
-    ("não autorizo", D),
-    ("não libera", D),
-    ("não pode", D),
-    ("pode não", D),
-    ("não, assim não", D),
-    ("nem pensar", D),
-    ("de jeito nenhum", D),
-    ("não conheço", D),
-    ("manda embora", D),
-    ("não deixa", D),
-    ("claro que não", D),
-    ("pode mandar embora", D),
-    ("não estou esperando ninguém", D),
-    ("autorizo não", D),
-    ("pode subir não", D),
-    ("agora não, estou ocupado", D),
-    ("não, obrigado", D),
-    ("nunca vi", D),
-    ("não é pra subir", D),
-    ("quem é? não conheço ninguém com esse nome", D),
-    # asks who it is / to repeat
-    ("quem é?", W),
-    ("quem?", W),
-    ("o quê?", W),
-    ("como?", W),
-    ("qual o nome?", W),
-    ("repete", W),
-    ("não entendi", W),
-    ("ahn?", W),
-    ("não, quem é?", W),
-    ("não sei quem é", W),
-    ("o que ele quer?", W),
-    ("pode repetir o nome?", W),
-    ("sim? quem é?", W),
-    # unclear
-    ("", U),
-    ("   ", U),
-    ("assim", U),
-    ("hmm deixa eu ver", U),
-    ("sei lá", U),
-    ("não, pode subir", U),
-    ("sim, não", U),
-    ("alô alô", U),
-    ("pede pra esperar um pouco", U),
-]  # fmt: skip
+DECISIONS = json.loads(
+    (Path(__file__).parent / "data" / "resident_decisions.json").read_text("utf-8")
+)
+CATEGORIES = ("authorize", "must_not_authorize", "may_ask_again", "who", "deny")
 
 
-def test_answer_table_is_large_enough():
-    """The resident table keeps at least 40 cases."""
-    assert len(RESIDENT_ANSWERS) >= 40
+def _cases(*categories):
+    return [
+        pytest.param(text, id="{}:{}".format(category, text or "<empty>"))
+        for category in categories
+        for text in DECISIONS[category]
+    ]
 
 
-@pytest.mark.parametrize("text, decision", [pytest.param(t, d, id=t or "<empty>") for t, d in RESIDENT_ANSWERS])
-def test_classify_decision(text, decision):
-    """Each answer of the resident is classified as expected."""
-    assert classify_decision(text) is decision
+def test_decision_table_is_large_and_consistent():
+    """
+    The table holds at least 400 replies, every category has some, and no reply (accents and
+    case aside) sits in two categories.
+    """
+    where: dict[str, set[str]] = {}
+    for category in CATEGORIES:
+        for text in DECISIONS[category]:
+            where.setdefault(normalize(text), set()).add(category)
+    assert all(DECISIONS[c] for c in CATEGORIES)
+    assert sum(len(DECISIONS[c]) for c in CATEGORIES) >= 400
+    assert {t: c for t, c in where.items() if len(c) > 1} == {}
+
+
+@pytest.mark.parametrize("text", _cases("must_not_authorize", "may_ask_again", "who", "deny"))
+def test_not_a_plain_yes_never_authorizes(text):
+    """No reply outside the table's plain yeses authorizes."""
+    assert classify_decision(text) is not A
+
+
+@pytest.mark.parametrize("text", _cases("authorize"))
+def test_plain_yes_authorizes(text):
+    """A plain yes, with fillers or a greeting around it, authorizes."""
+    assert classify_decision(text) is A
+
+
+@pytest.mark.parametrize("text", _cases("may_ask_again"))
+def test_yes_that_is_not_plain_is_asked_again(text):
+    """A yes with something else in it ("não tem problema", "ok") is asked again."""
+    assert classify_decision(text) in (U, W)
+
+
+@pytest.mark.parametrize("text", _cases("who"))
+def test_who_is_it(text):
+    """Asking who it is, or picking up without having heard ("Alô? Pode falar"), is WHO."""
+    assert classify_decision(text) is W
+
+
+@pytest.mark.parametrize("text", _cases("deny"))
+def test_clear_refusal_is_denied(text):
+    """A clear refusal, colloquial and post-negated ones included, is DENIED."""
+    assert classify_decision(text) is D
 
 
 def test_words_not_substrings():
     """"assim" contains "sim" and must not authorise: matching is on whole words."""
     assert classify_decision("assim") is Decision.UNCLEAR
     assert classify_decision("não, assim não") is Decision.DENIED
+
+
+def test_yes_vocabulary_has_no_forbidden_word():
+    """
+    No word of the yes phrases, the fillers or the greetings is a negation, a question word,
+    a deferral, a condition, a send-away, a sarcasm marker or a hedge.
+    """
+    vocabulary = {w for phrase in _YES_UNITS | _YES_FILLERS | _GREETINGS for w in phrase}
+    assert vocabulary & NEVER_YES == set()
+    assert {"nao", "num", "nem", "nada", "amanha", "se", "mas", "portaria", "embora"} <= NEVER_YES
+
+
+@pytest.mark.parametrize(
+    "bare, entry",
+    [
+        ("alô, sim", "alô, sim, pode subir"),
+        ("alo sim", "alo pode subir"),
+        ("oi, pode", "oi, pode entrar"),
+        ("Oi pode", "Oi pode liberar"),
+        ("opa, sim senhor", "opa, sim senhor, manda subir"),
+    ],
+)
+def test_greeting_then_bare_yes_is_not_a_yes(bare, entry):
+    """
+    "Alô, sim" is how a phone is picked up (the "?" is easily lost in transcription): after a
+    greeting only an entry verb ("alô, pode subir") authorizes.
+    """
+    assert classify_decision(bare) is not A
+    assert classify_decision(entry) is A
+
+
+@pytest.mark.parametrize(
+    "text, confirmed",
+    [
+        ("sim", True),
+        ("isso", True),
+        ("Isso mesmo.", True),
+        ("correto", True),
+        ("exato", True),
+        ("é esse", True),
+        ("sim, isso", True),
+        ("não", False),
+        ("isso não", False),
+        ("não é esse", False),
+        ("correto?", False),
+        ("é o quinhentos e dois", False),
+        ("acho que sim", False),
+        ("", False),
+    ],
+)
+def test_confirms(text, confirmed):
+    """The visitor confirms an apartment number read back only with a plain yes or "isso"."""
+    assert confirms(text) is confirmed
 
 
 @pytest.mark.parametrize(
@@ -383,6 +409,78 @@ def test_words_not_substrings():
 def test_classify_dtmf(digit, decision):
     """On the keypad 1 authorises, 2 refuses and anything else is unclear."""
     assert classify_dtmf(digit) is decision
+
+
+# Fragments that must keep any reply from authorizing, wherever they are put.
+NEGATIONS = [
+    "não", "nao", "num", "nem", "nunca", "jamais", "nada", "ninguém", "não não", "de jeito nenhum",
+    "negativo", "nem pensar",
+]  # fmt: skip
+QUESTIONS = ["?", "quem é?", "né?", "como assim", "quem", "qual", "hein", "onde", "quando"]
+DEFERRALS = [
+    "amanhã", "amanha", "outro dia", "depois", "mais tarde", "outra hora", "semana que vem",
+    "só amanhã", "depois das seis",
+]  # fmt: skip
+CONDITIONS = [
+    "se for o João", "só se", "mas", "desde que seja rápido", "caso seja entrega", "se quiser",
+    "mas só amanhã", "só se ele falar o nome", "porém", "somente",
+]  # fmt: skip
+OTHERS = [
+    "deixa na portaria", "com o porteiro", "manda embora", "manda voltar", "pode desligar",
+    "deixa pra lá", "pode esquecer", "e eu sou o Papa", "tá maluco", "só que não", "acho",
+    "talvez", "sei lá", "pode ser",
+]  # fmt: skip
+SEPARATORS = [" ", " ", " ", ", ", ". ", "! ", "... ", " - ", "… "]
+
+
+def _fold_some(draw, text):
+    """Random capitals and accents dropped, character by character."""
+    out = []
+    for ch in text:
+        if draw(st.booleans()):
+            ch = unicodedata.normalize("NFKD", ch)
+            ch = "".join(c for c in ch if not unicodedata.combining(c))
+        out.append(ch.upper() if draw(st.booleans()) else ch)
+    return "".join(out)
+
+
+@st.composite
+def spoiled_yes(draw):
+    """A plain yes from the table with a forbidden fragment put in at a random place."""
+    words = draw(st.sampled_from(DECISIONS["authorize"])).split()
+    fragment = draw(st.sampled_from(NEGATIONS + QUESTIONS + DEFERRALS + CONDITIONS + OTHERS))
+    words.insert(draw(st.integers(0, len(words))), fragment)
+    text = words[0]
+    for word in words[1:]:
+        text += draw(st.sampled_from(SEPARATORS)) + word
+    text += draw(st.sampled_from(["", ".", "!", "?", "..."]))
+    return _fold_some(draw, text)
+
+
+@settings(max_examples=800, deadline=None)
+@given(spoiled_yes())
+def test_no_negation_question_deferral_or_condition_ever_authorizes(text):
+    """
+    Property: a yes phrase with a negation, a "?", a question word, a deferral, a condition,
+    a send-away, sarcasm or a hedge anywhere in it, in any case, with or without accents and
+    punctuation, never authorizes.
+    """
+    assert classify_decision(text) is not A
+
+
+@st.composite
+def plain_yes_as_transcribed(draw):
+    """A plain yes from the table, spelt any way a recognizer might (case, accents, stops)."""
+    text = draw(st.sampled_from(DECISIONS["authorize"]))
+    text = text.rstrip(".!…") + draw(st.sampled_from(["", ".", "!", "...", "…"]))
+    return _fold_some(draw, text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(plain_yes_as_transcribed())
+def test_plain_yes_survives_case_and_accents(text):
+    """Property: a plain yes still authorizes whatever its capitals, accents and full stops."""
+    assert classify_decision(text) is A
 
 
 # -- numbers ---------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def authorized_by_voice(bench: Bench) -> None:
     bench.until(lambda: bench.dialer.requests)
     bench.advance(1.0)
     resident = bench.resident_for(visitor)
-    bench.until(lambda: bench.heard(resident, "ask_decision"))
+    bench.until(lambda: bench.asked(resident, "ask_decision"))
     bench.say(resident, "pode subir")
     bench.until(bench.ended)
 
@@ -93,7 +93,7 @@ def test_no_decision_record_keeps_only_the_kind_of_input(bench):
     bench.until(lambda: bench.dialer.requests)
     bench.advance(1.0)
     resident = bench.resident_for(visitor)
-    bench.until(lambda: bench.heard(resident, "ask_decision"))
+    bench.until(lambda: bench.asked(resident, "ask_decision"))
     for _ in range(3):
         bench.say(resident, "hmm talvez")
         bench.advance(4.0)
@@ -139,7 +139,7 @@ def test_keypad_evidence_is_logged_as_the_key():
             bench.until(lambda: bench.dialer.requests)
             bench.advance(1.0)
             resident = bench.resident_for(visitor)
-            bench.until(lambda: bench.heard(resident, "ask_decision_keypad"))
+            bench.until(lambda: bench.asked(resident, "ask_decision_keypad"))
             resident.press("1")
             bench.until(bench.ended)
     finally:

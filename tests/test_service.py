@@ -152,8 +152,10 @@ async def test_two_leg_call_authorized_by_keypad(redis_server, tmp_path):
     both clients got the hangup frame after hearing audio.
     """
     # The dialer's webhook, behaving like Asterisk: it connects the resident's leg to the
-    # address given, with the UUID given; the resident presses 1 after a second.
-    phone = Webhook(reactor, dtmf=[(1.0, "1")], seconds=40, out=io.StringIO())
+    # address given, with the UUID given; the resident presses 1 every few seconds (keys
+    # count only once the announcement and the question have played).
+    presses = [(at, "1") for at in (1.0, 8.0, 12.0, 16.0, 20.0, 24.0)]
+    phone = Webhook(reactor, dtmf=presses, seconds=40, out=io.StringIO())
     web = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server.Site(phone))
     url = "http://127.0.0.1:{}/dial".format(web.getHost().port)
     ai, ret = free_ports(2)

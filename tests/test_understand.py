@@ -7,6 +7,7 @@ falling back to the rules on every kind of failure.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import attrs
 import pytest
@@ -16,7 +17,7 @@ from zope.interface.verify import verifyObject
 
 from audiosocket.config import SpeechConfig
 from audiosocket.flow.directory import Directory
-from audiosocket.flow.nlu import Decision, Facts, extract_facts
+from audiosocket.flow.nlu import Decision, Facts, classify_decision, extract_facts
 from audiosocket.flow.understand import (
     INLU,
     LlmError,
@@ -42,6 +43,14 @@ DIRECTORY = Directory.from_data(
     ]
 )
 SAID = "Sou o Pedro da Silva, entrega para a Thais do 501"
+#: Replies that are not a plain yes, from the project's decision table.
+NOT_YES = [
+    text
+    for category in ("must_not_authorize", "may_ask_again", "who")
+    for text in json.loads(
+        (Path(__file__).parent / "data" / "resident_decisions.json").read_text("utf-8")
+    )[category]
+]
 
 
 def completion(content) -> dict:
@@ -73,6 +82,12 @@ def test_rules_extract_is_extract_facts():
 def test_rules_decide_is_negation_aware():
     """RulesNLU.decide uses the rules: "não, assim não" refuses."""
     assert RulesNLU().decide("não, assim não").result is Decision.DENIED
+
+
+def test_rules_decide_is_classify_decision():
+    """RulesNLU.decide is the rules' answer for every reply, so it authorizes only plain yeses."""
+    for text in NOT_YES + ["sim", "Pode subir", "Libera"]:
+        assert RulesNLU().decide(text).result is classify_decision(text)
 
 
 # --- LLM -------------------------------------------------------------------------------------
@@ -185,6 +200,21 @@ async def test_llm_block_comes_from_rules(api):
 async def test_llm_decide_stays_rule_based(api):
     """Decisions never ask the model: "não, assim não" refuses with no request sent."""
     assert await within(llm(api).decide("não, assim não")) is Decision.DENIED
+    assert api.seen == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_llm_never_makes_a_yes(api):
+    """
+    However the model would answer (here: a "yes" for anything), LlmNLU.decide is the rules'
+    answer, asked of nobody: no reply the rules do not authorize comes back authorized.
+    """
+    api.answer(body=completion({"decision": "authorized", "intent": "visita"}))
+    nlu = llm(api)
+    for text in NOT_YES:
+        assert await within(nlu.decide(text)) is classify_decision(text)
+        assert await within(nlu.decide(text)) is not Decision.AUTHORIZED
+    assert await within(nlu.decide("Pode subir")) is Decision.AUTHORIZED
     assert api.seen == []
 
 

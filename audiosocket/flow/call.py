@@ -6,8 +6,15 @@ name, purpose and resident when speech recognition is on) → the directory → 
 the dialer, with a wait message while the phone rings → the resident's decision → the
 visitor is told → both legs say goodbye and get the hangup frame after it has played.
 
-Resident: the announcement → 1/2 or "sim"/"não" (negation-aware) → "quem é?" gets the
-detail → unclear is asked again (bounded) → silence past the timeout is a denial.
+Resident: the announcement → 1/2 or "sim"/"não" → "quem é?" gets the detail → unclear is
+asked again (bounded, then "no_decision") → silence past the timeout is a denial.
+
+The resident's answer is read only after the question has finished playing: the announcement
+and every question to the resident play whole (no key and no speech cuts them), and what the
+resident said or typed meanwhile is discarded once the question has played. Someone picking
+up says "Alô? Pode falar" over the announcement; that is not an answer to a question not yet
+asked. Keys 1/2 after the question are the sure path; by voice only a plain yes authorises
+(L{audiosocket.flow.nlu.classify_decision}).
 
 Everything the flow waits for has a timeout, and every path ends in L{_finish}, which is the
 only place legs are hung up.
@@ -26,7 +33,7 @@ from audiosocket.config import AudioConfig, PrivacyConfig
 from audiosocket.dialer import DialFailed, DialRequest
 from audiosocket.flow.directory import Directory, Match
 from audiosocket.flow.io import LegGone, LegIO
-from audiosocket.flow.nlu import Decision, Facts, classify_decision, classify_dtmf
+from audiosocket.flow.nlu import Decision, Facts, classify_decision, classify_dtmf, confirms
 from audiosocket.flow.prompts import Prompts, announcement, greeting
 from audiosocket.leg import Dtmf
 from audiosocket import session as S
@@ -399,7 +406,10 @@ class _Call:
         return apartment.residents[0] if apartment.residents else None
 
     async def _confirm(self, number: str) -> bool:
-        """'Apartamento 101, correto?' — 1 or "sim" confirms; anything else does not."""
+        """
+        'Apartamento 101, correto?' — 1, or a plain "sim" / "isso" / "correto" with no "não"
+        and no question in it, confirms; anything else does not.
+        """
         self.visitor.flush()
         await self.visitor.say(
             self.prompts.say("confirm_apartment", apartment=number), interruptible=True
@@ -410,7 +420,7 @@ class _Call:
         if isinstance(item, Dtmf):
             return classify_dtmf(item.digit) is Decision.AUTHORIZED
         text = await self._transcribe(item)
-        return text is not None and classify_decision(text) is Decision.AUTHORIZED
+        return text is not None and confirms(text)
 
     # ------------------------------------------------------------ calling the resident
 
@@ -520,13 +530,13 @@ class _Call:
         facts = session.facts
         resident = self.resident
         session.state = S.ANNOUNCING
+        ask = "ask_decision_keypad" if self.keypad_only_resident else "ask_decision"
         try:
-            await resident.say(
-                announcement(self.prompts, facts.apartment, facts.visitor_name, facts.intent)
+            await self._put_to_resident(
+                announcement(self.prompts, facts.apartment, facts.visitor_name, facts.intent),
+                self.prompts.say(ask),
+                deciding=True,
             )
-            session.state = S.DECIDING
-            ask = "ask_decision_keypad" if self.keypad_only_resident else "ask_decision"
-            await resident.say(self.prompts.say(ask), interruptible=True)
             unclear = 0
             while True:
                 item = await resident.next_input(self.config.decision_timeout_s)
@@ -544,20 +554,32 @@ class _Call:
                 if decision is Decision.DENIED:
                     return self._decided("denied", evidence)
                 if decision is Decision.WHO:
-                    await resident.say(self._detail(), interruptible=True)
-                    await resident.say(self.prompts.say(ask), interruptible=True)
+                    await self._put_to_resident(self._detail(), self.prompts.say(ask))
                     continue
                 unclear += 1
                 if unclear > self.config.max_retries:
                     session.decision_input = self._kept(evidence)
                     return "no_decision"
-                resident.flush()
-                await resident.say(self.prompts.say("decision_again"), interruptible=True)
+                await self._put_to_resident(self.prompts.say("decision_again"))
         except LegGone as e:
             if e.role != "resident":
                 raise
             session.ended_by = "resident"
             return "no_decision"
+
+    async def _put_to_resident(self, *texts: str, deciding: bool = False) -> None:
+        """
+        Say C{texts} to the resident whole — a key or speech does not cut them — then forget
+        every key and word that came in meanwhile: the answer is what follows the question.
+        With C{deciding}, the session moves to L{S.DECIDING} as the last text (the question)
+        starts.
+        """
+        resident = self.resident
+        for k, text in enumerate(texts):
+            if deciding and k == len(texts) - 1:
+                self.session.state = S.DECIDING
+            await resident.say(text, interruptible=False, barge_in=False)
+        resident.flush(keys=True)
 
     @property
     def keypad_only_resident(self) -> bool:

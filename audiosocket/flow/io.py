@@ -112,12 +112,15 @@ class LegIO:
 
     # ------------------------------------------------------------ input
 
-    def flush(self) -> None:
+    def flush(self, *, keys: bool = False) -> None:
         """
-        Forget words said so far, before a new question. Keys stay: a key is deliberate, and
-        a visitor who types the apartment over "não encontrei" means it as the answer.
+        Forget words said so far, before a new question. Keys stay unless C{keys} is true: a
+        key is deliberate, and a visitor who types the apartment over "não encontrei" means
+        it as the answer; the resident's answer, though, counts only once the question has
+        been heard out, keys included.
         """
-        kept = [i for i in self.inbox.pending if isinstance(i, (Hangup, Dtmf, _Interrupted))]
+        kept_kinds = (Hangup, _Interrupted) if keys else (Hangup, Dtmf, _Interrupted)
+        kept = [i for i in self.inbox.pending if isinstance(i, kept_kinds)]
         self.inbox.pending[:] = kept
         if self.listener is not None:
             self.listener.flush()

@@ -7,6 +7,31 @@ Two jobs:
   - L{classify_decision}: whether the resident's answer authorises the visit, refuses it, asks
     who it is, or is unclear.
 
+The resident's answer, the contract (a false "authorized" lets a stranger in; a question asked
+again costs seconds, so it is never traded for convenience):
+  - Voice authorises only on an unambiguous yes — an entry verb ("pode subir", "pode entrar",
+    "manda subir", "deixa entrar", "pode liberar", "libera", "pode abrir") or a plain "sim" /
+    "autorizo" / "libera" / "pode" — with no negation anywhere in the reply (colloquial "num",
+    post-negation "…não", "nada", "nem" included), not phrased as a question (any "?" or a
+    question word), not deferred ("amanhã", "outro dia", "depois", "mais tarde", "outra
+    hora"), not conditional ("se…", "só se", "mas…", "desde que", "caso"), not an
+    instruction to leave a parcel or send the visitor away ("deixa na portaria", "deixar com
+    o porteiro", "manda embora", "manda voltar", "pode desligar", "deixa pra lá", "pode
+    esquecer"), no sarcasm ("e eu sou o Papa", "tá maluco", "só que não"), no hedge ("acho",
+    "talvez", "sei lá", "pode ser").
+  - It is an allowlist: after harmless fillers ("ah", "é", "olha", "então", "bom", "claro",
+    "imagina", "beleza", "ok", "tá"...) and an opening greeting (then only before an entry
+    verb: "alô, sim" is how a phone is picked up) are set aside, every remaining word must
+    belong to a yes phrase. A reply not known to be a yes never authorises.
+  - Clear refusals are DENIED; someone asking who it is, or picking up without having heard
+    the message ("Alô? Pode falar", "Pois não?"), is WHO; everything else is UNCLEAR and
+    asked again (the flow then ends the call as "no_decision"). Between asking again and
+    refusing, the rules ask again.
+  - Only the words count here; when they count is the flow's part: the answer is read only
+    after the question has finished playing (L{audiosocket.flow.call}). Keys 1/2 after the
+    question stay the sure path (L{classify_dtmf}). A language model is never asked for the
+    decision (L{audiosocket.flow.understand}).
+
 Everything works on words, never on substrings: the original system authorised "não, assim não"
 because the text contains "sim". Text is accent-folded and lower-cased for matching (a
 transcript may or may not carry accents); names are returned as the visitor said them,
@@ -898,6 +923,236 @@ class Decision(enum.Enum):
     UNCLEAR = "unclear"
 
 
+# Words that are never part of a yes. The yes is an allowlist (L{_YES_UNITS}), so these are
+# refused by it anyway; naming them documents what the contract excludes, and a test checks
+# that the yes vocabulary never takes one in.
+NEVER_YES = frozenset(
+    (
+        # negation, colloquial "num" and post-negation "...não" included
+        "nao num nem nunca jamais nada ninguem nenhum nenhuma negativo"
+        # questions
+        " quem qual quais como onde quando cade porque pq hein ne"
+        # deferral: "amanhã", "outro dia", "outra hora", "depois", "mais tarde"
+        " amanha depois outro outra outros mais semana"
+        # conditions and reservations: "se", "só se", "mas", "desde que", "caso"
+        " se caso mas porem desde so somente apenas contanto exceto"
+        # leave a parcel, send the visitor away or make him wait, hang up, forget it
+        " portaria porteiro guarita recepcao embaixo embora voltar volta volte desligar"
+        " desliga esquecer esquece esperar espera aguardar aguarda"
+        # sarcasm and disbelief: "e eu sou o Papa", "tá maluco", "vish"
+        " papa maluco maluca doido doida louco louca piada brincadeira zoeira vish"
+        # hedges: "acho", "talvez", "sei lá", "pode ser"
+        " acho talvez sei ser parece provavelmente depende"
+    ).split()
+)
+
+# Who may be let in, as the resident says it: "manda ele subir", "libera o rapaz".
+_WHO_ENTERS = ("",) + tuple(
+    "ele|ela|eles|elas|o rapaz|a moca|o moco|o entregador|a entregadora|o pessoal|a visita"
+    "|o visitante|o senhor|a senhora".split("|")
+)
+# The entry verbs after "pode"/"manda"/"deixa" ("pode subi" and "pode entra" are how it is
+# often said and transcribed).
+_ENTER = ("subir", "subi", "entrar", "entra")
+_LET_IN = ("",) + _WHO_ENTERS[1:] + (
+    "a entrada", "o acesso", "a subida", "o portao", "a porta", "pra ele", "pra ela",
+)  # fmt: skip
+_GATE = ("", "o portao", "a porta", "pra ele", "pra ela", "o portao pra ele", "o portao pra ela")
+
+
+def _yes_units() -> frozenset[tuple[str, ...]]:
+    """
+    Every phrase that says yes on its own. A reply authorises only if it is made of these and
+    L{_YES_FILLERS} (after an opening greeting), with at least one of these.
+    """
+    entering: set[str] = set()
+    for who in _WHO_ENTERS:
+        for verb in _ENTER:
+            entering.add(f"{who} pode {verb}")
+            for helper in ("mandar", "deixar"):
+                entering.add(f"pode {helper} {who} {verb}")
+            for command in ("manda", "mande", "deixa", "deixe"):
+                entering.add(f"{command} {who} {verb}")
+    entering.update(("sobe", "suba", "entra"))
+    for what in _LET_IN:
+        for verb in ("libera", "libere", "liberem", "pode liberar", "eu libero", "libero"):
+            entering.add(f"{verb} {what}")
+        for verb in ("autorizo", "eu autorizo", "pode autorizar"):
+            if what in ("", "a entrada", "o acesso", "a subida") or what in _WHO_ENTERS:
+                entering.add(f"{verb} {what}")
+    for gate in _GATE:
+        for verb in ("abre", "abra", "pode abrir"):
+            entering.add(f"{verb} {gate}")
+    # "libera aí", "pode subir aí"
+    entering |= {phrase + " ai" for phrase in entering}
+
+    states: set[str] = set()
+    for who in _WHO_ENTERS:
+        for state in ("liberado", "liberada", "liberados", "autorizado", "autorizada"):
+            for verb in ("", "ta", "esta", "fica"):
+                states.add(f"{who} {verb} {state}")
+    done = {"liberei", "eu liberei", "ja liberei", "autorizei", "eu autorizei", "ja autorizei"}
+    plain = {
+        "sim", "sim senhor", "sim senhora", "pode", "claro que sim", "claro que pode",
+        "logico que sim", "logico que pode",
+    }  # fmt: skip
+    return frozenset(tuple(p.split()) for p in entering | states | done | plain)
+
+
+_YES_UNITS = _yes_units()
+# Harmless words around a yes: "ah", "é", "olha", "claro", "imagina", "tá bom", "obrigado".
+# Alone they are not a yes ("ok", "claro" and "beleza" alone are asked again: a resident
+# acknowledging the message has not answered the question).
+_YES_FILLERS = frozenset(
+    tuple(p.split())
+    for p in (
+        "ah ahh aah e eh olha entao bom claro imagina beleza blz ok okay ta certo isso opa oba"
+        " uhum aham obrigado obrigada brigado brigada valeu perfeito otimo show tranquilo joia"
+        " legal ja agora moco moca amigo amiga logico viu"
+    ).split()
+) | frozenset(
+    tuple(p.split())
+    for p in (
+        "tudo bem", "tudo certo", "ta bom", "ta bem", "ta certo", "com certeza",
+        "sem problema", "sem problemas", "por favor",
+    )
+)  # fmt: skip
+# A greeting opens a yes only at the start, and only when a yes follows ("alô, pode subir").
+_GREETINGS = frozenset(
+    tuple(p.split())
+    for p in ("alo", "oi", "ola", "opa", "bom dia", "boa tarde", "boa noite", "e ai", "fala")
+)
+# Punctuation a yes may carry; anything else ("?", "¿", digits, symbols) is not a plain yes.
+_YES_PUNCTUATION = frozenset(".,!;:-")
+# A yes too short to stand after a greeting on its own (see L{_made_of_yes}).
+_BARE_YES = frozenset({("sim",), ("pode",), ("sim", "senhor"), ("sim", "senhora")})
+# What confirms the apartment number the visitor was asked about ("101, correto?").
+_CONFIRM_UNITS = _YES_UNITS | frozenset(
+    tuple(p.split())
+    for p in (
+        "isso", "isso mesmo", "isso ai", "correto", "exato", "exatamente", "certo", "confirmo",
+        "confirmado", "positivo", "esse", "esse mesmo", "e esse", "e isso", "e esse mesmo",
+        "e isso mesmo", "e isso ai", "afirmativo",
+    )
+)  # fmt: skip
+
+
+def _longest_phrase(units: frozenset[tuple[str, ...]]) -> int:
+    return max(len(u) for u in units)
+
+
+_MAX_PHRASE = _longest_phrase(_YES_UNITS | _YES_FILLERS | _GREETINGS | _CONFIRM_UNITS)
+
+
+def _made_of(
+    words: Sequence[str],
+    units: frozenset[tuple[str, ...]],
+    fillers: frozenset[tuple[str, ...]],
+) -> bool:
+    """
+    Whether C{words} split wholly into C{units} and C{fillers}, with at least one unit.
+    (Every split is tried, not just the greedy one: "tá liberado" is a unit, "tá" a filler.)
+    """
+    n = len(words)
+    # reach[i]: the set of "a unit has been seen" flags with which position i is reachable.
+    reach: list[set[bool]] = [set() for _ in range(n + 1)]
+    reach[0].add(False)
+    for i in range(n):
+        if not reach[i]:
+            continue
+        for length in range(1, min(_MAX_PHRASE, n - i) + 1):
+            phrase = tuple(words[i : i + length])
+            if phrase in units:
+                reach[i + length].add(True)
+            elif phrase in fillers:
+                reach[i + length].update(reach[i])
+    return True in reach[n]
+
+
+def _plain_words(tokens: Sequence[_Token]) -> list[str] | None:
+    """
+    The words of a reply that could be a plain yes, or C{None} when it cannot be one: it
+    asks a question ("?"), carries a number or a symbol, or names a L{NEVER_YES} word.
+    """
+    words: list[str] = []
+    for token in tokens:
+        if token.is_word and not token.is_digits:
+            if token.word in NEVER_YES:
+                return None
+            words.append(token.word)
+        elif not set(token.word) <= _YES_PUNCTUATION:  # "…" folds to "..."
+            return None
+    return words
+
+
+def _made_of_yes(words: list[str], units: frozenset[tuple[str, ...]]) -> bool:
+    """
+    L{_made_of} for a yes: an opening greeting is skipped, but then a bare "sim"/"pode" is
+    not enough — "alô, sim" and "oi, pode" are how a phone is picked up (the "?" is often
+    lost in transcription); "alô, pode subir" names the entry.
+    """
+    i = 0
+    while True:
+        for length in (2, 1):
+            if tuple(words[i : i + length]) in _GREETINGS:
+                i += length
+                break
+        else:
+            break
+    if i == 0:
+        return _made_of(words, units, _YES_FILLERS)
+    return _made_of(words[i:], units - _BARE_YES, _YES_FILLERS | _BARE_YES)
+
+
+def is_plain_yes(text: str) -> bool:
+    """
+    Whether C{text} is an unambiguous yes to "você autoriza a entrada?": made only of yes
+    phrases ("sim", "pode", "pode subir", "manda subir", "libera", "tá liberado",
+    "autorizo"...) and harmless fillers ("ah", "é", "olha", "claro", "imagina", "tá bom"),
+    after an optional opening greeting, with no "?" and no L{NEVER_YES} word.
+    """
+    words = _plain_words(_tokenize(text))
+    if not words:
+        return False
+    return _made_of_yes(words, _YES_UNITS)
+
+
+def confirms(text: str) -> bool:
+    """
+    Whether the visitor's C{text} confirms the apartment number read back to them
+    ("Apartamento 101, correto?"): a plain yes (L{is_plain_yes}) or "isso", "correto",
+    "exato", "é esse", under the same rules — no negation, no question, nothing else.
+    """
+    words = _plain_words(_tokenize(text))
+    if not words:
+        return False
+    return _made_of_yes(words, _CONFIRM_UNITS)
+
+
+# A reply made only of these, with a "?" or a greeting in it, is someone who picked up and
+# has not heard the message: "Alô? Pode falar", "Pois não?", "Oi, tudo bem?", "Sim?".
+_GO_AHEAD = frozenset(
+    tuple(p.split())
+    for p in (
+        "alo", "oi", "ola", "opa", "pronto", "pois nao", "fala", "diga", "pode falar",
+        "pode dizer", "pode mandar", "pode perguntar", "tudo bem", "tudo bom", "bom dia",
+        "boa tarde", "boa noite", "e ai", "sim", "quem fala", "quem e", "quem", "e",
+        "pois nao", "fale", "estou ouvindo", "to ouvindo", "oi tudo bem", "ta", "ok",
+    )
+)  # fmt: skip
+_GO_AHEAD_OPENERS = frozenset(
+    {"alo", "oi", "ola", "pronto", "pois", "fala", "diga", "fale", "falar", "dizer", "ouvindo"}
+)
+
+
+def _only_go_ahead(tokens: Sequence[_Token]) -> bool:
+    words = [t.word for t in tokens if t.is_word]
+    asked = any(t.word in ("?", "¿") for t in tokens)
+    if not (asked or _GO_AHEAD_OPENERS.intersection(words)):
+        return False
+    return _made_of(words, _GO_AHEAD, frozenset())
+
+
 _POS, _NEG, _WHO, _NEUTRAL = "<+>", "<->", "<?>", "<~>"
 
 # Set phrases first, longest match wins; each becomes one marker word.
@@ -906,7 +1161,8 @@ _IDIOMS: list[tuple[tuple[str, ...], str]] = sorted(
         "quem", "o que", "como", "qual", "que nome", "nao entendi", "nao entendo",
         "nao ouvi", "nao escutei", "nao deu pra ouvir", "nao deu para ouvir",
         "nao deu pra entender", "nao deu para entender", "repete", "repita", "repetir",
-        "de novo", "outra vez", "hein", "mais alto", "nome dele", "nome dela",
+        "de novo", "outra vez", "hein", "mais alto", "nome dele", "nome dela", "onde",
+        "de onde", "da onde", "que empresa", "qual empresa",
     )]
     + [(p, _POS) for p in _phrases(
         "nao tem problema", "nao ha problema", "sem problema", "sem problemas",
@@ -918,11 +1174,13 @@ _IDIOMS: list[tuple[tuple[str, ...], str]] = sorted(
     + [(p, _NEG) for p in _phrases(
         "nem pensar", "de jeito nenhum", "de jeito algum", "de forma nenhuma",
         "de forma alguma", "de maneira nenhuma", "de maneira alguma", "de modo nenhum",
-        "manda embora", "mandar embora", "manda ir embora", "pode mandar embora",
-        "pode ir embora", "pede pra ir embora", "pede para ir embora", "vai embora",
-        "ir embora", "pode dispensar", "dispensa", "claro que nao", "logico que nao",
-        "acho que nao", "melhor nao", "agora nao", "hoje nao", "recuso", "nego",
-        "proibido", "negativo", "manda voltar",
+        "de jeito maneira", "manda embora", "mandar embora", "manda ir embora",
+        "pode mandar embora", "manda ele embora", "manda ela embora", "manda eles embora",
+        "manda ele ir embora", "manda ela ir embora", "pode ir embora", "pede pra ir embora",
+        "pede para ir embora", "vai embora", "ir embora", "pode dispensar", "dispensa",
+        "claro que nao", "logico que nao", "acho que nao", "melhor nao", "agora nao",
+        "hoje nao", "recuso", "nego", "proibido", "negativo", "manda voltar",
+        "deus me livre", "to fora", "sai fora", "vaza",
     )]
     + [(p, _NEUTRAL) for p in _phrases(
         "nao sei", "sei la", "talvez", "depende", "perai", "espera", "um momento",
@@ -933,7 +1191,9 @@ _IDIOMS: list[tuple[tuple[str, ...], str]] = sorted(
     key=lambda item: -len(item[0]),
 )
 # A whole answer that is only one of these asks what was said ("oi?", "quê?", "alô?").
-_WHO_ALONE = frozenset({"que", "oi", "ue", "ahn", "han", "hum", "alo", "ola", "e"})
+_WHO_ALONE = frozenset({"que", "oi", "ue", "ahn", "han", "hum", "alo", "ola", "e", "o que"})
+# Words leaning towards yes. They never authorise by themselves (only L{is_plain_yes} does):
+# they tell a refusal ("não") from a mixed answer ("não, pode subir"), which is asked again.
 _POSITIVE = frozenset(
     (
         "sim pode podem autorizo autorizado autorizada autoriza autorizar libera liberar"
@@ -944,7 +1204,9 @@ _POSITIVE = frozenset(
     ).split()
     + [_POS]
 )
-_DECISION_NEGATORS = frozenset({"nao", "nunca", "nem", "jamais", "nada", "ninguem", _NEG})
+# "num" is the colloquial "não" ("num pode", "num deixa entrar").
+_SCOPE_NEGATORS = frozenset({"nao", "num", "nem", "nunca", "jamais"})
+_DECISION_NEGATORS = _SCOPE_NEGATORS | {"nada", "ninguem", _NEG}
 # How far back a negation reaches over a positive word in the same clause:
 # "não pode subir", "não é pra subir", "não estou esperando ninguém".
 _NEGATION_REACH = 3
@@ -965,34 +1227,13 @@ def _mark(words: Sequence[str]) -> list[str]:
     return marked
 
 
-def classify_decision(text: str) -> Decision:
+def _lean(tokens: Sequence[_Token]) -> Decision:
     """
-    Classify the resident's answer to "você autoriza a entrada?".
-
-    The rules, on words (never substrings) after folding accents and case:
-      1. Set phrases are read first: "não tem problema", "por que não", "tudo bem" are
-         positive (a negation word inside a positive idiom does not negate);
-         "nem pensar", "de jeito nenhum", "manda embora", "claro que não" are negative;
-         "não entendi", "quem", "o quê", "como", "repete" ask who it is / to repeat;
-         "não sei", "talvez" are hesitation and count for nothing.
-      2. A negation ("não", "nunca", "nem", ...) negates a positive word up to three words
-         after it in the same clause ("não pode subir", "não autorizo") and the positive
-         words right before it ("pode não", "pode subir não", Brazilian post-negation); a
-         negated positive counts as negative.
-         Punctuation ends a clause: "não, tudo bem" is a "não" and a "tudo bem".
-      3. A question ("quem é?") reopens the decision: only what comes after the last one
-         counts ("quem é? ah, pode subir" authorises; "não... quem é?" asks who).
-         With nothing after it, the answer is L{Decision.WHO}.
-      4. Negative and positive both present ("não, pode subir"): L{Decision.UNCLEAR}, so the
-         resident is asked again rather than guessed for — a wrong "yes" lets a stranger in.
-      5. Otherwise any negative: L{Decision.DENIED}; any positive: L{Decision.AUTHORIZED};
-         nothing recognised (or nothing said): L{Decision.UNCLEAR}.
+    Which way an answer that is not a plain yes leans: L{Decision.DENIED},
+    L{Decision.WHO} or L{Decision.UNCLEAR} — never L{Decision.AUTHORIZED}.
     """
-    tokens = _tokenize(text)
     words = [t.word for t in tokens if t.is_word]
-    if not words:
-        return Decision.UNCLEAR
-    if " ".join(words) in _WHO_ALONE or " ".join(words) == "o que":
+    if " ".join(words) in _WHO_ALONE:
         return Decision.WHO
 
     # Keep punctuation as clause boundaries ("|") for negation scope.
@@ -1019,21 +1260,63 @@ def classify_decision(text: str) -> Decision:
             before = stream[max(0, k - _NEGATION_REACH) : k]
             if "|" in before:
                 before = before[len(before) - before[::-1].index("|") :]
-            # Post-negation reaches back over a run of positive words: "pode subir não".
+            # Post-negation reaches back over a run of positive words ("pode subir não",
+            # "tô esperando ninguém"), and over the whole clause it ends ("abre o portão não").
             after = next((w for w in stream[k + 1 :] if w not in _POSITIVE), None)
-            if any(w in _NEGATORS for w in before) or after in _NEGATORS:
+            rest = stream[k + 1 :]
+            clause_end = rest[: rest.index("|")] if "|" in rest else rest
+            if (
+                any(w in _DECISION_NEGATORS for w in before)
+                or after in _DECISION_NEGATORS
+                or (clause_end and clause_end[-1] in _SCOPE_NEGATORS)
+            ):
                 continue  # counted through the negation itself
             positive += 1
 
     if last_who is not None and not positive and not negative:
         return Decision.WHO
-    if positive and negative:
-        return Decision.UNCLEAR
-    if negative:
+    if negative and not positive:
         return Decision.DENIED
-    if positive:
-        return Decision.AUTHORIZED
     return Decision.UNCLEAR
+
+
+def classify_decision(text: str) -> Decision:
+    """
+    Classify the resident's answer to "você autoriza a entrada?".
+
+    The contract: a false "authorized" lets a stranger in, a question asked again costs a few
+    seconds. So:
+      1. L{Decision.AUTHORIZED} only for a plain yes (L{is_plain_yes}): an entry verb
+         ("pode subir", "pode entrar", "manda subir", "deixa entrar", "pode liberar",
+         "libera", "pode abrir") or a plain "sim" / "autorizo" / "pode" / "tá liberado",
+         with harmless fillers ("ah", "é", "olha", "então", "bom", "claro", "imagina",
+         "beleza", "ok", "tá") and an opening greeting allowed around it — and nothing else.
+         An allowlist: a reply not known to be a yes never authorises. So no negation
+         anywhere ("não", "num", "nem", "nada", post-negation "pode subir não"), no question
+         ("?" or a question word), no deferral ("amanhã", "outro dia", "depois", "mais
+         tarde", "outra hora"), no condition ("se", "só se", "mas", "desde que", "caso"),
+         no instruction to leave a parcel or send the visitor away ("deixa na portaria",
+         "manda embora", "manda voltar", "pode desligar", "deixa pra lá", "pode
+         esquecer"), no sarcasm ("e eu sou o Papa", "tá maluco", "só que não"), no hedge
+         ("acho", "talvez", "sei lá", "pode ser").
+      2. Someone who picked up and has not heard the message ("Alô? Pode falar", "Pois
+         não?", "Oi, tudo bem?", "Sim?"), or asks who it is ("quem é?", "não entendi",
+         "o quê?"): L{Decision.WHO}, answered with the detail and the question again.
+      3. A clear refusal — negative words only, negation-aware on words, never substrings
+         ("não", "num pode", "pode subir não", "nem pensar", "manda embora", "não
+         conheço"): L{Decision.DENIED}.
+      4. Everything else — a yes with a reservation, mixed yes and no ("não, pode subir"),
+         hedges, deferrals, sarcasm, nothing said: L{Decision.UNCLEAR}, asked again (then
+         the call ends as "no_decision"). Between asking again and refusing, the rules ask.
+    """
+    tokens = _tokenize(text)
+    if not any(t.is_word for t in tokens):
+        return Decision.UNCLEAR
+    if is_plain_yes(text):
+        return Decision.AUTHORIZED
+    if _only_go_ahead(tokens):
+        return Decision.WHO
+    return _lean(tokens)
 
 
 def classify_dtmf(digit: str) -> Decision:

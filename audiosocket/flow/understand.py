@@ -6,9 +6,13 @@ Understanding what callers say, behind one interface: L{INLU}.
     the four facts, as JSON, validated before use.
 
 An LLM is an aid, never a dependency: any failure (timeout, HTTP error, invalid or
-ill-typed JSON) is logged and the rules' answer is used, so no call dies of it. The
-resident's decision stays with the rules in both: they are negation-aware and predictable,
-and authorising entry is the one answer that must not be guessed.
+ill-typed JSON) is logged and the rules' answer is used, so no call dies of it.
+
+The resident's decision stays with the rules in both (L{INLU.decide} never asks a model):
+the rules authorise only on a plain yes (L{audiosocket.flow.nlu.classify_decision}), and
+authorising entry is the one answer that must not be guessed. Should a model ever be
+consulted about a decision, it may only turn the rules' "yes" into "ask again" — never
+produce a yes the rules did not give, never turn "ask again" into a yes.
 """
 
 from __future__ import annotations
@@ -46,7 +50,11 @@ class INLU(Interface):
         """
 
     def decide(text: str) -> Deferred:
-        """@return: a Deferred firing with the resident's L{Decision}. Never fails."""
+        """
+        @return: a Deferred firing with the resident's L{Decision}. Never fails, and never
+            fires L{Decision.AUTHORIZED} where the rules'
+            L{audiosocket.flow.nlu.classify_decision} does not.
+        """
 
 
 @implementer(INLU)
@@ -189,6 +197,7 @@ class LlmNLU(OpenAICompatible):
         return Deferred.fromCoroutine(self._extract(text or "", directory))
 
     def decide(self, text: str) -> Deferred:
+        # The rules alone: the model is not asked whether a stranger may come in.
         return self._fallback.decide(text)
 
     async def _extract(self, text: str, directory: Directory | None) -> Facts:
