@@ -293,6 +293,28 @@ async def test_resident_leg_with_unknown_uuid_is_refused(redis_server, tmp_path)
     assert svc.manager.refused["unknown_uuid"] == 1
 
 
+@pytest_twisted.ensureDeferred
+async def test_ipv4_pbx_allowed_on_a_dual_stack_bind(redis_server, tmp_path):
+    """
+    With bind = "::" an IPv4 PBX reaches the AI port as ::ffff:127.0.0.1; allowed_peers names
+    127.0.0.1, so its call is answered (the listener used to refuse it as peer_not_allowed).
+    """
+    ai, ret = free_ports(2)
+    config = config_for(
+        redis_server.path, tmp_path, ai, ret, server={"bind": "::", "allowed_peers": ["127.0.0.1"]}
+    )
+    svc = await started(config)
+    try:
+        report = await defer.Deferred.fromCoroutine(
+            place_call(CallOptions(host="127.0.0.1", port=ai, hangup_after=3.0), reactor)
+        ).addTimeout(20, reactor)
+    finally:
+        await stopped(svc)
+    assert svc.manager.refused["peer_not_allowed"] == 0
+    assert report.hung_up_by == "client"
+    assert report.speech_seconds >= 1.0
+
+
 class Whisper(resource.Resource):
     """
     A local OpenAI-compatible transcription endpoint. It cannot really recognise speech, so it
