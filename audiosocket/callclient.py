@@ -1012,7 +1012,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Place AudioSocket calls the way Asterisk does, and measure them.",
     )
     parser.add_argument("target", type=_host_port, metavar="HOST:PORT")
-    parser.add_argument("--uuid", help="the call's UUID (default: random)")
+    parser.add_argument(
+        "--uuid",
+        help="the call's UUID (default: random); to play a resident's leg on a return port, "
+        "the leg_uuid of the dial request (the log dialer logs it)",
+    )
     parser.add_argument("--wav", help="a 16-bit WAV to stream (any rate, mono or stereo)")
     parser.add_argument(
         "--wav-at", type=float, default=0.0, metavar="S", help="start the WAV S seconds in"

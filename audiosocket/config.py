@@ -5,8 +5,8 @@ Every mistake is a L{ConfigError} naming the file and the dotted key (C{server.m
 C{condominiums[0].greeting}, C{speech.whisper.url}), so an operator can fix it without reading
 code. Validation is table-driven: each section is a frozen attrs class whose fields carry their
 default and a check; L{_build} walks the class, refuses unknown keys and runs the checks. Rules
-that join two settings (a provider needs its URL, the API off loopback needs a token, no port
-used twice) run afterwards in L{_check_rules}.
+that join two settings (a provider needs its URL, the API off loopback needs a token, AudioSocket
+ports off loopback need C{allowed_peers}, no port used twice) run afterwards in L{_check_rules}.
 
 Secrets are never in the file (C{api.token} is refused outright): keys ending in C{_env} name environment variables, read with
 L{secret} when the secret is used, so a rotated key needs no reload.
@@ -31,6 +31,7 @@ import attrs
 from attrs import frozen
 from twisted.internet.endpoints import _parse as _parse_endpoint
 
+from audiosocket import peers
 from audiosocket.model import EXTENSION_FIELDS, Extension, InvalidField, valid_host
 
 __all__ = [
@@ -362,7 +363,8 @@ _ms = _int(0, 60000)
 class ServerConfig:
     """C{[server]}: the AudioSocket listeners and the process."""
 
-    bind: str = _field("0.0.0.0", _ip)
+    # Loopback by default: the PBX on the same host. Any other bind needs allowed_peers.
+    bind: str = _field("127.0.0.1", _ip)
     max_calls: int = _field(100, _int(1, 100000))
     allowed_peers: tuple[str, ...] = _field([], _networks)  # as written; see allowed_networks
     state_dir: Path = _field("var", _path())
@@ -371,24 +373,17 @@ class ServerConfig:
     handshake_timeout_s: float = _field(5.0, _positive)
 
     @property
-    def allowed_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    def allowed_networks(self) -> tuple[peers.Network, ...]:
         """C{allowed_peers} as networks (an address is a /32 or /128)."""
-        return tuple(ipaddress.ip_network(peer, strict=False) for peer in self.allowed_peers)
+        return peers.networks(self.allowed_peers)
 
     def peer_allowed(self, host: str) -> bool:
         """
         May a peer at C{host} (an address string, as from C{getPeer().host}) connect to an
-        AudioSocket port? Any may when C{allowed_peers} is empty.
+        AudioSocket port? Any may when C{allowed_peers} is empty. The rule is
+        L{audiosocket.peers.peer_allowed}, the one the listeners apply.
         """
-        if not self.allowed_peers:
-            return True
-        try:
-            ip = ipaddress.ip_address(host.split("%")[0])
-        except ValueError:
-            return False
-        if ip.version == 6 and ip.ipv4_mapped:  # a v4 peer on a "::" listener
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in self.allowed_networks)
+        return peers.peer_allowed(host, self.allowed_networks)
 
 
 def _host_names(value: Any, base: Path) -> tuple[str, ...]:
@@ -895,6 +890,14 @@ def _check_rules(config: Config) -> None:
     vosk = config.speech.vosk.model_dir
     if config.speech.stt == "vosk" and not vosk.is_dir():
         raise _Invalid(f"no such directory: {vosk}", "speech.vosk.model_dir")
+
+    if not peers.is_loopback(config.server.bind) and not config.server.allowed_peers:
+        # Any host that can reach the AudioSocket ports could otherwise play Asterisk.
+        raise _Invalid(
+            "must list the PBX's address(es) when server.bind is not a loopback address "
+            f'("{config.server.bind}"); or bind "127.0.0.1" with the PBX on this host',
+            "server.allowed_peers",
+        )
 
     if not config.api.is_loopback and not config.api.requires_token:
         raise _Invalid(

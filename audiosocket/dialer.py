@@ -1,17 +1,50 @@
 """
-Calling the resident: the L{IDialer} interface and its three kinds (DESIGN §7).
+Calling the resident: the L{IDialer} interface and its three kinds.
 
-Every kind receives the same L{DialRequest}. A dialer only I{starts} the resident's call: its
-Deferred fires L{None} once the attempt is accepted (or answered, for AMI) and fails with
-L{DialFailed} as soon as the attempt is known to have failed. The resident's leg itself arrives
-later on the extension's return port carrying the same UUID; the flow waits for it with its own
-ring timeout and cancels the dial Deferred when it gives up.
+The contract
+============
 
-  - L{LogDialer} only logs the request (trying the server without a PBX).
-  - L{HttpDialer} POSTs the request as JSON to a webhook; 2xx means accepted.
+Every kind receives the same L{DialRequest}, as this JSON object (L{DialRequest.to_dict}):
+
+    {"uuid": "<the visitor's session UUID>",
+     "leg_uuid": "<a fresh UUID for this one dial>",
+     "dial": "<the resident's dial string from the directory, e.g. PJSIP/501>",
+     "apartment": "501", "resident": "Maria Souza",
+     "extension_id": 1, "return_extension": "1002",
+     "audiosocket": "<host>:<return_port>",
+     "timeout_s": 30.0}
+
+  - C{uuid} is the visitor's session, for correlation only. The visitor's side chose it (it is
+    whatever UUID the visitor's C{AudioSocket()} sent), so it is never a credential.
+  - C{leg_uuid} is made by the server for this one dial attempt (C{uuid4}, from the operating
+    system's CSPRNG). It is what the PBX passes to C{AudioSocket()} for the resident's call,
+    and the only UUID the extension's return port accepts for that dial: once, within the
+    attempt's ring window (C{timeout_s} plus a short grace for the connect and handshake),
+    from a peer in C{[server] allowed_peers}. Each attempt gets a new one.
+  - C{audiosocket} is where the PBX connects the resident's answered call; C{timeout_s} how
+    long the resident's phone may ring.
+
+A dialer only I{starts} the resident's call: its Deferred fires L{None} once the attempt is
+accepted (or answered, for AMI) and fails with L{DialFailed} as soon as the attempt is known to
+have failed. The resident's leg itself arrives later on the extension's return port carrying
+C{leg_uuid}; the flow waits for it with its own ring timeout and cancels the dial Deferred when
+it gives up.
+
+  - L{LogDialer} only logs the request, C{leg_uuid} included, so an operator can play the
+    resident's leg by hand (C{audiosocket-call --port <return_port> --uuid <leg_uuid>}).
+  - L{HttpDialer} POSTs the request as JSON to a webhook; 2xx means accepted; any other status,
+    or no answer within its timeout, is a failed attempt.
   - L{AmiDialer} is an Asterisk Manager Interface client (L{AmiProtocol}) that logs in once,
-    reconnects with backoff and sends C{Originate}; Asterisk's C{OriginateResponse} event
-    reports the outcome.
+    reconnects with backoff and sends C{Originate} with C{Channel=<dial>},
+    C{Context=<configured>}, C{Exten=s}, C{Priority=1}, C{Async=true},
+    C{Timeout=<timeout_s in ms>}, C{CallerID=<return_extension>} and the channel variables
+    C{AUDIOSOCKET_UUID=<leg_uuid>} (so a dialplan running
+    C{AudioSocket(${AUDIOSOCKET_UUID},${AUDIOSOCKET_HOST})} needs no change),
+    C{AUDIOSOCKET_HOST=<audiosocket>} and C{AUDIOSOCKET_SESSION=<uuid>} (correlation).
+    Asterisk's C{OriginateResponse} event reports the outcome. No value may contain a line
+    break (it would start a new AMI header) and no C{Variable} value a comma (Asterisk splits
+    C{Variable} on commas, so it would set further channel variables): such a request is
+    refused before anything is sent.
 """
 
 from __future__ import annotations
@@ -86,11 +119,12 @@ def _text(field_name: str, *, empty: bool = False):
 
 
 def _uuid_text(instance, attribute, value):
-    _text("uuid")(instance, attribute, value)
+    name = attribute.name
+    _text(name)(instance, attribute, value)
     try:
         _uuid.UUID(value)
     except ValueError:
-        raise ValueError("uuid: must be a UUID, not {!r}".format(value)) from None
+        raise ValueError("{}: must be a UUID, not {!r}".format(name, value)) from None
 
 
 def _host_port(instance, attribute, value):
@@ -113,15 +147,18 @@ def _timeout(instance, attribute, value):
 @frozen
 class DialRequest:
     """
-    What every dialer receives (DESIGN §7).
+    What every dialer receives (the contract in this module's docstring).
 
-    @ivar uuid: the session's UUID; the resident's leg must come back with it.
+    @ivar uuid: the visitor's session UUID, for correlation only (never a credential).
+    @ivar leg_uuid: the fresh UUID of this dial attempt: the PBX passes it to C{AudioSocket()}
+        and the return port accepts the resident's leg only with it.
     @ivar dial: the resident's dial string from the directory (C{PJSIP/501}).
     @ivar audiosocket: C{host:return_port} where Asterisk connects the resident's leg.
     @ivar timeout_s: how long the resident's phone may ring.
     """
 
     uuid: str = attrs.field(validator=_uuid_text)
+    leg_uuid: str = attrs.field(validator=_uuid_text)
     dial: str = attrs.field(validator=_text("dial"))
     apartment: str = attrs.field(validator=_text("apartment", empty=True))
     resident: str = attrs.field(validator=_text("resident", empty=True))
@@ -131,9 +168,10 @@ class DialRequest:
     timeout_s: float = attrs.field(validator=_timeout)
 
     def to_dict(self) -> dict:
-        """The request as DESIGN §7's JSON object."""
+        """The request as the contract's JSON object."""
         return {
             "uuid": self.uuid,
+            "leg_uuid": self.leg_uuid,
             "dial": self.dial,
             "apartment": self.apartment,
             "resident": self.resident,
@@ -171,8 +209,9 @@ class LogDialer:
 
     def dial(self, request: DialRequest) -> Deferred:
         self.log.info(
-            "would dial {dial} for apartment {apartment} ({resident}), session {uuid}, "
-            "back to {audiosocket} (extension {extension_id}, ring {timeout_s} s)",
+            "would dial {dial} for apartment {apartment} ({resident}), session {uuid}: "
+            "the resident's leg connects to {audiosocket} with UUID {leg_uuid} "
+            "(extension {extension_id}, ring {timeout_s} s)",
             **request.to_dict(),
         )
         return succeed(None)
@@ -251,9 +290,10 @@ class HttpDialer:
                 "webhook answered HTTP {}".format(response.code),
             )
         self.log.info(
-            "webhook accepted dial {dial} for session {uuid} (HTTP {code})",
+            "webhook accepted dial {dial} for session {uuid}, leg {leg_uuid} (HTTP {code})",
             dial=request.dial,
             uuid=request.uuid,
+            leg_uuid=request.leg_uuid,
             code=response.code,
         )
 
@@ -285,8 +325,17 @@ class HttpDialer:
 
 
 def _check_header_value(what: str, value: str) -> None:
+    # A line break would end the header and start another (or end the action).
     if "\r" in value or "\n" in value:
         raise ValueError("{} must not contain a line break".format(what))
+
+
+def _check_header(key: str, value: str) -> None:
+    _check_header_value("AMI header {}".format(key), value)
+    # Asterisk splits a Variable header on commas into several NAME=value assignments, so a
+    # comma in a value would set channel variables of the sender's choosing.
+    if key.lower() == "variable" and "," in value:
+        raise ValueError("AMI header {} must not contain a comma".format(key))
 
 
 class AmiProtocol(LineReceiver):
@@ -367,13 +416,14 @@ class AmiProtocol(LineReceiver):
         @return: a Deferred firing with the response message, whatever its C{Response}
             value; failing with the reason if the connection ends first. Cancelling it
             forgets the action (a later response is ignored).
-        @raise ValueError: a value contains a line break.
+        @raise ValueError: a value contains a line break, or a C{Variable} value a comma;
+            nothing is sent.
         """
         if action_id is None:
             action_id = next(self._action_ids)
         lines = [("Action", action), ("ActionID", action_id), *headers]
         for key, value in lines:
-            _check_header_value("AMI header {}".format(key), value)
+            _check_header(key, value)
         payload = "".join("{}: {}\r\n".format(k, v) for k, v in lines) + "\r\n"
         d = Deferred(lambda _: self._pending.pop(action_id, None))
         self._pending[action_id] = d
@@ -589,10 +639,6 @@ class AmiDialer(Service):
                 "unreachable",
                 "not connected to the Asterisk Manager at {}:{}".format(self.host, self.port),
             ))
-        action_id = next(self._action_ids)
-        result = Deferred(lambda _: self._forget(action_id))
-        attempt = _Attempt(request, protocol, result)
-        self._attempts[action_id] = attempt
         headers = [
             ("Channel", request.dial),
             ("Context", self.context),
@@ -601,9 +647,27 @@ class AmiDialer(Service):
             ("Async", "true"),
             ("Timeout", str(int(round(request.timeout_s * 1000)))),
             ("CallerID", request.return_extension),
-            ("Variable", "AUDIOSOCKET_UUID={}".format(request.uuid)),
+            # The dialplan's AudioSocket(${AUDIOSOCKET_UUID},...) presents this to the return
+            # port: the dial's own leg UUID, never the visitor's session UUID.
+            ("Variable", "AUDIOSOCKET_UUID={}".format(request.leg_uuid)),
             ("Variable", "AUDIOSOCKET_HOST={}".format(request.audiosocket)),
+            ("Variable", "AUDIOSOCKET_SESSION={}".format(request.uuid)),
         ]
+        try:
+            for key, value in headers:
+                _check_header(key, value)
+        except ValueError as e:
+            self.log.warn(
+                "refusing to originate {dial} for session {uuid}: {why}",
+                dial=request.dial,
+                uuid=request.uuid,
+                why=str(e),
+            )
+            return fail(DialFailed("rejected", "refused before sending: {}".format(e)))
+        action_id = next(self._action_ids)
+        result = Deferred(lambda _: self._forget(action_id))
+        attempt = _Attempt(request, protocol, result)
+        self._attempts[action_id] = attempt
         attempt.guard = self._reactor.callLater(
             request.timeout_s + self.GRACE_S,
             self._finish,
@@ -616,10 +680,12 @@ class AmiDialer(Service):
             lambda failure: None,  # connection loss is handled by _lost
         )
         self.log.info(
-            "AMI originate {action_id}: {dial} for session {uuid}, back to {audiosocket}",
+            "AMI originate {action_id}: {dial} for session {uuid} (leg {leg_uuid}), "
+            "back to {audiosocket}",
             action_id=action_id,
             dial=request.dial,
             uuid=request.uuid,
+            leg_uuid=request.leg_uuid,
             audiosocket=request.audiosocket,
         )
         return result

@@ -286,7 +286,7 @@ class ExtensionManager(MultiService):
         clock: AudioClock,
         on_leg,
         reactor=None,
-        bind: str = "0.0.0.0",
+        bind: str = "127.0.0.1",
         condominium_exists: Callable[[int], bool] = lambda cid: True,
         port_fallback_range: tuple[int, int] | None = None,
         leg_options: dict | None = None,

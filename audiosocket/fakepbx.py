@@ -4,8 +4,9 @@ C{audiosocket-fake-pbx}: the dialer's other end, for trying a whole call without
 It serves the HTTP dialer's webhook (C{[dialer] kind = "http"}, C{url =
 "http://127.0.0.1:9000/"}). On each POST it does what Asterisk's dialplan does once the
 resident answers: it connects an AudioSocket leg to the request's C{audiosocket} address with
-the request's C{uuid}, then presses the keys it was told (C{--dtmf 2:1} presses 1 two seconds
-in) or streams a WAV, and prints what the resident's leg heard.
+the request's C{leg_uuid} (the dial's own UUID: the return port refuses the visitor's session
+C{uuid}), then presses the keys it was told (C{--dtmf 2:1} presses 1 two seconds in) or
+streams a WAV, and prints what the resident's leg heard.
 
     audiosocket-fake-pbx --listen 9000 --dtmf 2:1
 """
@@ -49,7 +50,7 @@ class Webhook(resource.Resource):
             options = CallOptions(
                 host=host,
                 port=int(port),
-                uuid=body["uuid"],
+                uuid=body["leg_uuid"],
                 dtmf=self._dtmf,
                 wav=self._wav,
                 wav_at=self._wav_at,
@@ -60,8 +61,12 @@ class Webhook(resource.Resource):
             return json.dumps({"error": "bad_request", "detail": str(e)}).encode()
         self.requests.append(body)
         print(
-            "ringing {} for apartment {} ({}) → {}".format(
-                body.get("dial"), body.get("apartment"), body.get("resident"), body["audiosocket"]
+            "ringing {} for apartment {} ({}) → {} with leg UUID {}".format(
+                body.get("dial"),
+                body.get("apartment"),
+                body.get("resident"),
+                body["audiosocket"],
+                options.uuid,
             ),
             file=self._out,
             flush=True,

@@ -801,13 +801,8 @@ class LegFactory(Factory):
 
 
 def _peer_allowed(addr, networks) -> bool:
-    import ipaddress
+    # The rule lives in audiosocket.peers (shared with the config): IPv4-mapped peers on a
+    # "::" listener and IPv6 zone ids are normalised there.
+    from .peers import peer_allowed
 
-    host = getattr(addr, "host", None)
-    if host is None:  # unix sockets: local by construction
-        return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return any(ip in net for net in networks)
+    return peer_allowed(getattr(addr, "host", None), networks)

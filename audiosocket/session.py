@@ -1,12 +1,40 @@
 """
-Sessions: one visitor call, the resident leg that joins it by UUID, its facts and its end.
+Sessions: one visitor call, the resident leg that joins it, its facts and its end.
 
-A visitor leg on an extension's AI port opens a L{Session} keyed by its UUID. The resident's
-call comes back on that extension's return port with the same UUID and joins it, but only
-while the session's flow is waiting for it (the server originated that call); any other
-resident leg is refused. The L{SessionRegistry} is the only place keyed by call: it admits or
-turns away visitors (C{max_calls}, per-extension limits), routes resident legs, and when a
-session's flow ends it removes every trace of it and hands the call record on.
+A visitor leg on an extension's AI port opens a L{Session} keyed by its UUID. That UUID is
+the visitor's side's choice (whatever its C{AudioSocket()} sent), so it identifies the call
+and is never a credential.
+
+The resident leg and its credential
+===================================
+
+Each dial attempt gets a fresh C{leg_uuid} made here (C{uuid4}: the operating system's
+CSPRNG), passed to the dialer and by the PBX to the resident call's C{AudioSocket()}. The
+flow calls L{Session.expect_resident} with it; from then on the L{SessionRegistry} admits a
+resident leg presenting that UUID, and only
+
+  - on the return port of the session's own extension (elsewhere: C{wrong_extension}, and
+    the UUID stays valid for its own port);
+  - once: the leg that joins consumes it, a second presentation is C{unknown_uuid};
+  - within the attempt's ring window: from the dial request until the attempt's ring timeout
+    plus L{RESIDENT_GRACE_S} for the connect and handshake. At its end a DelayedCall owned by
+    the session removes the UUID (C{unknown_uuid} after that);
+  - from a peer in C{[server] allowed_peers} (checked when the connection is accepted, before
+    any frame: C{peer_not_allowed}).
+
+A resident leg presenting the visitor's session UUID is refused (C{unknown_uuid}, logged as
+such): it is not the credential.
+
+A late answer to an earlier attempt is refused. The flow revokes an attempt's leg UUID as
+soon as that attempt is over (its ring window passed, or the dialer reported it failed), so
+at most one leg UUID of a session is valid at any time, and the windows of two attempts
+never overlap. (The PBX rings for the ring timeout only; the grace covers a call answered
+at its last moment.)
+
+The L{SessionRegistry} is the only place keyed by call: it admits or turns away visitors
+(C{max_calls}, per-extension limits), routes resident legs by leg UUID, and when a session's
+flow ends it removes every trace of it (sessions, leg UUIDs, timers) and hands the call
+record on.
 
 Turned-away (busy) calls are bounded too, or a flood of calls past C{max_calls} would cost
 as much as admitted ones: at most C{max_busy} hear "linhas ocupadas" at once (one more is
@@ -40,6 +68,10 @@ OUTCOMES = (
     "error",
 )
 
+#: How long after an attempt's ring timeout its leg UUID is still accepted: a call answered
+#: at the last moment still has to connect to the return port and send its UUID frame.
+RESIDENT_GRACE_S = 2.0
+
 # Flow states, in the order a call goes through them (shown by the API).
 GREETING = "greeting"
 COLLECTING = "collecting"
@@ -66,6 +98,10 @@ def _leg_info(leg: AudioSocketProtocol | None) -> dict | None:
         "max_gap_ms": round(leg.stats.max_gap_ms, 1),
         "hung_up_by": leg.hung_up_by,
     }
+
+
+def _str(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def _round(value: float | None) -> float | None:
@@ -104,8 +140,14 @@ class Session:
     ended_at: float | None = None
     ended_wall: float | None = None
     flow: defer.Deferred | None = None
+    #: The leg UUID the resident's leg that joined presented (the dial's, never ours).
+    resident_leg_uuid: _uuid.UUID | None = None
+    #: leg UUID → (session, expiry in reactor seconds): the registry's routing table, shared
+    #: by every session of a registry (a session on its own gets a table of its own).
+    routes: dict = field(factory=dict)
     _resident_waiter: defer.Deferred | None = None
-    _expecting: bool = False
+    #: This session's leg UUIDs still admitted → the DelayedCall expiring each.
+    _expected: dict = field(factory=dict)
     _timers: list = field(factory=list)
     _end_waiters: list = field(factory=list)
 
@@ -119,34 +161,73 @@ class Session:
 
     @property
     def expecting_resident(self) -> bool:
-        return self._expecting
+        """Is a leg UUID of this session admitted right now?"""
+        return bool(self._expected)
 
-    def expect_resident(self) -> defer.Deferred:
+    def expect_resident(self, leg_uuid: _uuid.UUID, window_s: float) -> defer.Deferred:
         """
-        From now on a resident leg with this UUID is admitted. The Deferred fires with it
-        when it joins; cancelling it stops waiting (but the session keeps admitting the
-        leg until L{stop_expecting}, so a late answer to an earlier attempt still counts).
+        From now on, for C{window_s} seconds, a resident leg presenting C{leg_uuid} on this
+        session's return port is admitted, once.
+
+        @return: a Deferred firing with the leg when it joins; cancelling it stops waiting
+            (the leg UUID stays admitted until L{stop_expecting} or the window's end).
+        @raise ValueError: C{leg_uuid} is already routed (to this or another session).
         """
-        self._expecting = True
-        if self.resident is not None:
-            return defer.succeed(self.resident)
-        d = defer.Deferred(lambda _: self._cancel_waiter())
-        self._resident_waiter = d
-        return d
+        if leg_uuid in self.routes:
+            raise ValueError("leg UUID {} is already expected".format(leg_uuid))
+        expiry = self.reactor.seconds() + window_s
+        self.routes[leg_uuid] = (self, expiry)
+        self._expected[leg_uuid] = self.call_later(window_s, self._expire, leg_uuid)
+        waiter = defer.Deferred(self._cancel_waiter)
+        self._resident_waiter = waiter
+        return waiter
 
-    def _cancel_waiter(self):
-        self._resident_waiter = None
+    def _cancel_waiter(self, waiter: defer.Deferred) -> None:
+        if self._resident_waiter is waiter:
+            self._resident_waiter = None
 
-    def stop_expecting(self) -> None:
-        self._expecting = False
+    def _expire(self, leg_uuid: _uuid.UUID) -> None:
+        if self._revoke(leg_uuid):
+            self.log.info(
+                "call {uuid}: leg UUID {leg_uuid} expired unused",
+                uuid=str(self.uuid),
+                leg_uuid=str(leg_uuid),
+                ext=self.extension.id,
+            )
+
+    def _revoke(self, leg_uuid: _uuid.UUID) -> bool:
+        timer = self._expected.pop(leg_uuid, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        entry = self.routes.get(leg_uuid)
+        if entry is not None and entry[0] is self:
+            del self.routes[leg_uuid]
+        return timer is not None
+
+    def stop_expecting(self, leg_uuid: _uuid.UUID | None = None) -> None:
+        """
+        Revoke C{leg_uuid} (the attempt is over), or with no argument every leg UUID of this
+        session and the wait for the resident (the flow has stopped waiting).
+        """
+        if leg_uuid is not None:
+            self._revoke(leg_uuid)
+            return
+        for pending in list(self._expected):
+            self._revoke(pending)
         waiter, self._resident_waiter = self._resident_waiter, None
         if waiter is not None and not waiter.called:
             waiter.cancel()
 
     def resident_joined(self, leg: AudioSocketProtocol) -> None:
+        """
+        The resident's leg presented one of this session's leg UUIDs (the registry checked
+        it): it is consumed, and every other one of this session revoked.
+        """
         self.resident = leg
+        self.resident_leg_uuid = leg.uuid
         self.resident_at = self.reactor.seconds()
-        self._expecting = False
+        for pending in list(self._expected):
+            self._revoke(pending)
         waiter, self._resident_waiter = self._resident_waiter, None
         if waiter is not None:
             waiter.callback(leg)
@@ -233,6 +314,7 @@ class Session:
             "started_at": _iso(self.started_wall),
             "facts": self.facts_dict(),
             "attempts": self.attempts,
+            "resident_leg_uuid": _str(self.resident_leg_uuid),
             "legs": {VISITOR: _leg_info(self.visitor), RESIDENT: _leg_info(self.resident)},
             "timings": self.timings(),
         }
@@ -250,6 +332,7 @@ class Session:
             "facts": self.facts_dict(),
             "decision_input": self.decision_input,
             "attempts": self.attempts,
+            "resident_leg_uuid": _str(self.resident_leg_uuid),
             "dial_failures": list(self.dial_failures),
             "timings": self.timings(),
         }
@@ -299,6 +382,9 @@ class SessionRegistry:
         self._condominium_limit = condominium_limit
         self._on_end = [on_end] if on_end else []
         self.sessions: dict[_uuid.UUID, Session] = {}
+        #: leg UUID → (session, expiry in reactor seconds): the dials whose resident leg may
+        #: still join. Written by the sessions (L{Session.expect_resident}).
+        self.leg_uuids: dict[_uuid.UUID, tuple[Session, float]] = {}
         self.finished = 0
         self.turned_away = 0
 
@@ -360,6 +446,7 @@ class SessionRegistry:
             self._reactor,
             busy=busy,
             return_address="{}:{}".format(extension.host, port),
+            routes=self.leg_uuids,
         )
         self.sessions[leg.uuid] = session
         if busy:
@@ -394,12 +481,30 @@ class SessionRegistry:
         )
 
     def _resident(self, extension: Extension, leg: AudioSocketProtocol) -> None:
-        session = self.sessions.get(leg.uuid)
-        if session is None or not session.expecting_resident:
+        """
+        Route a resident leg by the leg UUID it presented: see the module docstring for
+        what is admitted. Raising L{Refused} closes the leg (logged, counted).
+        """
+        entry = self.leg_uuids.get(leg.uuid)
+        if entry is not None and entry[1] <= self._reactor.seconds():
+            # Past its window (its DelayedCall has not run yet): as good as removed.
+            entry[0].stop_expecting(leg.uuid)
+            entry = None
+        if entry is None:
+            if leg.uuid in self.sessions:
+                raise Refused(
+                    "unknown_uuid",
+                    "resident leg presented the visitor's session UUID {}, which is not a "
+                    "credential; only the leg UUID of a dial admits a resident leg".format(
+                        leg.uuid
+                    ),
+                )
             raise Refused(
                 "unknown_uuid",
-                "resident leg with UUID {} was not originated by this server".format(leg.uuid),
+                "resident leg with UUID {} matches no dial in progress (never made, already "
+                "used or expired)".format(leg.uuid),
             )
+        session = entry[0]
         if session.extension.id != extension.id:
             raise Refused(
                 "wrong_extension",
@@ -408,8 +513,14 @@ class SessionRegistry:
                 ),
             )
         if session.resident is not None and not session.resident.closed:
-            raise Refused("uuid_in_use", "call {} already has a resident leg".format(leg.uuid))
-        self.log.info("call {uuid}: resident joined", uuid=str(leg.uuid), ext=extension.id)
+            raise Refused("uuid_in_use", "call {} already has a resident leg".format(session.uuid))
+        self.log.info(
+            "call {uuid}: resident joined with leg UUID {leg_uuid}",
+            uuid=str(session.uuid),
+            leg_uuid=str(leg.uuid),
+            ext=extension.id,
+        )
+        # Consumed: a second presentation finds nothing.
         session.resident_joined(leg)
 
     # ------------------------------------------------------------ end

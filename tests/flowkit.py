@@ -249,18 +249,27 @@ class Bench:
         """The peer says C{text} (as its endpointer would deliver it)."""
         self.listeners[peer.leg].utterances.put(self.stt.utterance(text))
 
-    def _factory(self, role):
+    def _factory(self, role, service=None, **options):
+        service = service or self.service
         return LegFactory(
             role,
             self.clock,
-            lambda leg: self.registry.on_leg(self.service, leg),
+            lambda leg: self.registry.on_leg(service, leg),
             reactor=self.reactor,
+            **options,
         )
 
-    def connect(self, role=VISITOR, uuid=None) -> Peer:
-        factory = self.ai if role == VISITOR else self.ret
-        addr = IPv4Address("TCP", "127.0.0.1", 40000 + len(self.peers))
+    def connect(self, role=VISITOR, uuid=None, *, factory=None, host="127.0.0.1") -> Peer | None:
+        """
+        A peer at C{host} connects to C{factory} (default: the AI or return port, by C{role})
+        and sends its UUID; L{None} when the factory refuses the connection itself.
+        """
+        if factory is None:
+            factory = self.ai if role == VISITOR else self.ret
+        addr = IPv4Address("TCP", host, 40000 + len(self.peers))
         leg = factory.buildProtocol(addr)
+        if leg is None:
+            return None
         transport = StringTransport(peerAddress=addr)
         leg.makeConnection(transport)
         leg.dataReceived(wire.uuid_frame(uuid or _uuid.uuid4()))
@@ -268,8 +277,16 @@ class Bench:
         self.peers.append(peer)
         return peer
 
+    def leg_uuid_for(self, visitor: Peer) -> _uuid.UUID:
+        """The leg UUID of the latest dial request made for C{visitor}'s call."""
+        session = str(visitor.leg.uuid)
+        requests = [r for r in self.dialer.requests if r.uuid == session]
+        assert requests, "no dial request for call {}".format(session)
+        return _uuid.UUID(requests[-1].leg_uuid)
+
     def resident_for(self, visitor: Peer) -> Peer:
-        return self.connect(RESIDENT, visitor.leg.uuid)
+        """The resident answers the latest dial for C{visitor}'s call, as the PBX would."""
+        return self.connect(RESIDENT, self.leg_uuid_for(visitor))
 
     def text(self, name: str, **values) -> int:
         return self.tts.label(self.prompts.say(name, **values))

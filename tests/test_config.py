@@ -100,6 +100,8 @@ def test_shipped_config_loads():
     assert (config.speech.tts, config.speech.stt, config.speech.nlu) == ("espeak", "none", "rules")
     assert config.dialer.kind == "log"
     assert config.server.state_dir == ETC / "var"
+    # The AudioSocket ports listen on loopback only: the PBX on this host.
+    assert (config.server.bind, config.server.allowed_peers) == ("127.0.0.1", ())
 
 
 def test_shipped_commented_examples_are_valid(tmp_path):
@@ -145,7 +147,7 @@ def test_defaults(tmp_path):
     config = load(tmp_path)
     assert config.path == tmp_path / "audiosocket.toml"
     server = config.server
-    assert (server.bind, server.max_calls, server.allowed_peers) == ("0.0.0.0", 100, ())
+    assert (server.bind, server.max_calls, server.allowed_peers) == ("127.0.0.1", 100, ())
     assert server.state_dir == tmp_path / "var"
     assert (server.port_fallback, server.port_fallback_range) == (False, (20000, 20999))
     assert server.handshake_timeout_s == 5.0
@@ -389,8 +391,7 @@ def test_api_is_loopback(tmp_path, endpoint, loopback):
 def test_peer_allowed(tmp_path):
     """
     allowed_peers keeps the addresses and networks as written, allowed_networks parses them;
-    a peer is allowed when in one of them, also when it arrives as an IPv4-mapped IPv6
-    address; an empty list allows anyone.
+    a peer is allowed when in one of them; an empty list allows anyone.
     """
     server = load(
         tmp_path, '[server]\nallowed_peers = ["10.0.0.5", "192.168.1.0/24", "fd00::/8"]\n'
@@ -399,11 +400,54 @@ def test_peer_allowed(tmp_path):
     assert server.allowed_networks[0] == ipaddress.ip_network("10.0.0.5/32")
     assert server.peer_allowed("10.0.0.5")
     assert server.peer_allowed("192.168.1.77")
-    assert server.peer_allowed("::ffff:192.168.1.77")
     assert server.peer_allowed("fd00::1")
     assert not server.peer_allowed("10.0.0.6")
     assert not server.peer_allowed("not-an-ip")
     assert load(tmp_path).server.peer_allowed("203.0.113.9")
+
+
+def test_peer_allowed_unwraps_an_ipv4_mapped_peer(tmp_path):
+    """
+    With bind = "::" an IPv4 PBX arrives as ::ffff:a.b.c.d: allowed when a.b.c.d is, by the
+    config and by the listener alike (one rule, audiosocket.peers).
+    """
+    from twisted.internet.address import IPv6Address
+
+    from audiosocket.leg import _peer_allowed
+
+    server = load(tmp_path, '[server]\nbind = "::"\nallowed_peers = ["10.0.0.5"]\n').server
+    assert server.peer_allowed("::ffff:10.0.0.5")
+    assert not server.peer_allowed("::ffff:10.0.0.6")
+    assert _peer_allowed(IPv6Address("TCP", "::ffff:10.0.0.5", 40000), server.allowed_networks)
+    assert not _peer_allowed(
+        IPv6Address("TCP", "::ffff:10.0.0.6", 40000), server.allowed_networks
+    )
+
+
+def test_peer_allowed_ignores_an_ipv6_zone_id(tmp_path):
+    """A link-local peer carries its zone (fe80::1%eth0); the address alone is judged."""
+    from twisted.internet.address import IPv6Address
+
+    from audiosocket.leg import _peer_allowed
+
+    server = load(tmp_path, '[server]\nbind = "::"\nallowed_peers = ["fe80::1"]\n').server
+    assert server.peer_allowed("fe80::1%eth0")
+    assert not server.peer_allowed("fe80::2%eth0")
+    assert _peer_allowed(IPv6Address("TCP", "fe80::1%eth0", 40000), server.allowed_networks)
+    assert not _peer_allowed(IPv6Address("TCP", "fe80::2%eth0", 40000), server.allowed_networks)
+
+
+@pytest.mark.parametrize("bind", ["127.0.0.1", "127.0.0.2", "::1"])
+def test_loopback_bind_may_leave_allowed_peers_empty(tmp_path, bind):
+    """On a loopback bind only this host can connect: no allowed_peers needed."""
+    assert load(tmp_path, f'[server]\nbind = "{bind}"\n').server.bind == bind
+
+
+@pytest.mark.parametrize("bind", ["0.0.0.0", "::", "192.168.0.10"])
+def test_non_loopback_bind_with_allowed_peers_is_valid(tmp_path, bind):
+    """Off loopback, naming the PBX in allowed_peers makes the bind valid."""
+    config = load(tmp_path, f'[server]\nbind = "{bind}"\nallowed_peers = ["10.0.0.5"]\n')
+    assert config.server.bind == bind
 
 
 @pytest.mark.parametrize(
@@ -641,6 +685,18 @@ MISTAKES = {
         'must be a non-empty string, not ""',
     ),
     # rules joining settings
+    "AudioSocket ports open to any host": (
+        '[server]\nbind = "0.0.0.0"\n',
+        "server.allowed_peers",
+        "must list the PBX's address(es) when server.bind is not a loopback address "
+        '("0.0.0.0"); or bind "127.0.0.1" with the PBX on this host',
+    ),
+    "AudioSocket ports open to any IPv6 host": (
+        '[server]\nbind = "::"\nallowed_peers = []\n',
+        "server.allowed_peers",
+        "must list the PBX's address(es) when server.bind is not a loopback address "
+        '("::"); or bind "127.0.0.1" with the PBX on this host',
+    ),
     "public API without token": (
         '[api]\nendpoint = "tcp:8082:interface=0.0.0.0"\n',
         "api.token_env",

@@ -37,12 +37,14 @@ from audiosocket.dialer import (
 
 TIMEOUT_S = 5
 UUID = "5e0b3f6c-9d0a-4c39-8f43-2b7c7d6f1a10"
+LEG_UUID = "0f1e2d3c-4b5a-4697-8877-665544332211"
 SECRET = "s3cr3t-do-not-log"
 
 
 def request(**kw) -> DialRequest:
     fields = dict(
         uuid=UUID,
+        leg_uuid=LEG_UUID,
         dial="PJSIP/501",
         apartment="501",
         resident="Maria Souza",
@@ -65,9 +67,10 @@ def log_text(events) -> str:
 
 
 def test_request_to_dict_has_exactly_the_contract_keys():
-    """C{to_dict} gives DESIGN §7's JSON object, key for key."""
+    """C{to_dict} gives the dialer contract's JSON object, key for key, leg_uuid included."""
     assert request().to_dict() == {
         "uuid": UUID,
+        "leg_uuid": LEG_UUID,
         "dial": "PJSIP/501",
         "apartment": "501",
         "resident": "Maria Souza",
@@ -82,6 +85,14 @@ def test_request_to_dict_has_exactly_the_contract_keys():
     "field, match",
     [
         pytest.param({"uuid": "not-a-uuid"}, "uuid", id="uuid-not-a-uuid"),
+        pytest.param(
+            {"leg_uuid": "not-a-uuid"}, "leg_uuid: must be a UUID", id="leg-uuid-not-a-uuid"
+        ),
+        pytest.param(
+            {"leg_uuid": UUID + "\nAction: Logoff"},
+            "leg_uuid: must not contain a line break",
+            id="leg-uuid-line-break",
+        ),
         pytest.param(
             {"dial": "PJSIP/501\r\nAction: Logoff"},
             "dial: must not contain a line break",
@@ -124,6 +135,8 @@ def test_log_dialer_fires_at_once_and_logs_the_request_fields():
     for key, value in request().to_dict().items():
         assert event[key] == value
     assert "would dial PJSIP/501" in log_text([event])
+    # An operator trying the server by hand needs the leg UUID to play the resident's leg.
+    assert LEG_UUID in log_text([event])
 
 
 # -- http ----------------------------------------------------------------------------------
@@ -229,6 +242,7 @@ async def test_http_dialer_posts_the_request_json_and_succeeds_on_2xx(webhook_se
     assert result is None
     [body] = webhook.bodies
     assert json.loads(body) == request().to_dict()
+    assert json.loads(body)["leg_uuid"] == LEG_UUID
     [[content_type]] = webhook.headers
     assert content_type.startswith(b"application/json")
 
@@ -339,6 +353,18 @@ def test_ami_protocol_refuses_line_breaks_in_header_values():
     assert transport.value() == b""
 
 
+@pytest.mark.parametrize("value", ["A=1,B=2", "A=1\rB", "A=1\nB"])
+def test_ami_protocol_refuses_commas_and_line_breaks_in_variable_values(value):
+    """
+    A Variable value with a comma (Asterisk would split it into more channel variables) or a
+    line break (a new header) is refused before anything is written.
+    """
+    protocol, transport = connected_protocol()
+    with pytest.raises(ValueError, match="AMI header Variable must not contain"):
+        protocol.send_action("Originate", [("Variable", value)])
+    assert transport.value() == b""
+
+
 def test_ami_protocol_routes_a_multi_line_response_by_action_id():
     """A multi-line response block reaches the action with its ActionID, keys lower-cased."""
     protocol, _ = connected_protocol()
@@ -433,6 +459,25 @@ def test_ami_dialer_gives_up_when_no_originate_response_ever_comes():
     clock.advance(0.2)
     [failure] = failures
     assert failure.value.reason == "timeout"
+    assert dialer.pending == 0
+    assert clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize(
+    "field", [{"audiosocket": "127.0.0.1,X=1:8081"}, {"audiosocket": "a,b:8081"}]
+)
+def test_ami_dialer_refuses_a_comma_in_a_variable_before_sending(field):
+    """
+    A request whose channel variable would carry a comma fails C{rejected} at once: no
+    Originate is written, no attempt or timer is kept.
+    """
+    clock, dialer, protocol, transport = logged_in_on_clock()
+    failures = []
+    dialer.dial(request(**field)).addErrback(failures.append)
+    [failure] = failures
+    assert failure.value.reason == "rejected"
+    assert "comma" in failure.value.message
+    assert transport.value() == b""
     assert dialer.pending == 0
     assert clock.getDelayedCalls() == []
 
@@ -576,8 +621,9 @@ async def test_ami_dialer_logs_in_with_call_events(asterisk):
 
 @pytest_twisted.ensureDeferred
 async def test_ami_dialer_sends_every_originate_field(asterisk):
-    """Originate carries Channel, Context, Exten, Priority, Async, Timeout, CallerID and
-    both Variables, one C{Variable:} line each."""
+    """Originate carries Channel, Context, Exten, Priority, Async, Timeout, CallerID and the
+    Variables, one C{Variable:} line each: AUDIOSOCKET_UUID is the dial's leg UUID (what the
+    dialplan's AudioSocket() presents), the session UUID only goes in AUDIOSOCKET_SESSION."""
     dialer, d, _, action = await originate(asterisk, timeout_s=25.5)
     fields = dict(action)
     assert fields["Action"] == "Originate"
@@ -590,8 +636,9 @@ async def test_ami_dialer_sends_every_originate_field(asterisk):
         ("Async", "true"),
         ("Timeout", "25500"),
         ("CallerID", "1002"),
-        ("Variable", "AUDIOSOCKET_UUID=" + UUID),
+        ("Variable", "AUDIOSOCKET_UUID=" + LEG_UUID),
         ("Variable", "AUDIOSOCKET_HOST=127.0.0.1:8081"),
+        ("Variable", "AUDIOSOCKET_SESSION=" + UUID),
     ]
     await cancel(d)
 

@@ -31,7 +31,7 @@ def start_call(bench, keys="101#"):
 
 
 def answer(bench, visitor):
-    """The dialer was asked to ring; the resident's leg arrives with the session's UUID."""
+    """The dialer was asked to ring; the resident's leg arrives with the dial's leg UUID."""
     bench.until(lambda: bench.dialer.requests)
     bench.advance(1.0)
     resident = bench.resident_for(visitor)
@@ -333,15 +333,23 @@ def test_dial_failure_moves_to_next_attempt_at_once(bench):
     assert not bench.heard(visitor, "still_calling")
 
 
-def test_late_answer_to_first_attempt_counts(bench):
-    """A resident who answers the first attempt's call after it gave up still joins."""
+def test_late_answer_to_an_earlier_attempt_is_refused(bench):
+    """
+    Once an attempt is over its leg UUID is revoked: a resident leg answering the first
+    attempt while the second rings is refused (unknown_uuid); the second attempt's own leg
+    UUID still joins and decides.
+    """
     visitor = start_call(bench)
     bench.until(lambda: len(bench.dialer.requests) == 2, max_s=60)
-    resident = bench.resident_for(visitor)
+    first, second = (uuid.UUID(r.leg_uuid) for r in bench.dialer.requests)
+    late = bench.connect("resident", first)
+    assert late.leg.closed and late.leg.close_reason == "unknown_uuid"
+    resident = bench.connect("resident", second)
     bench.until(lambda: bench.asked(resident, "ask_decision_keypad"))
     resident.press("1")
     bench.until(bench.ended)
     assert bench.records[0]["outcome"] == "authorized"
+    assert bench.records[0]["resident_leg_uuid"] == str(second)
 
 
 def test_visitor_hangs_up_while_ringing(bench):
@@ -407,12 +415,16 @@ def test_extension_limit_turns_visitors_away(bench):
 
 
 def test_resident_leg_not_originated_is_refused(bench):
-    """A resident leg with a UUID we did not dial is closed; no session is touched."""
+    """
+    A resident leg with a UUID we did not dial is closed; so is one presenting the visitor's
+    session UUID (before any dial, too); no session is touched.
+    """
     visitor = start_call(bench, keys="")
     stranger = bench.connect("resident", uuid.uuid4())
     assert stranger.leg.closed and stranger.leg.close_reason == "unknown_uuid"
-    early = bench.resident_for(visitor)  # before the dialer was asked: not expected yet
-    assert early.leg.close_reason == "unknown_uuid"
+    early = bench.connect("resident", visitor.leg.uuid)
+    assert early.leg.closed and early.leg.close_reason == "unknown_uuid"
+    assert bench.registry.sessions[visitor.leg.uuid].resident is None
     visitor.drop()
     bench.until(bench.ended)
 
@@ -428,12 +440,12 @@ def test_second_visitor_leg_with_same_uuid_is_refused(bench):
 
 
 def test_second_resident_leg_is_refused(bench):
-    """Once the resident joined, another resident leg with the UUID is refused."""
+    """Once the resident joined, another resident leg with its UUID is refused."""
     visitor = start_call(bench)
     resident = answer(bench, visitor)
     bench.advance(0.1)
-    again = bench.connect("resident", visitor.leg.uuid)
-    assert again.leg.closed
+    again = bench.connect("resident", resident.leg.uuid)
+    assert again.leg.closed and again.leg.close_reason == "uuid_in_use"
     bench.until(lambda: bench.asked(resident, "ask_decision_keypad"))
     resident.press("1")
     bench.until(bench.ended)

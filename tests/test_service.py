@@ -147,12 +147,12 @@ async def test_garbage_closes_only_that_connection(redis_server, tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_two_leg_call_authorized_by_keypad(redis_server, tmp_path):
     """
-    Visitor types 101#; the http dialer's webhook connects the resident with the same UUID,
-    who presses 1: the record in Redis reads authorized with apartment and resident, and
+    Visitor types 101#; the http dialer's webhook connects the resident with the dial's leg
+    UUID, who presses 1: the record in Redis reads authorized with apartment and resident, and
     both clients got the hangup frame after hearing audio.
     """
     # The dialer's webhook, behaving like Asterisk: it connects the resident's leg to the
-    # address given, with the UUID given; the resident presses 1 every few seconds (keys
+    # address given, with the leg UUID given; the resident presses 1 every few seconds (keys
     # count only once the announcement and the question have played).
     presses = [(at, "1") for at in (1.0, 8.0, 12.0, 16.0, 20.0, 24.0)]
     phone = Webhook(reactor, dtmf=presses, seconds=40, out=io.StringIO())
@@ -178,6 +178,7 @@ async def test_two_leg_call_authorized_by_keypad(redis_server, tmp_path):
         await web.stopListening()
     (request,) = phone.requests
     assert request["uuid"] == visitor.uuid
+    assert resident.uuid == request["leg_uuid"] != visitor.uuid
     assert request["dial"] == "SIP/1101"
     assert request["audiosocket"] == "127.0.0.1:{}".format(ret)
     (record,) = calls
@@ -190,6 +191,90 @@ async def test_two_leg_call_authorized_by_keypad(redis_server, tmp_path):
     assert visitor.speech_seconds > 3 and resident.speech_seconds > 3
     assert response.code == 200
     assert listed["calls"][0]["uuid"] == visitor.uuid
+
+
+class DialCapture(resource.Resource):
+    """An HTTP dialer's webhook that only accepts and keeps each dial request."""
+
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.requests = defer.DeferredQueue()
+
+    def render_POST(self, request):
+        self.requests.put(json.loads(request.content.read()))
+        request.setHeader(b"content-type", b"application/json")
+        return b'{"accepted": true}'
+
+
+@pytest_twisted.ensureDeferred
+async def test_forged_resident_leg_with_the_session_uuid_is_refused(redis_server, tmp_path):
+    """
+    The attack: the visitor picks the session UUID and types 101#; while the phone rings, a
+    second connection to the return port presents that same UUID and presses 1. It is
+    refused before it hears anything and the call is not authorized by it; the real
+    resident, with the leg UUID from the dial request, then joins and decides.
+    """
+    capture = DialCapture()
+    web = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server.Site(capture))
+    url = "http://127.0.0.1:{}/dial".format(web.getHost().port)
+    ai, ret = free_ports(2)
+    config = config_for(redis_server.path, tmp_path, ai, ret, dialer={"kind": "http", "url": url})
+    chosen = str(uuid.uuid4())  # the visitor's side decides this one
+    svc = await started(config)
+    try:
+        visitor = defer.Deferred.fromCoroutine(
+            place_call(
+                CallOptions(
+                    host="127.0.0.1", port=ai, uuid=chosen, dtmf=[(1.0, "101#")], hangup_after=60
+                ),
+                reactor,
+            )
+        )
+        request = await capture.requests.get().addTimeout(30, reactor)
+        attacker = await defer.Deferred.fromCoroutine(
+            place_call(
+                CallOptions(
+                    host="127.0.0.1", port=ret, uuid=chosen, dtmf=[(0.5, "1")], hangup_after=5
+                ),
+                reactor,
+            )
+        ).addTimeout(10, reactor)
+        # The forgery was refused at once, before it heard a word, counted as unknown_uuid.
+        session = svc.registry.sessions.get(uuid.UUID(chosen))
+        assert session is not None and session.resident is None
+        assert attacker.hung_up_by == "server-close"
+        assert attacker.speech_seconds == 0
+        assert svc.manager.refused["unknown_uuid"] == 1
+        # The real resident answers the dial: its leg presents the dial's leg UUID. Keys are
+        # pressed again later in case the first press comes before the question has played.
+        resident = await defer.Deferred.fromCoroutine(
+            place_call(
+                CallOptions(
+                    host="127.0.0.1",
+                    port=ret,
+                    uuid=request["leg_uuid"],
+                    dtmf=[(1.0, "1"), (20.0, "1")],
+                    hangup_after=60,
+                ),
+                reactor,
+            )
+        ).addTimeout(70, reactor)
+        visitor = await visitor.addTimeout(70, reactor)
+        (record,) = await svc.store.recent_calls(1)
+    finally:
+        await stopped(svc)
+        await web.stopListening()
+    # The dial's leg UUID is a fresh one, and it is what admitted the real resident.
+    assert request["uuid"] == chosen
+    assert request["leg_uuid"] != chosen
+    assert record["uuid"] == chosen
+    assert record["resident_leg_uuid"] == request["leg_uuid"]
+    assert record["outcome"] == "authorized"
+    assert record["decision_input"] == "dtmf:1"
+    assert resident.hung_up_by == "server" and resident.speech_seconds > 3
+    assert visitor.hung_up_by == "server"
 
 
 @pytest_twisted.ensureDeferred
@@ -208,6 +293,28 @@ async def test_resident_leg_with_unknown_uuid_is_refused(redis_server, tmp_path)
         await stopped(svc)
     assert report.hung_up_by == "server-close"
     assert svc.manager.refused["unknown_uuid"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_ipv4_pbx_allowed_on_a_dual_stack_bind(redis_server, tmp_path):
+    """
+    With bind = "::" an IPv4 PBX reaches the AI port as ::ffff:127.0.0.1; allowed_peers names
+    127.0.0.1, so its call is answered (the listener used to refuse it as peer_not_allowed).
+    """
+    ai, ret = free_ports(2)
+    config = config_for(
+        redis_server.path, tmp_path, ai, ret, server={"bind": "::", "allowed_peers": ["127.0.0.1"]}
+    )
+    svc = await started(config)
+    try:
+        report = await defer.Deferred.fromCoroutine(
+            place_call(CallOptions(host="127.0.0.1", port=ai, hangup_after=3.0), reactor)
+        ).addTimeout(20, reactor)
+    finally:
+        await stopped(svc)
+    assert svc.manager.refused["peer_not_allowed"] == 0
+    assert report.hung_up_by == "client"
+    assert report.speech_seconds >= 1.0
 
 
 class Whisper(resource.Resource):

@@ -22,6 +22,7 @@ only place legs are hung up.
 
 from __future__ import annotations
 
+import uuid as _uuid
 from typing import Any, Callable
 
 from attrs import frozen
@@ -424,11 +425,12 @@ class _Call:
 
     # ------------------------------------------------------------ calling the resident
 
-    def _dial_request(self) -> DialRequest:
+    def _dial_request(self, leg_uuid: _uuid.UUID) -> DialRequest:
         session = self.session
         ext = session.extension
         return DialRequest(
             uuid=str(session.uuid),
+            leg_uuid=str(leg_uuid),
             dial=self.apartment.dial,
             apartment=self.apartment.number,
             resident=session.facts.resident_name or "",
@@ -466,23 +468,33 @@ class _Call:
 
     async def _ring(self, attempt: int):
         """
-        One attempt: the dialer is asked to call, and the visitor hears a wait message every
+        One attempt: a fresh leg UUID is made and admitted for this attempt's ring window
+        only, the dialer is asked to call with it, and the visitor hears a wait message every
         C{wait_message_interval_s} until the resident's leg joins, the dialer reports a
-        failure, or C{ring_timeout_s} passes.
+        failure, or the ring window (C{ring_timeout_s} plus L{S.RESIDENT_GRACE_S} for the
+        connect and handshake) passes. However the attempt ends, its leg UUID is revoked: a
+        late answer to it is refused (see L{audiosocket.session}).
 
         @return: the resident's leg, or C{None}.
         @raise LegGone: the visitor hung up meanwhile.
         """
-        joined = self.session.expect_resident()
-        if joined.called:  # a late answer to the previous attempt: no need to ring again
-            return await joined
+        session = self.session
+        # uuid4 reads os.urandom: not guessable from anything the visitor sees or chooses.
+        leg_uuid = _uuid.uuid4()
+        ring_s = self.config.ring_timeout_s
+        window_s = ring_s + S.RESIDENT_GRACE_S
+        joined = session.expect_resident(leg_uuid, window_s)
         race = _Race(self.reactor)
         race.add("joined", joined)
         # A bad directory entry (a dial string the request refuses) is a failed attempt.
-        race.add("dial", defer.maybeDeferred(lambda: self.flow._dialer.dial(self._dial_request())))
+        race.add(
+            "dial",
+            defer.maybeDeferred(lambda: self.flow._dialer.dial(self._dial_request(leg_uuid))),
+        )
         race.add("visitor", defer.Deferred.fromCoroutine(self.visitor.next_input(None)))
-        ring_s = self.config.ring_timeout_s
-        deadline = self.reactor.seconds() + ring_s
+        now = self.reactor.seconds()
+        ring_deadline = now + ring_s
+        deadline = now + window_s
         try:
             while True:
                 remaining = deadline - self.reactor.seconds()
@@ -508,10 +520,12 @@ class _Call:
                     # A key or a word while it rings: nothing to do but keep listening.
                     race.add("visitor", defer.Deferred.fromCoroutine(self.visitor.next_input(None)))
                     continue
-                if deadline - self.reactor.seconds() > 1e-6:
+                if ring_deadline - self.reactor.seconds() > 1e-6:
                     self.visitor.queue(self.prompts.say("still_calling"))
         finally:
             race.cancel()
+            # Strict: this attempt's leg UUID is good for this attempt only.
+            session.stop_expecting(leg_uuid)
 
     def _dial_failed(self, attempt: int, reason: str, message: str) -> None:
         self.session.dial_failures.append({"attempt": attempt, "reason": reason})
