@@ -41,6 +41,11 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+#: A resident pressing 1 every few seconds: keys count only once the announcement and the
+#: question have played, and a test does not know when that is.
+PRESSES_1 = [(at, "1") for at in (1.0, 8.0, 12.0, 16.0, 20.0, 24.0)]
+
+
 def config_for(redis_path: str, tmp_path, ai: int, ret: int, **sections) -> object:
     data = {
         "server": {"bind": "127.0.0.1", "state_dir": str(tmp_path / "var")},
@@ -152,10 +157,8 @@ async def test_two_leg_call_authorized_by_keypad(redis_server, tmp_path):
     both clients got the hangup frame after hearing audio.
     """
     # The dialer's webhook, behaving like Asterisk: it connects the resident's leg to the
-    # address given, with the leg UUID given; the resident presses 1 every few seconds (keys
-    # count only once the announcement and the question have played).
-    presses = [(at, "1") for at in (1.0, 8.0, 12.0, 16.0, 20.0, 24.0)]
-    phone = Webhook(reactor, dtmf=presses, seconds=40, out=io.StringIO())
+    # address given, with the leg UUID given; the resident presses 1 (PRESSES_1).
+    phone = Webhook(reactor, dtmf=PRESSES_1, seconds=40, out=io.StringIO())
     web = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server.Site(phone))
     url = "http://127.0.0.1:{}/dial".format(web.getHost().port)
     ai, ret = free_ports(2)
@@ -247,15 +250,16 @@ async def test_forged_resident_leg_with_the_session_uuid_is_refused(redis_server
         assert attacker.hung_up_by == "server-close"
         assert attacker.speech_seconds == 0
         assert svc.manager.refused["unknown_uuid"] == 1
-        # The real resident answers the dial: its leg presents the dial's leg UUID. Keys are
-        # pressed again later in case the first press comes before the question has played.
+        # The real resident answers the dial: its leg presents the dial's leg UUID. Keys
+        # count only once the announcement and the question have played, so 1 is pressed
+        # every few seconds.
         resident = await defer.Deferred.fromCoroutine(
             place_call(
                 CallOptions(
                     host="127.0.0.1",
                     port=ret,
                     uuid=request["leg_uuid"],
-                    dtmf=[(1.0, "1"), (20.0, "1")],
+                    dtmf=PRESSES_1,
                     hangup_after=60,
                 ),
                 reactor,
