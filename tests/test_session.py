@@ -38,7 +38,7 @@ def dialed(bench, keys="101#"):
 
 
 def decide(bench, resident, key="1"):
-    bench.until(lambda: bench.heard(resident, "ask_decision_keypad"))
+    bench.until(lambda: bench.asked(resident, "ask_decision_keypad"))
     resident.press(key)
     bench.until(bench.ended)
     return bench.records[0]

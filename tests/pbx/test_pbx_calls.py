@@ -33,10 +33,22 @@ async def hears_speech(phone):
     await until(lambda: any(phone.loud), what="speech on " + phone.name)
 
 
-async def decide(rig, phone, digit: str, after: float = 0.5):
-    """The resident answers, listens a moment, and presses C{digit}."""
+async def asked(phone, quiet_s: float = 1.0):
+    """
+    Wait until the phone has heard speech and then C{quiet_s} of silence: the announcement
+    and the question have played out (keys and words before that are not an answer).
+    """
     await hears_speech(phone)
-    await deferLater(reactor, after, lambda: None)
+    packets = int(quiet_s / 0.02)
+    await until(
+        lambda: len(phone.loud) >= packets and not any(phone.loud[-packets:]),
+        what="the question played out on " + phone.name,
+    )
+
+
+async def decide(rig, phone, digit: str):
+    """The resident hears the question out and presses C{digit}."""
+    await asked(phone)
     await phone.press(rig.ami, digit)
 
 
@@ -264,7 +276,7 @@ async def test_extension_changed_while_a_call_runs(rig):
     assert code == 201, body
     # The change is applied; the live call did not lose a frame to it.
     assert clock.skipped_frames == skipped
-    await resident.press(rig.ami, "1")
+    await decide(rig, resident, "1")
     await ended(visitor, resident)
     (first,) = await rig.records(1)
     assert first["outcome"] == "authorized" and first["extension_id"] == 1
