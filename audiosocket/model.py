@@ -110,7 +110,7 @@ def _check_host(instance, attribute, value) -> None:
 class Extension:
     """
     One condominium entry point: an AI port where visitors arrive and a return port where
-    the resident's call comes back with the same UUID.
+    the resident's call comes back, with the leg UUID the server made for that dial.
     """
 
     id: int
@@ -158,3 +158,11 @@ class Extension:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def address(self, port: int) -> str:
+        """
+        C{host:port} as Asterisk's C{AudioSocket()} parses it: an IPv6 host in brackets
+        (C{[2001:db8::5]:8081}), anything else as it is.
+        """
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{port}"

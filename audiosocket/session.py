@@ -445,7 +445,7 @@ class SessionRegistry:
             leg,
             self._reactor,
             busy=busy,
-            return_address="{}:{}".format(extension.host, port),
+            return_address=extension.address(port),
             routes=self.leg_uuids,
         )
         self.sessions[leg.uuid] = session

@@ -11,11 +11,12 @@ from __future__ import annotations
 import ipaddress
 import uuid
 
+import attrs
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from audiosocket.leg import RESIDENT, Refused
+from audiosocket.leg import RESIDENT, VISITOR, Refused
 from audiosocket.model import Extension
 from audiosocket.session import RESIDENT_GRACE_S, Session, SessionRegistry
 from flowkit import EXTENSION, Bench, FakeExtensionService
@@ -270,3 +271,16 @@ def test_finished_session_leaves_no_leg_uuid_or_timer():
     assert registry.leg_uuids == {}
     assert clock.getDelayedCalls() == []
     assert joined.called
+
+
+def test_the_dial_names_an_ipv6_host_in_brackets(bench):
+    """
+    An extension reached over IPv6 is dialed as C{[address]:port}, the form Asterisk's
+    AudioSocket() parses; a bare C{2001:db8::5:8081} would be read as an address alone.
+    """
+    bench.service = FakeExtensionService(
+        attrs.evolve(EXTENSION, host="2001:db8::5"), bound_return_port=8201
+    )
+    bench.ai = bench._factory(VISITOR)
+    dialed(bench)
+    assert bench.dialer.requests[0].audiosocket == "[2001:db8::5]:8201"
