@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_api,tests.test_admin,tests.test_tls -*-
 """
 The HTTP API: extensions, sessions, finished calls, status, health, metrics and its own
 OpenAPI document, as a Klein app with its dependencies injected.
