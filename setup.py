@@ -39,7 +39,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "audiosocket-call = audiosocket.callclient:main",
+            "audiosocket-call = audiosocket.calltool:main",
             "audiosocket-admin = audiosocket.admin:main",
             "audiosocket-fake-pbx = audiosocket.fakepbx:main",
         ],

@@ -1,9 +1,11 @@
+# -*- test-case-name: tests.test_api,tests.test_admin,tests.test_tls -*-
 """
 The HTTP API: extensions, sessions, finished calls, status, health, metrics and its own
 OpenAPI document, as a Klein app with its dependencies injected.
 
 Serve it with C{Api(...).site()} (an L{ApiSite}); never C{app.run()}, and never a plain
-C{Site} around C{app.resource()}, which would skip the checks below.
+C{Site} around C{app.resource()}, which would skip the checks below (L{Api.resource} is the
+app behind its token check, for a C{Site} of your own or C{StubTreq}).
 
 Errors are JSON C{{"error": code, "detail": text}} (plus C{"field"} for a 422), produced in one
 place: L{Api.error} maps every exception to an L{ApiError}, and L{_error_body} renders it, for
@@ -30,11 +32,18 @@ in C{refused} as C{api_<error>}):
   - A request with a body must carry the token (when one is configured): a 401 before the
     body is read.
 
-Authentication: with a token configured, every request but C{GET /healthz} needs
-C{Authorization: Bearer <token>}; a missing or wrong token is a 401 (RFC 6750:
-C{invalid_token} is a 401, not a 403), and so is every request while the token's source (an
-environment variable) is unset. The routes check it again, and check the content type of the
-JSON bodies they read.
+Authentication is not something a route does: it is done once, in front of the router, so
+no route can be added without it. L{Api.resource} wraps the Klein resource in a guard that
+calls L{Api.authorize} on every request before any route is looked up, and L{Api.open_routes}
+is the whole list of what passes without a token: C{GET} (and C{HEAD}) C{/healthz}, matched
+on the raw path. Every other request, to a route that exists, to one added later (by a
+subclass, or at run time) or to none, needs C{Authorization: Bearer <token>} when a token is
+configured; a missing or wrong token is a 401 (RFC 6750: C{invalid_token} is a 401, not a
+403), and so is every request while the token's source (an environment variable) is unset.
+An anonymous caller thus learns nothing of which routes exist (401, never 404 or 405).
+C{tests/test_api.py} walks every rule of the URL map to hold this. L{ApiSite} judges the token
+of a request with a body earlier still, on its head (above), since no open route takes one.
+The routes check the content type of the JSON bodies they read.
 """
 
 from __future__ import annotations
@@ -50,7 +59,7 @@ from urllib.parse import urlsplit
 from klein import Klein
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web import http, server
+from twisted.web import http, resource, server
 from twisted.web.http_headers import Headers
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.exceptions import NotFound as RouteNotFound
@@ -157,6 +166,8 @@ class Api:
 
     app = Klein()
     log = Logger()
+    #: The only requests served without the token, as (method, raw path).
+    open_routes = frozenset({(b"GET", b"/healthz"), (b"HEAD", b"/healthz")})
 
     def __init__(
         self,
@@ -267,8 +278,22 @@ class Api:
 
     # ------------------------------------------------------------ helpers
 
-    def _authorize(self, request) -> None:
-        self._check_token(request.getHeader("authorization"))
+    def resource(self) -> "_Guarded":
+        """
+        The app as a resource, every route of it behind L{authorize}: the only way this app
+        is served (L{ApiSite} uses it; so do the tests).
+        """
+        return _Guarded(self, self.app.resource())
+
+    def authorize(self, method: bytes, path: bytes, header: bytes | str | None) -> None:
+        """
+        Let a request through to the routes, or raise the 401: every request needs the token
+        except those in L{open_routes}, matched on the raw method and path (a path spelled
+        any other way, even one the router would map to an open route, needs the token).
+        """
+        if (method.upper(), path) in self.open_routes:
+            return
+        self._check_token(header)
 
     def _check_token(self, header: bytes | str | None) -> None:
         if self._token is None:
@@ -325,7 +350,11 @@ class Api:
 
     @app.handle_errors(Exception)
     def error(self, request, failure):
-        e = self._api_error(request, failure)
+        return self.answer_error(request, self._api_error(request, failure))
+
+    @staticmethod
+    def answer_error(request, e: ApiError) -> bytes:
+        """Set C{request}'s status and headers for C{e}; return the body."""
         for name, value in e.headers.items():
             request.setHeader(name.encode(), value.encode())
         request.setResponseCode(e.status)
@@ -335,12 +364,6 @@ class Api:
     def _api_error(self, request, failure) -> ApiError:
         """Every exception a route may raise, as the L{ApiError} to answer with."""
         e = failure.value
-        if isinstance(e, (RouteNotFound, MethodNotAllowed)):
-            # Unknown routes are private too: do not tell an anonymous caller what exists.
-            try:
-                self._authorize(request)
-            except ApiError as auth:
-                e = auth
         if isinstance(e, ApiError):
             return e
         if isinstance(e, InvalidField):
@@ -373,7 +396,6 @@ class Api:
 
     @app.route("/api/status", methods=["GET"])
     def status(self, request):
-        self._authorize(request)
         data = dict(self._status())
         extensions = self._describe_all()
         data["store"] = {"available": bool(self._store.available)}
@@ -392,7 +414,6 @@ class Api:
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request):
-        self._authorize(request)
         if self._registry is None:
             raise ApiError(404, "not_found", "metrics are not enabled")
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -402,19 +423,16 @@ class Api:
 
     @app.route("/api/openapi.json", methods=["GET"])
     def openapi(self, request):
-        self._authorize(request)
         return _json(request, openapi_document())
 
     # ------------------------------------------------------------ extensions
 
     @app.route("/api/extensions", methods=["GET"])
     def list_extensions(self, request):
-        self._authorize(request)
         return _json(request, {"extensions": self._describe_all()})
 
     @app.route("/api/extensions", methods=["POST"])
     async def create_extension(self, request):
-        self._authorize(request)
         ext = Extension.from_dict(self._body(request))
         svc = await self._control.add(ext)
         request.setHeader(b"Location", "/api/extensions/{}".format(ext.id).encode())
@@ -422,12 +440,10 @@ class Api:
 
     @app.route("/api/extensions/<int:ext_id>", methods=["GET"])
     def get_extension(self, request, ext_id):
-        self._authorize(request)
         return _json(request, self._service(ext_id).describe())
 
     @app.route("/api/extensions/<int:ext_id>", methods=["PUT"])
     async def put_extension(self, request, ext_id):
-        self._authorize(request)
         data = self._body(request)
         if "id" in data and data["id"] != ext_id:
             raise InvalidField(
@@ -440,7 +456,6 @@ class Api:
 
     @app.route("/api/extensions/<int:ext_id>", methods=["DELETE"])
     async def delete_extension(self, request, ext_id):
-        self._authorize(request)
         raw = _arg(request, "force")
         if raw is None or raw.lower() in ("false", "0", "no"):
             force = False
@@ -453,7 +468,6 @@ class Api:
 
     @app.route("/api/extensions/<int:ext_id>/restart", methods=["POST"])
     async def restart_extension(self, request, ext_id):
-        self._authorize(request)
         svc = await self._control.restart(ext_id)
         return _json(request, svc.describe())
 
@@ -461,12 +475,10 @@ class Api:
 
     @app.route("/api/sessions", methods=["GET"])
     def list_sessions(self, request):
-        self._authorize(request)
         return _json(request, {"sessions": list(self._sessions.describe_all())})
 
     @app.route("/api/sessions/<string:session_id>", methods=["GET"])
     def get_session(self, request, session_id):
-        self._authorize(request)
         sid = self._session_id(session_id)
         data = self._sessions.describe(sid)
         if data is None:
@@ -475,7 +487,6 @@ class Api:
 
     @app.route("/api/sessions/<string:session_id>/hangup", methods=["POST"])
     def hangup_session(self, request, session_id):
-        self._authorize(request)
         sid = self._session_id(session_id)
         try:
             d = defer.maybeDeferred(self._sessions.hangup, sid)
@@ -493,7 +504,6 @@ class Api:
 
     @app.route("/api/calls", methods=["GET"])
     async def list_calls(self, request):
-        self._authorize(request)
         raw = _arg(request, "limit")
         limit = CALLS_LIMIT_DEFAULT
         if raw is not None:
@@ -563,6 +573,28 @@ class _CheckedRequest(server.Request):
         channel.loseConnection()
 
 
+class _Guarded(resource.Resource):
+    """
+    The Klein resource behind L{Api.authorize}: the token is judged here, once, before the
+    router runs, so every route (an unknown one included, and any route added later) is
+    private unless L{Api.open_routes} names it.
+    """
+
+    isLeaf = True
+
+    def __init__(self, api: Api, routes: resource.Resource):
+        super().__init__()
+        self._api = api
+        self._routes = routes
+
+    def render(self, request):
+        try:
+            self._api.authorize(request.method, request.path, request.getHeader("authorization"))
+        except ApiError as e:
+            return self._api.answer_error(request, e)
+        return self._routes.render(request)
+
+
 class ApiSite(server.Site):
     """The C{Site} serving an L{Api}: every request passes L{Api.admit} first."""
 
@@ -570,7 +602,7 @@ class ApiSite(server.Site):
     displayTracebacks = False
 
     def __init__(self, api: Api, **kwargs):
-        super().__init__(api.app.resource(), **kwargs)
+        super().__init__(api.resource(), **kwargs)
         self.api = api
 
     def getContentFile(self, length):

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_extension,tests.test_control,tests.test_leg_tcp,tests.test_service_extensions,tests.test_api -*-
 """
 Extensions (*ramais*) as live services.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_leg,tests.test_leg_tcp,tests.test_listen,tests.test_session -*-
 """
 One TCP connection from Asterisk is one call leg.
 

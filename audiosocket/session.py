@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_session,tests.test_flow,tests.test_flow_voice,tests.test_leg_tcp,tests.test_extension -*-
 """
 Sessions: one visitor call, the resident leg that joins it, its facts and its end.
 

@@ -1,13 +1,35 @@
+# -*- test-case-name: tests.test_wire,tests.test_wire_golden -*-
 """
 The AudioSocket wire format: frame kinds, an encoder, and an incremental decoder.
 
-A frame is ``kind`` (1 byte), payload length (2 bytes, unsigned big-endian) and the payload.
 Pure functions and plain objects only: nothing here knows about Twisted or sockets, so the
 decoder can be fed a byte stream split at any point and driven by property tests.
 
-Asterisk sends UUID (first), audio, and DTMF; it hangs up by closing TCP. It accepts from us
-only hangup and audio kinds: anything else makes it hang up the call (see DESIGN §3), so the
-encoder refuses to build the kinds that are never ours to send.
+The protocol, as Asterisk's C{AudioSocket()} application and C{Dial(AudioSocket/...)}
+channel (res_audiosocket) really behave, which is the contract the rest of the server keeps:
+
+  - A frame is its kind (1 byte), its payload length (2 bytes, unsigned big-endian) and the
+    payload: at most 65535 bytes, the length may be 0.
+  - C{0x00} hangup, no payload: sent by the server to end the call. Asterisk never sends
+    it; it hangs up by closing the TCP connection.
+  - C{0x01} UUID, 16 raw bytes in RFC 4122 (big-endian) order: always the first frame
+    Asterisk sends, and only once.
+  - C{0x03} DTMF, one ASCII byte (C{0-9 * # A-D}), sent when a digit ends; Asterisk to
+    server only.
+  - C{0x10} audio: signed 16-bit little-endian PCM, 8 kHz mono; 320 bytes is 20 ms, the
+    size Asterisk sends and the server paces its own frames at.
+  - C{0x11} to C{0x18} audio at 12, 16, 24, 32, 44.1, 48, 96 and 192 kHz (C{0x11} is
+    12 kHz, C{0x12} 16 kHz), same sample format, for the channels that use them.
+  - C{0xff} error: defined, never sent by current Asterisk; the decoder refuses it.
+
+What Asterisk accepts from the server: C{0x00} and the audio kinds, nothing else. Any other
+kind (C{0x02}, C{0x03}, C{0xff}, an unknown one) makes it hang up the call, and so does an
+audio frame with no payload, or a frame whose payload arrives in pieces more than about
+5 ms apart: so the encoder builds only those kinds (L{hangup}, L{audio}; L{encode} is for
+tests and the client tool) and refuses empty audio, and the server writes each frame whole,
+in one write, on a socket with C{TCP_NODELAY}. C{AudioSocket()} also hangs up after 2 s
+with no audio either way, which is why a leg sends silence while it has nothing to say
+(L{audiosocket.leg}).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from audiosocket.callclient import parse_ports  # noqa: E402
+from audiosocket.calltool import parse_ports  # noqa: E402
 from audiosocket.clock import Histogram  # noqa: E402
 
 HEADER = struct.Struct(">BH")

@@ -275,7 +275,7 @@ def pinned(argv: list[str], cpu: int | None, nice: int = 0) -> list[str]:
 
 def run_client(args: list[str], cpu: int | None = 1, nice: int = 0) -> subprocess.Popen:
     """C{audiosocket-call} (the load mode) as a subprocess pinned to C{cpu}, JSON out."""
-    argv = pinned([PYTHON, "-m", "audiosocket.callclient"] + args + ["--json"], cpu, nice)
+    argv = pinned([PYTHON, "-m", "audiosocket.calltool"] + args + ["--json"], cpu, nice)
     return subprocess.Popen(argv, cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

@@ -7,6 +7,7 @@ made before any route runs (Host, Origin, content type, body cap) through an L{A
 """
 
 import json
+import re
 import uuid
 
 import pytest
@@ -16,6 +17,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
 from twisted.protocols.policies import WrappingFactory
 from twisted.web.http_headers import Headers
+from klein import Klein
 from treq.testing import StubTreq
 
 from audiosocket.api import Api, json_content_type, openapi_document
@@ -54,12 +56,14 @@ def ext_json(id=1, ai=8080, ret=8081, **kw):
 
 
 class Setup(ManagerSetup):
-    def __init__(self, token=None, registry=None, condos=(1,), fallback=None, **api):
+    def __init__(
+        self, token=None, registry=None, condos=(1,), fallback=None, api_class=Api, **api
+    ):
         super().__init__(condos=condos, fallback=fallback)
         self.store = MemoryStore(reactor=self.reactor, node_id="node-a")
         self.sessions = FakeSessions()
         self.control = ExtensionControl(self.manager, self.store, reactor=self.reactor)
-        self.api = Api(
+        self.api = api_class(
             self.control,
             self.sessions,
             self.store,
@@ -68,7 +72,7 @@ class Setup(ManagerSetup):
             metrics_registry=registry,
             **api,
         )
-        self.treq = StubTreq(self.api.app.resource())
+        self.treq = StubTreq(self.api.resource())
 
     def request(self, method, path, body=None, raw=None, token=None, headers=None):
         """Send one request; return (status, headers, parsed JSON or bytes)."""
@@ -82,7 +86,7 @@ class Setup(ManagerSetup):
         response = _result(self.treq, d)
         content = _result(self.treq, self.treq.content(response))
         ctype = response.headers.getRawHeaders("content-type", [""])[0]
-        if ctype.startswith("application/json"):
+        if ctype.startswith("application/json") and content:  # HEAD has no body
             content = json.loads(content)
         return response.code, response.headers, content
 
@@ -554,6 +558,111 @@ def test_auth_post_refused_before_body():
     s = Setup(token=lambda: "s3cret")
     assert s.request("POST", "/api/extensions", ext_json())[0] == 401
     assert s.reactor.listening() == []
+
+
+#: A concrete value for each converter a route may use.
+_SAMPLE_ARGUMENTS = {"IntegerConverter": "1", "UnicodeConverter": str(uuid.UUID(int=1))}
+
+
+def every_request(app):
+    """
+    (method, concrete path) for every method of every rule of C{app}'s URL map, each
+    argument filled with a sample value of its converter's type.
+    """
+    for rule in app.url_map.iter_rules():
+        path = rule.rule
+        for name, converter in rule._converters.items():
+            sample = _SAMPLE_ARGUMENTS[type(converter).__name__]
+            path = re.sub(r"<(?:[a-z]+:)?{}>".format(name), sample, path)
+        assert "<" not in path, rule.rule
+        for method in sorted(rule.methods):
+            yield method, path
+
+
+def unprotected(api_class):
+    """
+    Every request to a route of C{api_class} answered without a 401 when a token is
+    configured and none is sent, each with a JSON body where it takes one.
+    """
+    s = Setup(token=lambda: "s3cret", api_class=api_class)
+    answered = []
+    for method, path in every_request(api_class.app):
+        body = ext_json() if method in ("POST", "PUT") else None
+        status = s.request(method, path, body)[0]
+        if status != 401:
+            answered.append((method, path, status))
+    return answered
+
+
+def test_auth_every_route_needs_the_token():
+    """
+    Walking every rule of the URL map, every method of every route is a 401 without the
+    token, except GET and HEAD /healthz.
+    """
+    open_ = [(m, p) for m, p, status in unprotected(Api)]
+    assert sorted(open_) == [("GET", "/healthz"), ("HEAD", "/healthz")]
+    assert len(list(every_request(Api.app))) > 15  # the walk did reach the routes
+
+
+def test_auth_walk_catches_an_open_route():
+    """
+    The walk above finds a route left open: here an API that lets /api/status through
+    without the token.
+    """
+
+    class Leaky(Api):
+        open_routes = Api.open_routes | {(b"GET", b"/api/status")}
+
+    open_ = [(m, p) for m, p, status in unprotected(Leaky)]
+    assert ("GET", "/api/status") in open_
+
+
+def test_auth_route_added_later_needs_the_token():
+    """
+    A route of a subclass's app, added after the API was built, needs the token like the
+    others: protection does not depend on how a route is written.
+    """
+
+    class Extended(Api):
+        app = Klein()
+
+    s = Setup(token=lambda: "s3cret", api_class=Extended)
+    Extended.app.route("/late", methods=["GET"])(lambda self, request: b"late")
+    assert s.request("GET", "/late")[0] == 401
+    assert s.request("GET", "/late", token="s3cret")[2] == b"late"
+
+
+def test_open_routes_exist():
+    """Every open (method, path) names a route the app serves, so the list stays tiny."""
+    served = {(m.encode(), p.encode()) for m, p in every_request(Api.app)}
+    assert Api.open_routes <= served
+    assert Api.open_routes == {(b"GET", b"/healthz"), (b"HEAD", b"/healthz")}
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_every_route_needs_the_token():
+    """
+    Over real TCP, through the L{ApiSite}: every method of every route answers 401 to an
+    anonymous request (with a JSON body where it takes one), but GET and HEAD /healthz.
+    """
+    setup = Setup(token=lambda: "s3cret")
+    factory = Tracking(setup.api.site())
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+    answers = {}
+    try:
+        for method, path in every_request(Api.app):
+            body = json.dumps(ext_json()).encode() if method in ("POST", "PUT") else b""
+            extra = {"content_type": "application/json"} if body else {}
+            client = await Served(port, setup).send(
+                raw_request(method, path, body, host="localhost", **extra)
+            )
+            answers[method, path] = int(client.received.split(b" ", 2)[1])
+    finally:
+        await factory.all_closed().addTimeout(5, reactor)
+        await port.stopListening()
+    open_ = {key: status for key, status in answers.items() if status != 401}
+    assert open_ == {("GET", "/healthz"): 200, ("HEAD", "/healthz"): 200}
+    assert created_nothing(setup)
 
 
 # ---------------------------------------------------------------- checks on the head

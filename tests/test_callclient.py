@@ -36,11 +36,10 @@ from audiosocket.callclient import (
     aggregate_summary,
     load_wav,
     options_for_calls,
-    parse_args,
-    parse_ports,
     place_call,
     place_calls,
 )
+from audiosocket.calltool import parse_args, parse_ports
 
 UUID = "0b7c3b52-9a5e-4c37-9d7a-0123456789ab"
 FRAME = 0.02

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_flow,tests.test_flow_voice,tests.test_privacy,tests.test_decision_tcp -*-
 """
 The doorman conversation, as coroutines over a L{Session}.
 
