@@ -918,11 +918,21 @@ class AmiDialer(Service):
         d = protocol.send_action("Hangup", [("Channel", channel.channel_id)])
 
         def answered(message: dict) -> None:
+            text = message.get("message", "no message")
             if message.get("response", "").lower() == "success":
                 self.log.info(
                     "AMI hung up channel {channel_id}: dial of leg {leg_uuid} cancelled",
                     channel_id=channel.channel_id,
                     leg_uuid=channel.leg_uuid,
+                )
+                self._drop(channel)
+            elif "no such channel" not in text.lower():
+                self.log.error(
+                    "AMI refused to hang up channel {channel_id} (leg {leg_uuid}): {message}; "
+                    "it rings until its timeout (the AMI user needs write = call for Hangup)",
+                    channel_id=channel.channel_id,
+                    leg_uuid=channel.leg_uuid,
+                    message=text,
                 )
                 self._drop(channel)
             elif channel.created:

@@ -995,3 +995,22 @@ async def test_ami_dialer_cancel_sends_hangup_to_the_scripted_asterisk(asterisk)
     assert hangup["Channel"] == fields["ChannelId"]
     peer.send(Response="Success", ActionID=hangup["ActionID"], Message="Channel Hungup")
     assert await done.addTimeout(TIMEOUT_S, reactor) is None
+
+
+def test_ami_dialer_hangup_refused_is_logged_as_an_error():
+    """
+    Asterisk refusing the Hangup (an AMI user without C{write = call}: C{Permission denied})
+    is logged as an error naming the fix; the cancel still fires None.
+    """
+    clock, dialer, protocol, transport, originate = originated_on_clock()
+    answer(protocol, Event="Newchannel", Uniqueid=originate["ChannelId"])
+    with capturedLogs() as events:
+        d = dialer.cancel(LEG_UUID)
+        [hangup] = written_actions(transport)
+        answer(protocol, Response="Error", ActionID=hangup["ActionID"],
+               Message="Permission denied")
+    assert d.called and d.result is None
+    text = log_text(events)
+    assert "AMI refused to hang up channel {}".format(originate["ChannelId"]) in text
+    assert "write = call" in text
+    assert [e for e in events if e["log_level"].name == "error"]
