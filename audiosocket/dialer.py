@@ -51,7 +51,8 @@ raises, and its Deferred never fails: problems are logged, never raised into the
     behind it: the resident's phone stops ringing. If C{cancel} comes before Asterisk has
     created the channel, the channel is hung up as soon as its C{Newchannel} event arrives.
     A channel whose C{OriginateResponse} reported a failure, or whose C{Hangup} event was
-    seen, is gone: nothing is sent for it.
+    seen, is gone: nothing is sent for it. C{Hangup} needs the AMI user's C{write = call}
+    (besides C{originate}); a refused one is logged as an error.
 
   - L{LogDialer} only logs the request, C{leg_uuid} included, so an operator can play the
     resident's leg by hand (C{audiosocket-call --port <return_port> --uuid <leg_uuid>}).
