@@ -27,8 +27,32 @@ Every kind receives the same L{DialRequest}, as this JSON object (L{DialRequest.
 A dialer only I{starts} the resident's call: its Deferred fires L{None} once the attempt is
 accepted (or answered, for AMI) and fails with L{DialFailed} as soon as the attempt is known to
 have failed. The resident's leg itself arrives later on the extension's return port carrying
-C{leg_uuid}; the flow waits for it with its own ring timeout and cancels the dial Deferred when
-it gives up.
+C{leg_uuid}; the flow waits for it with its own ring timeout.
+
+Cancel
+======
+
+Whenever an attempt ends without the resident's leg joining — its ring window passed, the
+dialer reported a failure, the visitor hung up while it rang, or the call ended for any other
+reason (maximum call time, an operator, shutdown) — the flow calls C{cancel(leg_uuid)}: the
+resident's phone must stop ringing (an answer would reach a return port that no longer accepts
+that C{leg_uuid}, and the resident would hear silence). C{cancel} is idempotent, may come after
+the attempt has failed or ended by itself (it is then a no-op, or a harmless repeat), never
+raises, and its Deferred never fails: problems are logged, never raised into the call.
+
+  - L{LogDialer} logs C{cancel dial: leg <leg_uuid> …}.
+  - L{HttpDialer} POSTs C{{"event": "cancel", "uuid": "<session>", "leg_uuid": "<leg>"}} to
+    the same URL (a 2xx status means done; anything else, or no answer within its timeout,
+    is logged), once, and only for a C{leg_uuid} it dialed in the last hour.
+  - L{AmiDialer} hangs up the channel it originated (AMI C{Hangup}, C{Channel=<its
+    uniqueid>}): it originates with a C{ChannelId} (and C{OtherChannelId}, for the second
+    half of a C{Local/…} channel) of its own, so it can name that channel from the start.
+    Hanging up the originated channel (C{Local/…;1}) ends the C{;2} half and the C{Dial()}
+    behind it: the resident's phone stops ringing. If C{cancel} comes before Asterisk has
+    created the channel, the channel is hung up as soon as its C{Newchannel} event arrives.
+    A channel whose C{OriginateResponse} reported a failure, or whose C{Hangup} event was
+    seen, is gone: nothing is sent for it. C{Hangup} needs the AMI user's C{write = call}
+    (besides C{originate}); a refused one is logged as an error.
 
   - L{LogDialer} only logs the request, C{leg_uuid} included, so an operator can play the
     resident's leg by hand (C{audiosocket-call --port <return_port> --uuid <leg_uuid>}).
@@ -37,7 +61,10 @@ it gives up.
   - L{AmiDialer} is an Asterisk Manager Interface client (L{AmiProtocol}) that logs in once,
     reconnects with backoff and sends C{Originate} with C{Channel=<dial>},
     C{Context=<configured>}, C{Exten=s}, C{Priority=1}, C{Async=true},
-    C{Timeout=<timeout_s in ms>}, C{CallerID=<return_extension>} and the channel variables
+    C{Timeout=<timeout_s in ms>}, C{CallerID=<return_extension>},
+    C{ChannelId=<a uniqueid of its own>}, C{OtherChannelId=<the same>-2} (neither derived
+    from C{leg_uuid}: a channel's uniqueid shows in CDRs and events, a credential must not)
+    and the channel variables
     C{AUDIOSOCKET_UUID=<leg_uuid>} (so a dialplan running
     C{AudioSocket(${AUDIOSOCKET_UUID},${AUDIOSOCKET_HOST})} needs no change),
     C{AUDIOSOCKET_HOST=<audiosocket>} and C{AUDIOSOCKET_SESSION=<uuid>} (correlation).
@@ -193,7 +220,17 @@ class IDialer(Interface):
 
         @return: a Deferred firing L{None} when the attempt is accepted or proceeding, or
             failing with L{DialFailed} as soon as it is known to have failed. Cancelling it
-            forgets the attempt and frees what it held.
+            forgets the attempt and frees what it held (it does I{not} stop the phone
+            ringing: L{cancel} does).
+        """
+
+    def cancel(leg_uuid: str) -> Deferred:
+        """
+        Stop the dial made with C{leg_uuid}: the resident's phone stops ringing (or an
+        answered call whose leg did not join is hung up). Idempotent; a C{leg_uuid} it does
+        not know (never dialed, already over, already cancelled) is a no-op.
+
+        @return: a Deferred firing L{None} once done; it never fails (errors are logged).
         """
 
 
@@ -213,6 +250,13 @@ class LogDialer:
             "the resident's leg connects to {audiosocket} with UUID {leg_uuid} "
             "(extension {extension_id}, ring {timeout_s} s)",
             **request.to_dict(),
+        )
+        return succeed(None)
+
+    def cancel(self, leg_uuid: str) -> Deferred:
+        self.log.info(
+            "cancel dial: leg {leg_uuid} is no longer expected (stop its call, if any)",
+            leg_uuid=leg_uuid,
         )
         return succeed(None)
 
@@ -248,8 +292,70 @@ class HttpDialer:
             pool = HTTPConnectionPool(reactor, persistent=False)
             treq_client = treq.client.HTTPClient(Agent(reactor, pool=pool))
         self._treq = treq_client
+        #: leg_uuid → (session uuid, reactor seconds until which a cancel is still sent).
+        self._dialed: dict[str, tuple[str, float]] = {}
+
+    #: How long after its dial a C{leg_uuid} can still be cancelled (the flow cancels within
+    #: the ring window; this only bounds what is remembered for dials never cancelled).
+    REMEMBER_S = 3600.0
 
     def dial(self, request: DialRequest) -> Deferred:
+        now = self._reactor.seconds()
+        self._forget_old(now)
+        self._dialed[request.leg_uuid] = (request.uuid, now + self.REMEMBER_S)
+        return self._dial(request)
+
+    def _forget_old(self, now: float) -> None:
+        for leg_uuid in [k for k, (_, until) in self._dialed.items() if until <= now]:
+            del self._dialed[leg_uuid]
+
+    def cancel(self, leg_uuid: str) -> Deferred:
+        self._forget_old(self._reactor.seconds())
+        entry = self._dialed.pop(leg_uuid, None)
+        if entry is None:
+            return succeed(None)  # never dialed here, or already cancelled
+        body = {"event": "cancel", "uuid": entry[0], "leg_uuid": leg_uuid}
+        timed_out = []
+        inner = Deferred.fromCoroutine(self._post_cancel(body))
+
+        def expire():
+            timed_out.append(True)
+            inner.cancel()
+
+        timer = self._reactor.callLater(self._timeout_s, expire)
+
+        def settle(result):
+            if timer.active():
+                timer.cancel()
+            if isinstance(result, Failure):
+                why = (
+                    "no answer within {} s".format(self._timeout_s)
+                    if timed_out
+                    else result.getErrorMessage() or repr(result.value)
+                )
+                self.log.warn(
+                    "webhook cancel of leg {leg_uuid} (session {uuid}) failed: {why}",
+                    leg_uuid=leg_uuid,
+                    uuid=entry[0],
+                    why=why,
+                )
+            return None
+
+        return inner.addBoth(settle)
+
+    async def _post_cancel(self, body: dict) -> None:
+        response = await self._treq.post(self._url, json=body)
+        await response.content()
+        if not 200 <= response.code < 300:
+            raise DialFailed("rejected", "webhook answered HTTP {}".format(response.code))
+        self.log.info(
+            "webhook cancelled leg {leg_uuid} of session {uuid} (HTTP {code})",
+            leg_uuid=body["leg_uuid"],
+            uuid=body["uuid"],
+            code=response.code,
+        )
+
+    def _dial(self, request: DialRequest) -> Deferred:
         # Cancelling an Agent request fails it with ResponseNeverReceived, not
         # CancelledError, so addTimeout cannot tell a timeout from the caller's cancel:
         # remember which one stopped the request.
@@ -458,6 +564,20 @@ class _Attempt:
     response: Deferred | None = None
 
 
+@attrs.define(eq=False, repr=False)
+class _Channel:
+    """An originated channel that L{AmiDialer.cancel} may have to hang up."""
+
+    leg_uuid: str
+    channel_id: str
+    action_id: str
+    #: reactor seconds after which it is forgotten (past any ring window).
+    until: float
+    #: Asterisk's Newchannel event for it was seen: it exists.
+    created: bool = False
+    cancelled: bool = False
+
+
 class _AmiFactory(Factory):
     def __init__(self, dialer: "AmiDialer"):
         self._dialer = dialer
@@ -523,6 +643,10 @@ class AmiDialer(Service):
         )
         self._protocol: AmiProtocol | None = None
         self._attempts: dict[str, _Attempt] = {}
+        #: Originated channels, by leg UUID, channel uniqueid and Originate ActionID.
+        self._channels: dict[str, _Channel] = {}
+        self._by_channel_id: dict[str, _Channel] = {}
+        self._by_action: dict[str, _Channel] = {}
         self._ready_waiters: list[Deferred] = []
         self._login_failures = 0
         self._stopping = False
@@ -568,6 +692,8 @@ class AmiDialer(Service):
     def stopService(self):
         super().stopService()
         self._stopping = True
+        for channel in list(self._channels.values()):
+            self._drop(channel)
         return self._client.stopService()
 
     # -- connection --------------------------------------------------------------------------
@@ -639,6 +765,9 @@ class AmiDialer(Service):
                 "unreachable",
                 "not connected to the Asterisk Manager at {}:{}".format(self.host, self.port),
             ))
+        # Our own uniqueid for the channel, so cancel() can name it from the start; random,
+        # not the leg UUID (a uniqueid shows in CDRs and AMI events; a credential must not).
+        channel_id = "audiosocket-{}".format(_uuid.uuid4().hex)
         headers = [
             ("Channel", request.dial),
             ("Context", self.context),
@@ -647,6 +776,8 @@ class AmiDialer(Service):
             ("Async", "true"),
             ("Timeout", str(int(round(request.timeout_s * 1000)))),
             ("CallerID", request.return_extension),
+            ("ChannelId", channel_id),
+            ("OtherChannelId", channel_id + "-2"),  # a Local channel's ;2 half
             # The dialplan's AudioSocket(${AUDIOSOCKET_UUID},...) presents this to the return
             # port: the dial's own leg UUID, never the visitor's session UUID.
             ("Variable", "AUDIOSOCKET_UUID={}".format(request.leg_uuid)),
@@ -665,6 +796,11 @@ class AmiDialer(Service):
             )
             return fail(DialFailed("rejected", "refused before sending: {}".format(e)))
         action_id = next(self._action_ids)
+        now = self._reactor.seconds()
+        self._forget_old(now)
+        self._remember(_Channel(
+            request.leg_uuid, channel_id, action_id, now + request.timeout_s + self.GRACE_S
+        ))
         result = Deferred(lambda _: self._forget(action_id))
         attempt = _Attempt(request, protocol, result)
         self._attempts[action_id] = attempt
@@ -680,9 +816,10 @@ class AmiDialer(Service):
             lambda failure: None,  # connection loss is handled by _lost
         )
         self.log.info(
-            "AMI originate {action_id}: {dial} for session {uuid} (leg {leg_uuid}), "
-            "back to {audiosocket}",
+            "AMI originate {action_id}: {dial} as channel {channel_id} for session {uuid} "
+            "(leg {leg_uuid}), back to {audiosocket}",
             action_id=action_id,
+            channel_id=channel_id,
             dial=request.dial,
             uuid=request.uuid,
             leg_uuid=request.leg_uuid,
@@ -693,6 +830,9 @@ class AmiDialer(Service):
     def _originate_answered(self, action_id: str, message: dict) -> None:
         if message.get("response", "").lower() == "success":
             return  # queued; the outcome comes as OriginateResponse
+        channel = self._by_action.get(action_id)
+        if channel is not None:
+            self._drop(channel)  # refused: no channel was made
         self._finish(
             action_id,
             DialFailed(
@@ -702,12 +842,33 @@ class AmiDialer(Service):
         )
 
     def _event(self, message: dict) -> None:
-        if message.get("event", "").lower() != "originateresponse":
+        name = message.get("event", "").lower()
+        if name == "newchannel":
+            channel = self._by_channel_id.get(message.get("uniqueid", ""))
+            if channel is not None:
+                channel.created = True
+                if channel.cancelled:
+                    # Cancelled before Asterisk had made it: hang it up now it exists.
+                    self._hangup(channel)
+            return
+        if name == "hangup":
+            channel = self._by_channel_id.get(message.get("uniqueid", ""))
+            if channel is not None:
+                self._drop(channel)  # gone: nothing left to cancel
+            return
+        if name != "originateresponse":
             return
         action_id = message.get("actionid", "")
+        answered = message.get("response", "").lower() == "success"
+        channel = self._by_action.get(action_id)
+        if channel is not None:
+            if not answered:
+                self._drop(channel)  # failed: the channel is gone (or never was)
+            elif channel.cancelled:
+                self._hangup(channel)  # answered after all: hang up what was cancelled
         if action_id not in self._attempts:
             return
-        if message.get("response", "").lower() == "success":
+        if answered:
             self._finish(action_id, None)
             return
         code = message.get("reason", "")
@@ -726,6 +887,91 @@ class AmiDialer(Service):
             if attempt.response is not None and not attempt.response.called:
                 attempt.response.cancel()
         return attempt
+
+    # -- cancelling --------------------------------------------------------------------------
+
+    def cancel(self, leg_uuid: str) -> Deferred:
+        """
+        Hang up the channel originated for C{leg_uuid} (see the module docstring). Fires
+        L{None} once Asterisk has answered the C{Hangup} (or at once when there is nothing
+        to hang up); never fails.
+        """
+        self._forget_old(self._reactor.seconds())
+        channel = self._channels.get(leg_uuid)
+        if channel is None or channel.cancelled:
+            return succeed(None)  # unknown, over, or already cancelled
+        channel.cancelled = True
+        return self._hangup(channel)
+
+    def _hangup(self, channel: _Channel) -> Deferred:
+        protocol = self._protocol
+        if protocol is None:
+            self.log.warn(
+                "cannot hang up channel {channel_id} (leg {leg_uuid}): not connected to the "
+                "Asterisk Manager at {host}:{port}; it rings until its timeout",
+                channel_id=channel.channel_id,
+                leg_uuid=channel.leg_uuid,
+                host=self.host,
+                port=self.port,
+            )
+            self._drop(channel)
+            return succeed(None)
+        d = protocol.send_action("Hangup", [("Channel", channel.channel_id)])
+
+        def answered(message: dict) -> None:
+            text = message.get("message", "no message")
+            if message.get("response", "").lower() == "success":
+                self.log.info(
+                    "AMI hung up channel {channel_id}: dial of leg {leg_uuid} cancelled",
+                    channel_id=channel.channel_id,
+                    leg_uuid=channel.leg_uuid,
+                )
+                self._drop(channel)
+            elif "no such channel" not in text.lower():
+                self.log.error(
+                    "AMI refused to hang up channel {channel_id} (leg {leg_uuid}): {message}; "
+                    "it rings until its timeout (the AMI user needs write = call for Hangup)",
+                    channel_id=channel.channel_id,
+                    leg_uuid=channel.leg_uuid,
+                    message=text,
+                )
+                self._drop(channel)
+            elif channel.created:
+                self._drop(channel)  # it existed, and no longer does: gone by itself
+            else:
+                # Not made yet (the Originate runs in its own thread): hung up on Newchannel.
+                self.log.info(
+                    "AMI channel {channel_id} (leg {leg_uuid}) does not exist yet; it is hung "
+                    "up when Asterisk creates it",
+                    channel_id=channel.channel_id,
+                    leg_uuid=channel.leg_uuid,
+                )
+
+        def failed(failure: Failure) -> None:
+            self.log.warn(
+                "AMI hangup of channel {channel_id} (leg {leg_uuid}) failed: {why}",
+                channel_id=channel.channel_id,
+                leg_uuid=channel.leg_uuid,
+                why=failure.getErrorMessage(),
+            )
+            self._drop(channel)
+
+        return d.addCallbacks(answered, failed)
+
+    def _remember(self, channel: _Channel) -> None:
+        self._channels[channel.leg_uuid] = channel
+        self._by_channel_id[channel.channel_id] = channel
+        self._by_action[channel.action_id] = channel
+
+    def _drop(self, channel: _Channel) -> None:
+        if self._channels.get(channel.leg_uuid) is channel:
+            del self._channels[channel.leg_uuid]
+        self._by_channel_id.pop(channel.channel_id, None)
+        self._by_action.pop(channel.action_id, None)
+
+    def _forget_old(self, now: float) -> None:
+        for channel in [c for c in self._channels.values() if c.until <= now]:
+            self._drop(channel)
 
     def _finish(self, action_id: str, outcome: DialFailed | None) -> None:
         attempt = self._forget(action_id)

@@ -461,20 +461,52 @@ class DoormanService(MultiService):
     def stopService(self):
         return defer.Deferred.fromCoroutine(self._stop())
 
+    #: Shutdown: how long the calls in progress get to say goodbye and have their records
+    #: written before their connections are cut.
+    SHUTDOWN_CALLS_S = 10.0
+    #: ... and how long, after the cut, their records still get before the store stops.
+    SHUTDOWN_RECORDS_S = 5.0
+
     async def _stop(self) -> None:
+        """
+        Shutdown order: the API stops listening; every call is ended (goodbye, hangup) and
+        its record written (L{SessionRegistry.hangup_all}), bounded by L{SHUTDOWN_CALLS_S};
+        calls still open then are cut and get L{SHUTDOWN_RECORDS_S} more for their records;
+        only then do the children stop (the store last of all, L{MultiService} stops them
+        in reverse order): a call ended by the shutdown never finds the store stopped.
+        """
         if self.api_port is not None:
             port, self.api_port = self.api_port, None
             await defer.maybeDeferred(port.stopListening)
         self.control.stop()
-        if len(self.registry):
-            ending = self.registry.hangup_all()
-            ending.addTimeout(10, self._reactor)
-            try:
-                await ending
-            except defer.TimeoutError:
-                self.log.warn("calls still open at shutdown after 10 s; closing them")
+        if not await self._end_calls(self.SHUTDOWN_CALLS_S):
+            self.log.warn(
+                "{n} call(s) still open at shutdown after {s} s; closing them",
+                n=len(self.registry),
+                s=self.SHUTDOWN_CALLS_S,
+            )
+            for session in list(self.registry.sessions.values()):
+                for leg in session.legs():
+                    if not leg.closed and leg.transport is not None:
+                        leg.transport.abortConnection()
+            if not await self._end_calls(self.SHUTDOWN_RECORDS_S):
+                self.log.error(
+                    "{n} call(s) did not end within {s} s of being cut at shutdown",
+                    n=len(self.registry),
+                    s=self.SHUTDOWN_RECORDS_S,
+                )
         await super().stopService()
         await self.http_pool.closeCachedConnections()
+
+    async def _end_calls(self, timeout_s: float) -> bool:
+        """End every call and wait for their records; C{False} if C{timeout_s} passed first."""
+        ending = self.registry.hangup_all()
+        ending.addTimeout(timeout_s, self._reactor)
+        try:
+            await ending
+        except defer.TimeoutError:
+            return False
+        return True
 
     # ------------------------------------------------------------ SIGHUP
 

@@ -388,6 +388,10 @@ class SessionRegistry:
         self.leg_uuids: dict[_uuid.UUID, tuple[Session, float]] = {}
         self.finished = 0
         self.turned_away = 0
+        #: Ended sessions whose observers' Deferreds (record writes) have not fired yet.
+        self._settling: set[defer.Deferred] = set()
+        #: session → Deferreds firing once it has ended and its observers are done.
+        self._settle_waiters: dict[Session, list[defer.Deferred]] = {}
 
     def add_observer(self, on_end: Callable[[Session], Any]) -> None:
         self._on_end.append(on_end)
@@ -552,6 +556,7 @@ class SessionRegistry:
             outcome=session.outcome,
             total_s=session.timings()["total_s"],
         )
+        pending = []
         for observer in self._on_end:
             try:
                 d = observer(session)
@@ -559,8 +564,21 @@ class SessionRegistry:
                     d.addErrback(
                         lambda f: self.log.failure("call record for {uuid}", f, uuid=str(session.uuid))
                     )
+                    pending.append(d)
             except Exception:
                 self.log.failure("observer failed for call {uuid}", uuid=str(session.uuid))
+        # Settled once every observer's work (the call record's write) is done.
+        waiters = self._settle_waiters.pop(session, [])
+        settled = defer.gatherResults(pending, consumeErrors=True)
+        self._settling.add(settled)
+
+        def done(_):
+            self._settling.discard(settled)
+            for w in waiters:
+                if not w.called:
+                    w.callback(None)
+
+        settled.addBoth(done)
         return None
 
     # ------------------------------------------------------------ API
@@ -593,9 +611,19 @@ class SessionRegistry:
         return d
 
     def hangup_all(self) -> defer.Deferred:
-        """Shutdown: end every call cleanly and wait for them."""
+        """
+        Shutdown: end every call cleanly and wait for them I{and} for what their end
+        started (every C{on_end} observer's Deferred: the call record's write), so the
+        store may be stopped once this fires. Cancelling it only stops the wait.
+        """
         waits = []
         for session in list(self.sessions.values()):
-            waits.append(session.when_ended())
+            w = defer.Deferred()
+            self._settle_waiters.setdefault(session, []).append(w)
+            waits.append(w)
             session.end("shutdown")
+        for settling in list(self._settling):
+            w = defer.Deferred()
+            settling.addBoth(lambda result, w=w: (None if w.called else w.callback(None), result)[1])
+            waits.append(w)
         return defer.gatherResults(waits, consumeErrors=True)

@@ -87,6 +87,11 @@ class ScriptedDialer:
         self.requests = []
         self.script = []  # per attempt: None (accept) or a DialFailed
         self.on_dial = None
+        self.cancels = []  # the leg UUIDs cancelled, in order
+
+    def cancel(self, leg_uuid):
+        self.cancels.append(leg_uuid)
+        return defer.succeed(None)
 
     def dial(self, request):
         self.requests.append(request)

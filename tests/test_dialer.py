@@ -627,6 +627,8 @@ async def test_ami_dialer_sends_every_originate_field(asterisk):
     dialer, d, _, action = await originate(asterisk, timeout_s=25.5)
     fields = dict(action)
     assert fields["Action"] == "Originate"
+    # Its own channel uniqueid (for cancel), never the leg UUID (a credential).
+    assert LEG_UUID not in fields["ChannelId"] and UUID not in fields["ChannelId"]
     assert fields["ActionID"]
     assert [(k, v) for k, v in action if k not in ("Action", "ActionID")] == [
         ("Channel", "PJSIP/501"),
@@ -636,6 +638,8 @@ async def test_ami_dialer_sends_every_originate_field(asterisk):
         ("Async", "true"),
         ("Timeout", "25500"),
         ("CallerID", "1002"),
+        ("ChannelId", fields["ChannelId"]),
+        ("OtherChannelId", fields["ChannelId"] + "-2"),
         ("Variable", "AUDIOSOCKET_UUID=" + LEG_UUID),
         ("Variable", "AUDIOSOCKET_HOST=127.0.0.1:8081"),
         ("Variable", "AUDIOSOCKET_SESSION=" + UUID),
@@ -795,3 +799,218 @@ def test_make_dialer_ami_without_secret_names_the_variable():
     """A missing AMI secret is an error naming the environment variable."""
     with pytest.raises(ValueError, match="AMI_SECRET is not set"):
         make_dialer(DialerConfig(kind="ami"), {}.get)
+
+
+# -- cancel ------------------------------------------------------------------------------------
+
+
+def test_log_dialer_logs_the_cancel():
+    """The log dialer's cancel logs the leg UUID and fires None."""
+    with capturedLogs() as events:
+        d = LogDialer().cancel(LEG_UUID)
+    assert d.called and d.result is None
+    assert "cancel dial: leg {}".format(LEG_UUID) in log_text(events)
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_dialer_cancel_posts_the_cancel_event_once(webhook_server):
+    """
+    Cancelling a dialed leg POSTs C{{"event": "cancel", "uuid", "leg_uuid"}} to the same URL;
+    a second cancel, and a cancel of a leg never dialed, POST nothing.
+    """
+    webhook = Webhook(code=200)
+    site, url = await webhook_server(webhook)
+    dialer = HttpDialer(url)
+    await dialer.dial(request()).addTimeout(TIMEOUT_S, reactor)
+    assert await dialer.cancel(LEG_UUID).addTimeout(TIMEOUT_S, reactor) is None
+    assert await dialer.cancel(LEG_UUID).addTimeout(TIMEOUT_S, reactor) is None
+    assert await dialer.cancel(UUID).addTimeout(TIMEOUT_S, reactor) is None
+    dial, cancel_body = [json.loads(b) for b in webhook.bodies]
+    assert cancel_body == {"event": "cancel", "uuid": UUID, "leg_uuid": LEG_UUID}
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_dialer_cancel_failure_is_logged_never_raised(webhook_server):
+    """A webhook answering the cancel with HTTP 500 is logged; the cancel fires None."""
+    webhook = Webhook(code=500)
+    site, url = await webhook_server(webhook)
+    dialer = HttpDialer(url)
+    await dial_failure(dialer.dial(request()))  # the webhook failed the dial; cancel anyway
+    with capturedLogs() as events:
+        assert await dialer.cancel(LEG_UUID).addTimeout(TIMEOUT_S, reactor) is None
+    assert len(webhook.bodies) == 2
+    assert "webhook cancel of leg {} (session {}) failed".format(LEG_UUID, UUID) in log_text(
+        events
+    )
+
+
+def originated_on_clock(**kw):
+    """A dial sent on L{logged_in_on_clock}; returns its parts and the Originate's fields."""
+    clock, dialer, protocol, transport = logged_in_on_clock()
+    results = []
+    dialer.dial(request(**kw)).addBoth(results.append)
+    fields = written_actions(transport)[-1]
+    transport.clear()
+    return clock, dialer, protocol, transport, fields
+
+
+def written_actions(transport) -> list[dict]:
+    """The actions written on C{transport}, as dicts of their headers."""
+    blocks = transport.value().decode().split("\r\n\r\n")
+    return [
+        dict(line.split(": ", 1) for line in block.split("\r\n"))
+        for block in blocks if block
+    ]
+
+
+def answer(protocol, **headers):
+    protocol.dataReceived(
+        "".join("{}: {}\r\n".format(k, v) for k, v in headers.items()).encode() + b"\r\n"
+    )
+
+
+def test_ami_dialer_cancel_hangs_up_the_originated_channel_once():
+    """
+    Cancel while it rings: a C{Hangup} naming the Originate's own C{ChannelId} (the channel
+    Asterisk made for it) is sent; once Asterisk confirms, a second cancel sends nothing.
+    """
+    clock, dialer, protocol, transport, originate = originated_on_clock()
+    channel_id = originate["ChannelId"]
+    answer(protocol, Event="Newchannel", Channel="Local/501@phones-00000001;1",
+           Uniqueid=channel_id)
+    d = dialer.cancel(LEG_UUID)
+    [hangup] = written_actions(transport)
+    assert hangup["Action"] == "Hangup" and hangup["Channel"] == channel_id
+    assert not d.called
+    answer(protocol, Response="Success", ActionID=hangup["ActionID"], Message="Channel Hungup")
+    assert d.called and d.result is None
+    transport.clear()
+    assert dialer.cancel(LEG_UUID).called
+    assert transport.value() == b""
+
+
+def test_ami_dialer_cancel_before_the_channel_exists_hangs_it_up_once_created():
+    """
+    Cancel before Asterisk created the channel (C{No such channel}): the Hangup is sent
+    again when its C{Newchannel} event arrives.
+    """
+    clock, dialer, protocol, transport, originate = originated_on_clock()
+    channel_id = originate["ChannelId"]
+    dialer.cancel(LEG_UUID)
+    [first] = written_actions(transport)
+    transport.clear()
+    answer(protocol, Response="Error", ActionID=first["ActionID"], Message="No such channel")
+    assert transport.value() == b""
+    answer(protocol, Event="Newchannel", Channel="PJSIP/501-00000002", Uniqueid="other")
+    assert transport.value() == b""
+    answer(protocol, Event="Newchannel", Channel="PJSIP/501-00000003", Uniqueid=channel_id)
+    [second] = written_actions(transport)
+    assert second["Action"] == "Hangup" and second["Channel"] == channel_id
+
+
+def test_ami_dialer_cancel_after_the_originate_failed_sends_nothing():
+    """A channel whose OriginateResponse reported a failure is gone: cancel is a no-op."""
+    clock, dialer, protocol, transport, originate = originated_on_clock()
+    answer(protocol, Event="OriginateResponse", ActionID=originate["ActionID"],
+           Response="Failure", Reason="3")
+    d = dialer.cancel(LEG_UUID)
+    assert d.called and d.result is None
+    assert transport.value() == b""
+    assert clock.getDelayedCalls() == []
+
+
+def test_ami_dialer_cancel_of_an_answered_call_hangs_it_up():
+    """
+    Answered (OriginateResponse Success) but its leg never joined: cancel hangs it up.
+    After the channel's own Hangup event, a cancel sends nothing.
+    """
+    clock, dialer, protocol, transport, originate = originated_on_clock()
+    channel_id = originate["ChannelId"]
+    answer(protocol, Event="Newchannel", Uniqueid=channel_id)
+    answer(protocol, Event="OriginateResponse", ActionID=originate["ActionID"],
+           Response="Success", Reason="4", Uniqueid=channel_id)
+    dialer.cancel(LEG_UUID)
+    [hangup] = written_actions(transport)
+    assert hangup["Action"] == "Hangup" and hangup["Channel"] == channel_id
+    # Another dial, whose channel hangs up by itself: nothing left to cancel.
+    transport.clear()
+    dialer.dial(request(leg_uuid="11111111-2222-4333-8444-555555555555"))
+    other = written_actions(transport)[-1]
+    answer(protocol, Event="Hangup", Uniqueid=other["ChannelId"], Cause="16")
+    transport.clear()
+    assert dialer.cancel("11111111-2222-4333-8444-555555555555").called
+    assert transport.value() == b""
+
+
+def test_ami_dialer_cancel_after_the_dial_deferred_was_cancelled_still_hangs_up():
+    """
+    The flow first cancels the dial's Deferred (forgetting the attempt), then cancels the
+    dial: the Hangup is still sent, and a late OriginateResponse is harmless.
+    """
+    clock, dialer, protocol, transport = logged_in_on_clock()
+    d = dialer.dial(request())
+    d.addErrback(lambda f: f.trap(defer.CancelledError))
+    originate = written_actions(transport)[-1]
+    transport.clear()
+    d.cancel()
+    assert dialer.pending == 0 and clock.getDelayedCalls() == []
+    answer(protocol, Event="Newchannel", Uniqueid=originate["ChannelId"])
+    dialer.cancel(LEG_UUID)
+    [hangup] = written_actions(transport)
+    assert hangup["Channel"] == originate["ChannelId"]
+    answer(protocol, Event="OriginateResponse", ActionID=originate["ActionID"],
+           Response="Failure", Reason="1")
+    assert dialer.pending == 0
+
+
+def test_ami_dialer_cancel_unknown_or_disconnected_never_fails():
+    """An unknown leg is a no-op; with the AMI connection gone the cancel is logged."""
+    clock, dialer, protocol, transport, originate = originated_on_clock()
+    assert dialer.cancel(UUID).called
+    assert transport.value() == b""
+    protocol.connectionLost(Failure(ConnectionDone()))
+    with capturedLogs() as events:
+        d = dialer.cancel(LEG_UUID)
+    assert d.called and d.result is None
+    assert "cannot hang up channel {}".format(originate["ChannelId"]) in log_text(events)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ami_dialer_cancel_sends_hangup_to_the_scripted_asterisk(asterisk):
+    """
+    Against a scripted Asterisk Manager on real TCP: after the Originate, cancel sends
+    C{Action: Hangup} with C{Channel} = the Originate's C{ChannelId}, and fires once
+    Asterisk answers it.
+    """
+    dialer, d, peer, action = await originate(asterisk)
+    fields = dict(action)
+    peer.send(Response="Success", ActionID=fields["ActionID"], Message="queued")
+    peer.send(Event="Newchannel", Channel="PJSIP/501-00000001", Uniqueid=fields["ChannelId"])
+    await cancel(d)
+    done = dialer.cancel(LEG_UUID)
+    peer2, hangup = await get(peer.factory.actions)
+    assert peer2 is peer
+    hangup = dict(hangup)
+    assert hangup["Action"] == "Hangup"
+    assert hangup["Channel"] == fields["ChannelId"]
+    peer.send(Response="Success", ActionID=hangup["ActionID"], Message="Channel Hungup")
+    assert await done.addTimeout(TIMEOUT_S, reactor) is None
+
+
+def test_ami_dialer_hangup_refused_is_logged_as_an_error():
+    """
+    Asterisk refusing the Hangup (an AMI user without C{write = call}: C{Permission denied})
+    is logged as an error naming the fix; the cancel still fires None.
+    """
+    clock, dialer, protocol, transport, originate = originated_on_clock()
+    answer(protocol, Event="Newchannel", Uniqueid=originate["ChannelId"])
+    with capturedLogs() as events:
+        d = dialer.cancel(LEG_UUID)
+        [hangup] = written_actions(transport)
+        answer(protocol, Response="Error", ActionID=hangup["ActionID"],
+               Message="Permission denied")
+    assert d.called and d.result is None
+    text = log_text(events)
+    assert "AMI refused to hang up channel {}".format(originate["ChannelId"]) in text
+    assert "write = call" in text
+    assert [e for e in events if e["log_level"].name == "error"]

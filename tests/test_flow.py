@@ -609,3 +609,74 @@ def test_hangup_during_goodbye_lets_it_play_out(bench):
     assert record["outcome"] == "authorized" and record["ended_by"] == "server"
     assert bench.heard(resident, "resident_authorized")
     assert visitor.hangup_after_audio and resident.hangup_after_audio
+
+
+def test_visitor_hanging_up_while_ringing_cancels_the_dial(bench):
+    """
+    The visitor leaving while the resident's phone rings makes the flow cancel that dial by
+    its leg UUID (so the PBX stops ringing), once.
+    """
+    visitor = start_call(bench)
+    bench.until(lambda: bench.dialer.requests)
+    (request,) = bench.dialer.requests
+    assert bench.dialer.cancels == []
+    visitor.drop()
+    bench.until(bench.ended, max_s=5)
+    assert bench.dialer.cancels == [request.leg_uuid]
+
+
+def test_an_attempt_timing_out_is_cancelled_before_the_next(bench):
+    """
+    Attempt 1's ring window passes: its dial is cancelled before attempt 2 is dialed, and
+    attempt 2's when it passes too.
+    """
+    cancelled_at_dial = []
+    bench.dialer.on_dial = lambda request: cancelled_at_dial.append(list(bench.dialer.cancels))
+    start_call(bench)
+    bench.until(bench.ended, max_s=120)
+    first, second = bench.dialer.requests
+    assert cancelled_at_dial == [[], [first.leg_uuid]]
+    assert bench.dialer.cancels == [first.leg_uuid, second.leg_uuid]
+
+
+def test_a_failed_attempt_is_cancelled_too(bench):
+    """A dial the dialer reported busy is cancelled all the same (cancel is idempotent)."""
+    bench.dialer.script = [DialFailed("busy", "line busy"), DialFailed("busy", "line busy")]
+    start_call(bench)
+    bench.until(bench.ended, max_s=30)
+    assert bench.dialer.cancels == [r.leg_uuid for r in bench.dialer.requests]
+
+
+def test_the_attempt_the_resident_joins_is_not_cancelled(bench):
+    """The dial whose leg joined is never cancelled, during the call or after it."""
+    visitor = start_call(bench)
+    resident = answer(bench, visitor)
+    bench.until(lambda: bench.asked(resident, "ask_decision_keypad"))
+    resident.press("1")
+    bench.until(bench.ended)
+    assert bench.records[0]["outcome"] == "authorized"
+    assert bench.dialer.cancels == []
+
+
+def test_call_ended_from_outside_while_ringing_cancels_the_dial(bench):
+    """Max call time passing while it rings cancels the outstanding dial."""
+    bench.registry.max_call_s = 20
+    start_call(bench)
+    bench.until(bench.ended, max_s=60)
+    assert bench.records[0]["ended_by"] == "max_call"
+    assert bench.dialer.cancels == [bench.dialer.requests[-1].leg_uuid]
+
+
+def test_a_dialer_cancel_that_fails_does_not_fail_the_call(bench):
+    """A dialer whose cancel raises is logged; the call still ends as it would."""
+
+    def broken(leg_uuid):
+        raise RuntimeError("PBX gone")
+
+    bench.dialer.cancel = broken
+    visitor = start_call(bench)
+    bench.until(lambda: bench.dialer.requests)
+    visitor.drop()
+    bench.until(bench.ended, max_s=5)
+    assert bench.records[0]["outcome"] == "abandoned"
+    assert bench.leftovers() == []

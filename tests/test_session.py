@@ -284,3 +284,42 @@ def test_the_dial_names_an_ipv6_host_in_brackets(bench):
     bench.ai = bench._factory(VISITOR)
     dialed(bench)
     assert bench.dialer.requests[0].audiosocket == "[2001:db8::5]:8201"
+
+
+def test_hangup_all_waits_for_the_records_of_the_calls_it_ends():
+    """
+    Shutdown's wait fires only once the calls have ended I{and} their C{on_end} observer's
+    Deferred (the call record's write) has fired: the store may be stopped only then.
+    """
+    clock = Clock()
+    writes = []
+
+    def record(session):
+        d = defer.Deferred()
+        writes.append(d)
+        return d
+
+    flow = defer.Deferred()
+    registry = SessionRegistry(
+        reactor=clock, run_flow=lambda s: flow, run_busy=lambda s: flow, on_end=record
+    )
+    registry.on_leg(FakeExtensionService(EXTENSION), _Visitor(uuid.uuid4()))
+    (session,) = registry.sessions.values()
+    done = registry.hangup_all()
+    assert session.ended_by == "shutdown"
+    assert flow.called and len(registry) == 0  # the flow was cancelled: the call ended
+    assert len(writes) == 1 and not done.called  # ... but its record is still being written
+    writes[0].callback(None)
+    assert done.called
+    assert clock.getDelayedCalls() == []
+
+
+class _Visitor:
+    """Just enough of a visitor's leg for the registry to start a session."""
+
+    role = "visitor"
+    closed = False
+
+    def __init__(self, leg_uuid):
+        self.uuid = leg_uuid
+

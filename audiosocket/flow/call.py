@@ -474,7 +474,9 @@ class _Call:
         C{wait_message_interval_s} until the resident's leg joins, the dialer reports a
         failure, or the ring window (C{ring_timeout_s} plus L{S.RESIDENT_GRACE_S} for the
         connect and handshake) passes. However the attempt ends, its leg UUID is revoked: a
-        late answer to it is refused (see L{audiosocket.session}).
+        late answer to it is refused (see L{audiosocket.session}); and unless its leg joined,
+        the dialer is told to cancel that dial (the phone stops ringing) — also when the
+        attempt ends because the visitor hung up or the call was ended from outside.
 
         @return: the resident's leg, or C{None}.
         @raise LegGone: the visitor hung up meanwhile.
@@ -527,6 +529,34 @@ class _Call:
             race.cancel()
             # Strict: this attempt's leg UUID is good for this attempt only.
             session.stop_expecting(leg_uuid)
+            if session.resident_leg_uuid != leg_uuid:
+                self._cancel_dial(attempt, leg_uuid)
+
+    def _cancel_dial(self, attempt: int, leg_uuid: _uuid.UUID) -> None:
+        """
+        Tell the dialer this attempt's leg is no longer expected, so the resident's phone
+        stops ringing. Never waited for and never fails the call (a dialer's cancel is
+        idempotent and its errors are only logged).
+        """
+        cancel = getattr(self.flow._dialer, "cancel", None)
+        if cancel is None:
+            return
+        self.log.info(
+            "call {uuid}: attempt {attempt} over without the resident; cancelling the dial "
+            "of leg {leg_uuid}",
+            **self.fields,
+            attempt=attempt,
+            leg_uuid=str(leg_uuid),
+        )
+        d = defer.maybeDeferred(cancel, str(leg_uuid))
+        d.addErrback(
+            lambda f: self.log.failure(
+                "call {uuid}: cancelling the dial of leg {leg_uuid} failed",
+                f,
+                **self.fields,
+                leg_uuid=str(leg_uuid),
+            )
+        )
 
     def _dial_failed(self, attempt: int, reason: str, message: str) -> None:
         self.session.dial_failures.append({"attempt": attempt, "reason": reason})

@@ -178,9 +178,11 @@ async def test_resident_hangs_up_before_deciding(rig):
 @pytest_twisted.ensureDeferred
 async def test_visitor_hangs_up_while_it_rings(rig):
     """
-    The visitor hangs up while the resident's phone rings (it answers 2 s after ringing
-    starts): the call is recorded as abandoned by the visitor, and the resident who answers
-    late is not left on an open line: the PBX hangs the phone up.
+    The visitor hangs up while the resident's phone rings (it would answer 2 s after ringing
+    starts): the call is recorded as abandoned by the visitor, and the server cancels the
+    dial: the AMI dialer hangs up the channel it originated, so every channel of that dial
+    (the Local pair ringing the phone) is soon gone from Asterisk, the phone never answers
+    and no resident leg ever reaches the server.
     """
     ai, ret = free_ports(2)
     await rig.start([extension(1, "1001", ai, ret)])
@@ -195,13 +197,19 @@ async def test_visitor_hangs_up_while_it_rings(rig):
     (record,) = await rig.records(1)
     assert record["outcome"] == "abandoned"
     assert record["ended_by"] == "visitor"
-    # The originated call still completes in Asterisk; the late resident leg is hung up.
-    await ended(resident)
-    assert resident.hung_up_by == "pbx"
-    # What really happens: Asterisk does not cancel the ringing call; the server refuses the
-    # late leg (one refusal), so the resident answers to silence and the PBX hangs up.
-    assert sum(rig.svc.manager.refused.values()) == 1
-    assert not any(resident.loud)
+    # Asterisk's own view (core show channels, over AMI): the dial's channels are gone. Had
+    # the ringing gone on, they would only go once the phone had answered (and its leg been
+    # refused by the server).
+    for _ in range(int(EVENT_S / 0.1)):
+        if not [c for c in await rig.channels() if "901@pbx-phones" in c]:
+            break
+        await deferLater(reactor, 0.1, lambda: None)
+    else:
+        raise AssertionError("the ringing dial's channels are still in Asterisk")
+    assert resident.channel is None  # the phone never answered: nothing Dial()ed it
+    assert not [c for c in await rig.channels() if c.startswith(resident.prefix)]
+    assert sum(rig.svc.manager.refused.values()) == 0  # no resident leg reached the server
+    assert rig.svc.dialer.pending == 0
     assert rig.audiosocket_problems() == []
 
 

@@ -1,0 +1,59 @@
+"""
+Stopping the real service (L{makeService} on 127.0.0.1, a real redis-server) while a call is
+in progress: the call is ended and its record written before the store stops.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+
+from audiosocket.callclient import CallOptions, place_call
+from audiosocket.store import RedisStore
+
+from test_service import config_for, free_ports, started
+
+
+async def until(predicate, seconds=20.0):
+    """Poll the reactor until C{predicate()} is true; fail after C{seconds}."""
+    deadline = reactor.seconds() + seconds
+    while not predicate():
+        assert reactor.seconds() < deadline, "condition not reached in {} s".format(seconds)
+        await task.deferLater(reactor, 0.02, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_during_a_call_saves_its_record(redis_server, tmp_path):
+    """
+    A visitor is on the line when the service is stopped: the call ends (the visitor gets
+    the hangup) and, once C{stopService} has fired, its record is in Redis, as read by a
+    fresh store; nothing is left waiting for a retry.
+    """
+    ai, ret = free_ports(2)
+    svc = await started(config_for(redis_server.path, tmp_path, ai, ret))
+    call_uuid = str(uuid.uuid4())
+    call = defer.Deferred.fromCoroutine(
+        place_call(
+            CallOptions(host="127.0.0.1", port=ai, uuid=call_uuid, hangup_after=60), reactor
+        )
+    )
+    try:
+        await until(lambda: svc.registry.active() == 1)
+    finally:
+        await defer.maybeDeferred(svc.stopService).addTimeout(30, reactor)
+    report = await call.addTimeout(30, reactor)
+    assert report.hung_up_by == "server"
+    assert not svc.records.unsaved
+
+    fresh = RedisStore(redis_server.path, timeout_s=2.0, reconnect_max_s=0.2)
+    fresh.startService()
+    try:
+        await fresh.whenSubscribed().addTimeout(10, reactor)
+        records = await fresh.recent_calls(10)
+    finally:
+        await fresh.stopService()
+        await task.deferLater(reactor, 0.05, lambda: None)
+    assert [r["uuid"] for r in records] == [call_uuid]
+    assert records[0]["ended_by"] == "shutdown"
