@@ -347,6 +347,8 @@ _INTENT_CUES: dict[str, list[tuple[int, tuple[str, ...]]]] = {
     )] + [(2, p) for p in _phrases(
         "vim ver", "vim falar com", "me esperando", "me aguardando", "esta esperando",
         "ta esperando", "combinei com", "convidad*", "me chamou", "me convidou", "vim buscar",
+        "vim pegar", "esqueci", "perdi a chave", "perdi minha chave", "perdi o cartao",
+        "sou morador*", "moro no", "moro na", "moro aqui",
     )] + [(1, p) for p in _phrases(
         "falar com", "amig*", "parente*", "mae", "pai", "irmao", "irma", "namorad*", "filho",
         "filha", "tio", "tia", "primo", "prima", "avo", "sogro", "sogra", "cunhad*",
@@ -440,6 +442,8 @@ _NOT_NAMES = frozenset(
     + _ROLES
 )
 
+
+_RELATIONS = frozenset(_KINSHIP + _ROLES)
 
 # Kinship words that are also surnames after a first name: "José Carlos Filho", "João Neto".
 _KIN_SURNAMES = frozenset({"filho", "neto", "sobrinho", "junior"})
@@ -568,12 +572,34 @@ _OPENING_FILLERS = frozenset(
 )
 
 
+# "sou o pai dele, Roberto": a relation to someone already named, then the visitor's name.
+_OF_HIM = frozenset({"dele", "dela", "deles", "delas"})
+
+
+def _name_after_relation(tokens: Sequence[_Token], i: int) -> _Name | None:
+    """
+    After "sou" at C{i - 1}: "o pai dele, Roberto" gives "Roberto" (never "o irmão do
+    Felipe", where the name is the resident's).
+    """
+    n = len(tokens)
+    if i < n and tokens[i].word in _ARTICLES:
+        i += 1
+    if not (i + 1 < n and tokens[i].word in _RELATIONS and tokens[i + 1].word in _OF_HIM):
+        return None
+    i += 2
+    while i < n and tokens[i].word in {",", "-", "o", "a", "eu", "sou"}:
+        i += 1
+    return _take_name(tokens, i)
+
+
 def _visitor_name(tokens: Sequence[_Token]) -> _Name | None:
     for i, token in enumerate(tokens):
         if not token.is_word:
             continue
         for cue, _ in _VISITOR_CUES.at(tokens, i):
             name = _take_name(tokens, i + len(cue))
+            if name is None and cue == ("sou",):
+                name = _name_after_relation(tokens, i + 1)
             if name is not None:
                 return name
         if (
@@ -616,6 +642,8 @@ _RESIDENT_VERBS = _Cues((p, None) for p in _phrases(
 # "... da Ana do 101": a name right before the apartment, after one of these.
 _BEFORE_APARTMENT = frozenset({"da", "do", "de", "a", "o"})
 _APARTMENT_LINKS = frozenset({"do", "da", "no", "na", "de"})
+# "... do 101, da Ana", "pro 302 pro Rafael": a name right after the apartment.
+_AFTER_APARTMENT = frozenset({"da", "do", "pra", "pro", "para"})
 
 
 def _resident_name(
@@ -639,9 +667,23 @@ def _resident_name(
             and (name.end + 1 in run_starts or tokens[name.end + 1].word in _UNIT_CUES)
         )
 
+    # "Entrega pro cento e um, da Ana": the name right after the apartment.
+    after_apartment: _Name | None = None
+    for run in runs:
+        j = run.end
+        while j < len(tokens) and not tokens[j].is_word:
+            j += 1
+        if j < len(tokens) and tokens[j].word in _AFTER_APARTMENT:
+            name = _take_name(tokens, j + 1)
+            if usable(name, weak=True):
+                after_apartment = name
+                break
+
     for i, token in enumerate(tokens):
         if not token.is_word:
             continue
+        if after_apartment is not None and i >= after_apartment.start - 1:
+            return after_apartment
         if visitor is not None and visitor.start - 1 <= i < visitor.end:
             continue  # "sou o Pedro da Silva": not "Silva"
         for cue, _ in _RESIDENT_CUES.at(tokens, i):
@@ -660,7 +702,7 @@ def _resident_name(
             name = _take_name(tokens, i + 1)
             if before_apartment(name) and usable(name, weak=token.word in _ARTICLES):
                 return name
-    return None
+    return after_apartment
 
 
 # -- apartment and block ---------------------------------------------------------------------
@@ -882,31 +924,113 @@ def extract_facts(text: str, directory: Directory | None = None) -> Facts:
     """
     The facts in one thing the visitor said.
 
-    With a C{directory}, a resident's name is matched to it (within the apartment said, if
-    any, then anywhere) and returned as the directory spells it; without one, or with no
-    match, the name is returned as said, title-cased.
+    Without a C{directory}, names are returned as said, title-cased. With one (see
+    L{_with_directory}), the directory completes what the sentence implies: the apartment
+    of a resident named for sure, the resident of an apartment where one person lives, a
+    resident named anywhere in the sentence, the block written into the apartment's number.
     """
     tokens = _tokenize(text)
     runs = _number_runs(tokens)
     visitor = _visitor_name(tokens)
     apartment, block = _apartment_and_block(tokens, runs)
     resident = _resident_name(tokens, visitor, runs)
-    resident_name = resident.text if resident else None
-    if resident_name and directory is not None:
-        match = None
-        if apartment is not None and directory.apartment(apartment) is not None:
-            match = directory.find_resident(resident_name, apartment=apartment)
-        if match is None:
-            match = directory.find_resident(resident_name)
-        if match is not None:
-            resident_name = match.resident
-    return Facts(
+    facts = Facts(
         intent=_intent(tokens),
         visitor_name=visitor.text if visitor else None,
         apartment=apartment,
-        resident_name=resident_name,
+        resident_name=resident.text if resident else None,
         block=block,
     )
+    if directory is None:
+        return facts
+    return _with_directory(facts, tokens, visitor, directory)
+
+
+def _with_directory(
+    facts: Facts, tokens: Sequence[_Token], visitor: _Name | None, directory: Directory
+) -> Facts:
+    """
+    C{facts} completed by the directory, only where it is sure (the flow confirms the rest):
+      - the apartment said, in the block said when the directory writes blocks ("B101");
+      - the resident said, spelled as the directory spells it: within the apartment said
+        (approximately), or anywhere when exactly one apartment has someone of that name —
+        whose number then is the apartment. An approximate or ambiguous name is kept as
+        said, with no apartment: the flow asks "É para Fernanda Souza, do 201?";
+      - no name after a cue: a resident's name anywhere in the sentence (not the visitor's);
+      - nobody named: the visitor, when he lives in the apartment he named ("sou o Carlos
+        do 101, esqueci a chave"), or the apartment's only resident.
+    """
+    apartment = facts.apartment
+    home = None
+    if apartment is not None:
+        home = directory.apartment_in_block(apartment, facts.block)
+        if home is not None:
+            apartment = home.number
+    resident = facts.resident_name
+    if resident is not None:
+        match = directory.find_resident(resident, apartment=home) if home is not None else None
+        if match is None:
+            match = directory.find_resident(resident)
+            if match is not None and match.exact:
+                if apartment is None:
+                    apartment, home = match.apartment.number, match.apartment
+            else:
+                match = None  # not sure: kept as said, for the flow to confirm
+        if match is not None:
+            resident = match.resident
+    else:
+        resident = _named_resident(tokens, visitor, directory, home)
+        if resident is not None and home is None and apartment is None:
+            found = directory.find_resident(resident)
+            if found is not None:
+                apartment, home = found.apartment.number, found.apartment
+    if resident is None and home is not None:
+        if (
+            facts.visitor_name is not None
+            and facts.intent not in (ENTREGA, SERVICO)
+        ):
+            own = directory.find_resident(facts.visitor_name, apartment=home, threshold=100)
+            if own is not None:
+                resident = own.resident
+        if resident is None and len(home.residents) == 1:
+            resident = home.residents[0]
+    return Facts(
+        intent=facts.intent,
+        visitor_name=facts.visitor_name,
+        apartment=apartment,
+        resident_name=resident,
+        block=facts.block,
+    )
+
+
+def _named_resident(
+    tokens: Sequence[_Token], visitor: _Name | None, directory: Directory, home
+) -> str | None:
+    """
+    A resident's name said anywhere in C{tokens} with no cue before it ("Entrega pro cento
+    e um, da Ana"), outside the visitor's own name: every word of it found in one resident's
+    name (within C{home} when the apartment is known; else in one apartment only).
+    """
+    for i, token in enumerate(tokens):
+        if visitor is not None and visitor.start <= i < visitor.end:
+            continue
+        if not _is_name_word(token):
+            continue
+        name = _take_name(tokens, i)
+        if name is None:
+            continue
+        words = [t for t in tokens[name.start : name.end] if _is_name_word(t)]
+        if visitor is not None and name.start < visitor.end and visitor.start < name.end:
+            continue
+        for length in range(len(words), 0, -1):
+            said = " ".join(t.word for t in words[:length])
+            if home is not None:
+                match = directory.find_resident(said, apartment=home, threshold=100)
+            else:
+                match = directory.find_resident(said, threshold=100)
+            if match is not None:
+                return match.resident
+    return None
 
 
 # -- the resident's decision -----------------------------------------------------------------
