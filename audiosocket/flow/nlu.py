@@ -338,6 +338,9 @@ _INTENT_CUES: dict[str, list[tuple[int, tuple[str, ...]]]] = {
         "piscineiro*", "chaveiro*", "dedetiz*", "vistoria", "orcamento", "reforma", "obra",
         "mudanca", "frete", "carreto", "prestador*", "manicure", "cabeleireir*", "baba",
         "cuidador*", "vim arrumar", "vim limpar",
+    )] + [(2, p) for p in _phrases(
+        "personal", "empregada", "domestica", "cozinheira", "passadeira", "folguista",
+        "motorista particular", "acompanhante",
     )] + [(1, p) for p in _phrases(
         "vim fazer",
         "internet", "wifi", "vazamento", "ar condicionado", "limpeza", "leitura", "medidor",
@@ -398,8 +401,11 @@ def _intent(tokens: Sequence[_Token]) -> str | None:
 _PARTICLES = frozenset({"da", "de", "do", "das", "dos"})
 _ARTICLES = frozenset({"o", "a"})
 _TITLES = frozenset(
-    {"dona", "seu", "senhor", "senhora", "sr", "sra", "srta", "doutor", "doutora", "dr", "dra"}
-)
+    {
+        "dona", "seu", "senhor", "senhora", "sr", "sra", "srta", "doutor", "doutora", "dr", "dra",
+        "familia",
+    }
+)  # fmt: skip
 _KINSHIP = (
     "amigo amiga amigos amigas parente mae pai irmao irma namorado namorada filho filha tio tia "
     "primo prima avo sogro sogra cunhado cunhada esposa marido neto neta afilhado afilhada "
@@ -436,7 +442,7 @@ _NOT_NAMES = frozenset(
         " condicionado lavar roupa chave porta janela parede teto cozinha banheiro sala quarto"
         " faculdade escola trabalho igreja academia clube botijao documento documentos"
         " pediu encomendou comprou chamou contratou marcou mandou convidou"
-        " dona seu doutor doutora dr dra sr sra srta"
+        " dona seu doutor doutora dr dra sr sra srta familia"
     ).split()
     + _KINSHIP
     + _ROLES
@@ -622,7 +628,7 @@ def _visitor_name(tokens: Sequence[_Token]) -> _Name | None:
 # Ana", "encomenda em nome de Ana Souza", "casa da dona Maria", "a dona Maria".
 _RESIDENT_CUES = _Cues((p, None) for p in _phrases(
     "para", "pra", "pro", "falar com", "procurando", "procuro", "visitar", "chamar",
-    "chama", "casa da", "casa do", "casa de", "nome de", "nome da", "nome do", "morador",
+    "chama", "combinei com", "casa da", "casa do", "casa de", "nome de", "nome da", "nome do", "morador",
     "moradora", "encomenda da", "encomenda do", "encomenda de", "encomendas da",
     "encomendas do", "pacote da", "pacote do", "pacote de", "entrega da", "entrega do",
     "pedido da", "pedido do", "correspondencia da", "correspondencia do", "aniversario da",
@@ -1031,6 +1037,29 @@ def _named_resident(
             if match is not None:
                 return match.resident
     return None
+
+
+def answer_name(text: str) -> str | None:
+    """
+    The name in a short answer to "qual é o seu nome?": "sou o Pedro" and "meu nome é Ana"
+    as in L{extract_facts}, or the first name said ("Marcos Vieira", "Pedro, entrega", "é
+    o Zé"). C{None} when there is none, or the answer is too long to be one.
+    """
+    tokens = _tokenize(text)
+    visitor = _visitor_name(tokens)
+    if visitor is not None:
+        return visitor.text
+    words = [t for t in tokens if t.is_word]
+    if len(words) > _MAX_ANSWER_WORDS:
+        return None
+    for i, token in enumerate(tokens):
+        if _is_name_word(token):
+            name = _take_name(tokens, i)
+            return name.text if name is not None else None
+    return None
+
+
+_MAX_ANSWER_WORDS = 8
 
 
 # -- the resident's decision -----------------------------------------------------------------
