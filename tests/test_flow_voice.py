@@ -460,3 +460,19 @@ def test_only_the_missing_fact_is_asked(anas):
     assert questions_heard(bench, visitor) == ["ask_intent"]
     visitor.drop()
     bench.until(bench.ended)
+
+
+def test_unknown_apartment_with_a_known_name_confirms_the_name(anas):
+    """
+    "Entrega pra Fernanda do 210": no 210, but Fernanda Souza lives in 201 — the visitor
+    is asked "É para Fernanda Souza, do 201?" (the number heard is never read back).
+    """
+    bench = anas
+    visitor = visitor_says(bench, "sou o Pedro, entrega pra Fernanda do 210")
+    bench.until(lambda: bench.asked(visitor, "confirm_resident", resident="Fernanda Souza", apartment="201"))
+    assert not any("210" in t for t in bench.tts.texts)
+    bench.say(visitor, "isso mesmo")
+    bench.until(lambda: bench.dialer.requests)
+    assert bench.dialer.requests[0].apartment == "201"
+    visitor.drop()
+    bench.until(bench.ended)

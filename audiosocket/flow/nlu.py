@@ -321,7 +321,7 @@ def spoken_number(words: str | Iterable[str]) -> int | None:
 _INTENT_CUES: dict[str, list[tuple[int, tuple[str, ...]]]] = {
     ENTREGA: [(3, p) for p in _phrases(
         "entreg*", "encomend*", "pacote*", "correio*", "sedex", "ifood", "rappi", "delivery",
-        "uber eats", "mercado livre", "amazon", "shopee", "loggi", "jadlog", "magalu",
+        "uber eats", "mercado livre", "ze delivery", "amazon", "shopee", "loggi", "jadlog", "magalu",
         "aliexpress", "shein", "carteiro*", "motoboy*", "correspondencia*", "vim trazer",
         "vim deixar", "mercadoria*", "caixa do correio",
     )] + [(2, p) for p in _phrases(
@@ -337,6 +337,7 @@ _INTENT_CUES: dict[str, list[tuple[int, tuple[str, ...]]]] = {
         "encanador*", "pintor*", "pintura", "pedreiro*", "marceneiro*", "jardineiro*",
         "piscineiro*", "chaveiro*", "dedetiz*", "vistoria", "orcamento", "reforma", "obra",
         "mudanca", "frete", "carreto", "prestador*", "manicure", "cabeleireir*", "baba",
+        "montador*", "montagem", "vim montar",
         "cuidador*", "vim arrumar", "vim limpar",
     )] + [(2, p) for p in _phrases(
         "personal", "empregada", "domestica", "cozinheira", "passadeira", "folguista",
@@ -356,7 +357,8 @@ _INTENT_CUES: dict[str, list[tuple[int, tuple[str, ...]]]] = {
         "falar com", "amig*", "parente*", "mae", "pai", "irmao", "irma", "namorad*", "filho",
         "filha", "tio", "tia", "primo", "prima", "avo", "sogro", "sogra", "cunhad*",
         "esposa", "marido", "neto", "neta", "afilhad*", "madrinha", "padrinho", "colega",
-        "festa", "aniversario", "churrasco", "ver",
+        "festa", "aniversario", "churrasco", "ver", "reuniao", "vim jogar", "vim estudar",
+        "vim brincar", "vim almocar", "vim jantar",
     )],  # fmt: skip
 }
 _NEGATORS = frozenset({"nao", "nem", "nunca", "jamais"})
@@ -442,7 +444,7 @@ _NOT_NAMES = frozenset(
         " condicionado lavar roupa chave porta janela parede teto cozinha banheiro sala quarto"
         " faculdade escola trabalho igreja academia clube botijao documento documentos"
         " pediu encomendou comprou chamou contratou marcou mandou convidou"
-        " dona seu doutor doutora dr dra sr sra srta familia"
+        " dona seu doutor doutora dr dra sr sra srta familia reuniao"
     ).split()
     + _KINSHIP
     + _ROLES
@@ -462,6 +464,14 @@ _CUE_WORDS = frozenset(
 _CUE_PREFIXES = tuple(
     p[0][:-1] for cues in _INTENT_CUES.values() for _, p in cues if len(p) == 1 and "*" in p[0]
 )
+
+
+# Brands whose first word is also a first name: "o pedido do Zé Delivery".
+_BRANDS = _phrases("ze delivery")
+
+
+def _starts_brand(tokens: Sequence[_Token], i: int) -> bool:
+    return any(_match_at(tokens, i, brand) for brand in _BRANDS)
 
 
 def _is_name_word(token: _Token) -> bool:
@@ -511,6 +521,8 @@ def _take_name(
     j = i
     while j < n and content < max_words:
         token = tokens[j]
+        if _starts_brand(tokens, j):
+            break
         if token.word in _PARTICLES and content and j + 1 < n and _is_name_word(tokens[j + 1]):
             parts.append(j)
         elif _is_name_word(token) or (content and token.word in _KIN_SURNAMES):
@@ -621,6 +633,29 @@ def _visitor_name(tokens: Sequence[_Token]) -> _Name | None:
             name = _name_before(tokens, i)
             if name is not None:
                 return name
+    return _closing_name(tokens)
+
+
+def _closing_name(tokens: Sequence[_Token]) -> _Name | None:
+    """
+    "Moro no 302, esqueci a chave, é o Rafael": "é o <name>" as the last clause of what was
+    said, after a pause (punctuation) — how a visitor signs off with his name.
+    """
+    words = [k for k, t in enumerate(tokens) if t.is_word]
+    # In a transcript with accents, "e" is "and" ("a Patrícia, e o Ricardo"), "é" is "is".
+    accented = any(t.text.lower() != t.word for t in tokens)
+    for k in range(len(words) - 2, 0, -1):
+        i = words[k]
+        if (
+            tokens[i].word == "e"
+            and (tokens[i].text.lower() == "é" or not accented)
+            and tokens[i + 1].word in _ARTICLES
+            and not tokens[i - 1].is_word
+        ):
+            name = _take_name(tokens, i + 1)
+            if name is not None and all(not t.is_word for t in tokens[name.end :]):
+                return name
+            return None
     return None
 
 
