@@ -9,8 +9,9 @@ Prints, per fact (intent, visitor name, apartment, resident, block), the share o
 where the fact came out as expected; the share where every fact did; and what the flow
 would do next: the share of calls that need no follow-up question at all (the apartment
 found for sure, the name and purpose said), the share that need no question about *where*
-(no "para qual apartamento?", no confirmation), and the questions per call (the apartment,
-a confirmation, one question for a missing name and/or purpose).
+(no "para qual apartamento?", no confirmation) and, of those, the share where that apartment
+is the right one; and the questions per call (the apartment, a confirmation, one question for
+a missing name and/or purpose — two with the previous flow, which asked them one by one).
 
     python benchmarks/visitors.py
     python benchmarks/visitors.py --misses             # list the sentences that missed
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
     directory = Directory.from_data(table["directory"])
     sentences = table["sentences"]
     right = {f: 0 for f in FACTS}
-    all_right = no_question = where_known = asked_total = 0
+    all_right = no_question = where_known = where_right = asked_total = 0
     misses = []
     for case in sentences:
         facts = extract_facts(case["text"], directory)
@@ -106,10 +107,13 @@ def main(argv=None) -> int:
                 {"text": case["text"]}
                 | {f: {"expected": case[f], "got": getattr(facts, f)} for f in wrong}
             )
-        asked = questions(facts, lookup(directory, facts, 80.0), one_question)
+        match = lookup(directory, facts, 80.0)
+        asked = questions(facts, match, one_question)
         asked_total += len(asked)
         no_question += not asked
-        where_known += not any(q in ("ask_apartment", "confirm") for q in asked)
+        unasked = not any(q in ("ask_apartment", "confirm") for q in asked)
+        where_known += unasked
+        where_right += unasked and match.apartment.number == case["apartment"]
 
     n = len(sentences)
 
@@ -121,6 +125,7 @@ def main(argv=None) -> int:
         ("every fact", share(all_right)),
         ("no follow-up question", share(no_question)),
         ("apartment without a question", share(where_known)),
+        ("… and it is the right one", share(where_right)),
         ("questions per call", "{:.2f}".format(asked_total / n)),
     ]
     print("| measure | sentences |")
@@ -138,6 +143,7 @@ def main(argv=None) -> int:
             "every_fact": all_right / n,
             "no_follow_up": no_question / n,
             "apartment_without_question": where_known / n,
+            "right_apartment_without_question": where_right / n,
             "questions_per_call": asked_total / n,
             "misses": misses,
         }
