@@ -3,7 +3,11 @@ Rules-based understanding of Brazilian Portuguese at the gate: offline, the defa
 
 Two jobs:
   - L{extract_facts}: from what the visitor said, the four facts the doorman needs (purpose,
-    visitor name, apartment, resident name) plus the block/tower when one is named;
+    visitor name, apartment, resident name) plus the block/tower when one is named — names
+    before or after the apartment, the visitor's own at the end ("…, sou o pai dele,
+    Roberto"), speech-recogniser text (no punctuation, lower case, numbers in words) read
+    like written text; with the condominium's directory, what it implies too (the apartment
+    of a resident named for sure, the only resident of an apartment);
   - L{classify_decision}: whether the resident's answer authorises the visit, refuses it, asks
     who it is, or is unclear.
 
