@@ -354,3 +354,63 @@ def test_find_resident_not_in_apartment(directory):
 def test_find_resident_unknown_apartment(directory):
     """Restricted to an apartment that does not exist, there is no match."""
     assert directory.find_resident("ana", apartment="999") is None
+
+
+# -- every apartment a name may mean; blocks written into numbers ------------------------------
+
+
+def test_find_residents_lists_every_apartment(directory):
+    """"Carlos" lives in 101, 102 and 704: one match per apartment, exact ones first."""
+    matches = directory.find_residents("carlos")
+    assert sorted(m.apartment.number for m in matches) == ["101", "102", "704"]
+    assert all(m.exact for m in matches)
+    assert {m.resident for m in matches} == {"Carlos Souza", "José Carlos Pereira", "Carlos Mendes"}
+
+
+def test_find_residents_one_per_apartment(directory):
+    """"Souza": both residents of 101 match; 101 is listed once."""
+    matches = directory.find_residents("souza")
+    assert [m.apartment.number for m in matches] == ["101"]
+
+
+def test_find_residents_approximate_is_not_exact(directory):
+    """A misheard name is found, marked not exact (the flow confirms it)."""
+    (match,) = directory.find_residents("tais")
+    assert (match.resident, match.exact) == ("Thaís Oliveira", False)
+
+
+def test_find_residents_nobody(directory):
+    """An unknown name, or no name at all, finds nothing."""
+    assert directory.find_residents("Joaquim Barbosa") == []
+    assert directory.find_residents("") == []
+    assert directory.find_residents("dona") == []
+
+
+def test_apartment_in_block():
+    """"Bloco B, 12" is "B12" or "12B" when the directory writes it so; else the plain number."""
+    d = Directory.from_data(
+        [
+            {"apartment_number": "B12", "residents": ["Roberto Nunes"], "voip_number": "SIP/2012"},
+            {"apartment_number": "12A", "residents": ["Ana Lima"], "voip_number": "SIP/1012"},
+            {"apartment_number": "101", "residents": ["Carlos Souza"], "voip_number": "SIP/1101"},
+        ]
+    )  # fmt: skip
+    assert d.apartment_in_block("12", "B").number == "B12"
+    assert d.apartment_in_block("12", "b").number == "B12"
+    assert d.apartment_in_block("12", "A").number == "12A"
+    assert d.apartment_in_block("101", "C").number == "101"  # a block the directory lacks
+    assert d.apartment_in_block("101", None).number == "101"
+    assert d.apartment_in_block("12", None) is None
+    assert d.apartment_in_block("12", "C") is None
+    assert d.apartment_in_block("x", "B") is None
+
+
+def test_apartment_in_numbered_block_is_the_plain_number():
+    """A numbered tower is not glued to the number ("torre 2, 101" is not "2101")."""
+    d = Directory.from_data(
+        [
+            {"apartment_number": "2101", "residents": ["Ana Lima"], "voip_number": "SIP/2101"},
+            {"apartment_number": "101", "residents": ["Carlos Souza"], "voip_number": "SIP/1101"},
+        ]
+    )  # fmt: skip
+    assert d.apartment_in_block("101", "2").number == "101"

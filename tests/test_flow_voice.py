@@ -290,3 +290,189 @@ def test_condominium_audio_overrides_reach_the_listener(tmp_path):
     sites = build_sites(config)
     assert (sites[1].audio.visitor_silence_ms, sites[1].audio.barge_in) == (1200, False)
     assert (sites[2].audio.visitor_silence_ms, sites[2].audio.barge_in) == (700, True)
+
+
+# -- understanding more from one sentence: fewer questions ------------------------------------
+
+#: The bench's directory with a second "Ana" (in 502) and a Fernanda, for names that need
+#: confirming.
+TWO_ANAS = Directory.from_data(
+    [
+        {"apartment_number": "101", "residents": ["Ana Souza", "Carlos Souza"], "voip_number": "SIP/1101"},
+        {"apartment_number": "102", "residents": ["João Pereira"], "voip_number": "SIP/1102"},
+        {"apartment_number": "201", "residents": ["Fernanda Souza"], "voip_number": "SIP/1201"},
+        {"apartment_number": "502", "residents": ["Ana Lima"], "voip_number": "SIP/1502"},
+        {"apartment_number": "B12", "residents": ["Roberto Nunes"], "voip_number": "SIP/2012"},
+    ]
+)  # fmt: skip
+VISITOR_QUESTIONS = (
+    "ask_apartment", "ask_name", "ask_intent", "ask_name_intent", "not_understood",
+    "unknown_apartment",
+)  # fmt: skip
+
+
+def questions_heard(bench, visitor) -> list[str]:
+    """The visitor-side questions (and confirmations) the visitor has heard, by name."""
+    names = [n for n in VISITOR_QUESTIONS if bench.heard(visitor, n)]
+    labels = {bench.tts.labels.get(t): t for t in bench.tts.texts}
+    names += [labels[v] for v in visitor.heard if labels.get(v, "").startswith(("É para", "Apartamento"))]
+    return names
+
+
+@pytest.fixture
+def anas(bench):
+    bench.site = attrs.evolve(bench.site, directory=TWO_ANAS)
+    return bench
+
+
+def test_resident_named_alone_is_not_asked_for_the_apartment(anas):
+    """
+    "Encomenda dos Correios pra Fernanda Souza, sou o Pedro": the directory knows where she
+    lives; 201 is called with no question at all.
+    """
+    bench = anas
+    visitor = visitor_says(bench, "Encomenda dos Correios pra Fernanda Souza, sou o Pedro")
+    bench.until(lambda: bench.dialer.requests)
+    request = bench.dialer.requests[0]
+    assert (request.apartment, request.resident) == ("201", "Fernanda Souza")
+    assert questions_heard(bench, visitor) == []
+    visitor.drop()
+    bench.until(bench.ended)
+
+
+def test_single_resident_apartment_is_not_asked_for_whom(anas):
+    """
+    "Pacote da Amazon pro 102, aqui é o Pedro": 102 has one resident, who is the one the
+    dial and the announcement name; nothing is asked.
+    """
+    bench = anas
+    visitor = visitor_says(bench, "pacote da amazon pro cento e dois aqui é o pedro")
+    resident = resident_joins(bench, visitor)
+    assert bench.dialer.requests[0].resident == "João Pereira"
+    assert questions_heard(bench, visitor) == []
+    bench.say(resident, "pode subir")
+    bench.until(bench.ended)
+    assert bench.records[0]["facts"] == {
+        "intent": "entrega", "visitor_name": "Pedro", "apartment": "102", "resident": "João Pereira",
+    }  # fmt: skip
+
+
+def test_name_after_the_apartment_and_block(anas):
+    """"Entrega pro doze do bloco b, pro Roberto, sou a Ana": the directory's B12 is called."""
+    bench = anas
+    visitor = visitor_says(bench, "entrega pro doze do bloco b pro roberto sou a ana")
+    bench.until(lambda: bench.dialer.requests)
+    assert (bench.dialer.requests[0].apartment, bench.dialer.requests[0].resident) == ("B12", "Roberto Nunes")
+    assert questions_heard(bench, visitor) == []
+    visitor.drop()
+    bench.until(bench.ended)
+
+
+def test_ambiguous_name_confirmed_yes_calls_that_apartment(anas):
+    """
+    "Entrega pra Ana": two apartments have an Ana; the visitor is asked about the likeliest
+    with the directory's name and number ("É para Ana Souza, do 101?"); "isso" calls 101.
+    """
+    bench = anas
+    visitor = visitor_says(bench, "sou o Pedro, entrega pra ana")
+    bench.until(lambda: bench.asked(visitor, "confirm_resident", resident="Ana Souza", apartment="101"))
+    assert bench.dialer.requests == []
+    bench.say(visitor, "isso")
+    bench.until(lambda: bench.dialer.requests)
+    assert (bench.dialer.requests[0].apartment, bench.dialer.requests[0].resident) == ("101", "Ana Souza")
+    assert not bench.heard(visitor, "ask_apartment")
+    visitor.drop()
+    bench.until(bench.ended)
+
+
+def test_ambiguous_name_confirmed_by_key_1(anas):
+    """The confirmation takes key 1 as well as a spoken yes."""
+    bench = anas
+    visitor = visitor_says(bench, "sou o Pedro, entrega pra ana")
+    bench.until(lambda: bench.asked(visitor, "confirm_resident", resident="Ana Souza", apartment="101"))
+    visitor.press("1")
+    bench.until(lambda: bench.dialer.requests)
+    assert bench.dialer.requests[0].apartment == "101"
+    visitor.drop()
+    bench.until(bench.ended)
+
+
+def test_ambiguous_name_denied_asks_for_the_apartment(anas):
+    """
+    "Não" to "É para Ana Souza, do 101?" asks for the apartment (not "não entendi");
+    "quinhentos e dois" then calls Ana Lima's 502.
+    """
+    bench = anas
+    visitor = visitor_says(bench, "sou o Pedro, entrega pra ana")
+    bench.until(lambda: bench.asked(visitor, "confirm_resident", resident="Ana Souza", apartment="101"))
+    bench.say(visitor, "não")
+    bench.until(lambda: bench.asked(visitor, "ask_apartment"))
+    assert bench.dialer.requests == []
+    assert not bench.heard(visitor, "not_understood")
+    bench.say(visitor, "quinhentos e dois")
+    bench.until(lambda: bench.dialer.requests)
+    assert bench.dialer.requests[0].apartment == "502"
+    visitor.drop()
+    bench.until(bench.ended)
+
+
+def test_approximate_name_is_confirmed_with_the_directory_spelling(anas):
+    """
+    "Fernando" is close to the directory's Fernanda Souza, not the same: the visitor hears
+    "É para Fernanda Souza, do 201?" — the directory's words; the words heard are never read
+    back.
+    """
+    bench = anas
+    visitor = visitor_says(bench, "sou o Pedro, entrega pra Fernando")
+    bench.until(lambda: bench.asked(visitor, "confirm_resident", resident="Fernanda Souza", apartment="201"))
+    assert not any("Fernando" in t for t in bench.tts.texts)
+    bench.say(visitor, "sim")
+    bench.until(lambda: bench.dialer.requests)
+    assert bench.dialer.requests[0].apartment == "201"
+    visitor.drop()
+    bench.until(bench.ended)
+
+
+def test_name_and_purpose_missing_are_one_question(anas):
+    """
+    Only the apartment said: name and purpose are asked in one question, and "Pedro Santos,
+    entrega" answers both.
+    """
+    bench = anas
+    visitor = visitor_says(bench, "cento e dois")
+    bench.until(lambda: bench.asked(visitor, "ask_name_intent"))
+    bench.say(visitor, "Pedro Santos, entrega")
+    bench.until(lambda: bench.dialer.requests)
+    facts = bench.registry.describe_all()[0]["facts"]
+    assert (facts["visitor_name"], facts["intent"]) == ("Pedro Santos", "entrega")
+    assert questions_heard(bench, visitor) == ["ask_name_intent"]
+    visitor.drop()
+    bench.until(bench.ended)
+
+
+def test_only_the_missing_fact_is_asked(anas):
+    """The name said, the purpose not: only "É uma visita, uma entrega ou um serviço?"."""
+    bench = anas
+    visitor = visitor_says(bench, "é o Pedro pro cento e dois")
+    bench.until(lambda: bench.asked(visitor, "ask_intent"))
+    bench.say(visitor, "visita")
+    bench.until(lambda: bench.dialer.requests)
+    assert questions_heard(bench, visitor) == ["ask_intent"]
+    visitor.drop()
+    bench.until(bench.ended)
+
+
+def test_unknown_apartment_with_a_known_name_confirms_the_name(anas):
+    """
+    "Entrega pra Fernanda do 210": no 210, but Fernanda Souza lives in 201 — the visitor
+    is asked "É para Fernanda Souza, do 201?" (the number heard is never read back).
+    """
+    bench = anas
+    visitor = visitor_says(bench, "sou o Pedro, entrega pra Fernanda do 210")
+    bench.until(lambda: bench.asked(visitor, "confirm_resident", resident="Fernanda Souza", apartment="201"))
+    assert not any("210" in t for t in bench.tts.texts)
+    bench.say(visitor, "isso mesmo")
+    bench.until(lambda: bench.dialer.requests)
+    assert bench.dialer.requests[0].apartment == "201"
+    visitor.drop()
+    bench.until(bench.ended)

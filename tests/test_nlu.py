@@ -8,8 +8,10 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import reactor
 
 from audiosocket.flow.directory import Directory, normalize
 from audiosocket.flow.nlu import (
@@ -22,12 +24,18 @@ from audiosocket.flow.nlu import (
     VISITA,
     Decision,
     Facts,
+    answer_name,
     classify_decision,
     classify_dtmf,
     confirms,
     extract_facts,
     spoken_number,
 )
+from audiosocket.flow.understand import LlmNLU
+
+# The api fixture is, as pytest means it, redefined by every test taking it.
+# ruff: noqa: F811
+from httpkit import HANG, api, on_its_own, refused_url, within  # noqa: F401 (api is a fixture)
 
 A, D, W, U = Decision.AUTHORIZED, Decision.DENIED, Decision.WHO, Decision.UNCLEAR
 E, S, V = ENTREGA, SERVICO, VISITA
@@ -267,6 +275,132 @@ def test_resident_matched_within_apartment(directory):
 def test_resident_unknown_to_directory_kept_as_said(directory):
     """A name the directory does not know is kept as said, for the flow to question."""
     assert extract_facts("vim ver a Fabiana", directory).resident_name == "Fabiana"
+
+
+# -- facts against a directory: tests/data/visitor_sentences.json ----------------------------
+
+SENTENCES = json.loads(
+    (Path(__file__).parent / "data" / "visitor_sentences.json").read_text("utf-8")
+)
+SENTENCE_DIRECTORY = Directory.from_data(SENTENCES["directory"])
+FACT_NAMES = ("intent", "visitor_name", "apartment", "resident_name", "block")
+
+
+def _expected(case) -> Facts:
+    return Facts(**{name: case[name] for name in FACT_NAMES})
+
+
+def test_sentence_table_is_large_and_varied():
+    """At least 150 visitor sentences, every intent and every fact represented, no duplicate."""
+    cases = SENTENCES["sentences"]
+    assert len(cases) >= 150
+    assert len({c["text"] for c in cases}) == len(cases)
+    assert {c["intent"] for c in cases} == {ENTREGA, SERVICO, VISITA, None}
+    for name in FACT_NAMES:
+        assert sum(c[name] is not None for c in cases) >= 10, name
+    # Speech-recognizer style: no capital and no punctuation at all.
+    stt = [c for c in cases if c["text"] == c["text"].lower() and "," not in c["text"] and "." not in c["text"]]
+    assert len(stt) >= 50
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, id=c["text"][:60]) for c in SENTENCES["sentences"]]
+)
+def test_visitor_sentence_facts(case):
+    """Each sentence yields exactly the expected facts, read against the table's directory."""
+    assert extract_facts(case["text"], SENTENCE_DIRECTORY) == _expected(case)
+
+
+def test_resident_named_for_sure_gives_the_apartment():
+    """"Encomenda dos Correios pra Ana Beatriz Silva": one apartment has her; it is hers."""
+    facts = extract_facts("Encomenda dos Correios pra Ana Beatriz Silva", SENTENCE_DIRECTORY)
+    assert (facts.apartment, facts.resident_name) == ("203", "Ana Beatriz Silva")
+
+
+def test_ambiguous_name_gives_no_apartment():
+    """"Ana" lives in three apartments: no apartment, the name as said (the flow confirms)."""
+    facts = extract_facts("tenho uma encomenda pra Ana", SENTENCE_DIRECTORY)
+    assert (facts.apartment, facts.resident_name) == (None, "Ana")
+
+
+def test_approximate_name_is_kept_as_said():
+    """"Fernando" is near Fernanda Souza but not her: kept as said, no apartment guessed."""
+    facts = extract_facts("entrega pra Fernando", SENTENCE_DIRECTORY)
+    assert (facts.apartment, facts.resident_name) == (None, "Fernando")
+
+
+def test_approximate_name_within_the_apartment_said():
+    """Within the apartment said, an approximate name is its resident's."""
+    facts = extract_facts("entrega pra Fernando, 201", SENTENCE_DIRECTORY)
+    assert facts.resident_name == "Fernanda Souza"
+
+
+def test_one_resident_apartment_fills_the_resident():
+    """"Pacote da Amazon pro 302": its only resident is the one."""
+    assert extract_facts("Pacote da Amazon pro 302", SENTENCE_DIRECTORY).resident_name == (
+        "Rafael Rodrigues"
+    )
+
+
+def test_several_residents_and_nobody_named():
+    """An apartment of several residents, nobody named: no resident guessed."""
+    assert extract_facts("entrega pro 702", SENTENCE_DIRECTORY).resident_name is None
+
+
+def test_name_after_the_apartment():
+    """"Entrega pro cento e um, da Ana": the name after the apartment is the resident."""
+    assert extract_facts("Entrega pro cento e um, da Ana").resident_name == "Ana"
+    assert extract_facts("Entrega pro cento e um, da Ana", SENTENCE_DIRECTORY).resident_name == (
+        "Ana Souza"
+    )
+
+
+def test_visitor_name_at_the_end():
+    """"…, sou o pai dele, Roberto": the visitor; the resident stays Daniel."""
+    facts = extract_facts("vim pegar o Daniel do quinhentos e um, sou o pai dele, Roberto")
+    assert (facts.visitor_name, facts.resident_name, facts.apartment) == ("Roberto", "Daniel", "501")
+
+
+def test_visitor_who_lives_there():
+    """"Sou o Carlos do 101, esqueci a chave": Carlos lives in 101, so he is its resident."""
+    facts = extract_facts("sou o Carlos do 101, esqueci a chave", SENTENCE_DIRECTORY)
+    assert (facts.visitor_name, facts.resident_name) == ("Carlos", "Carlos Souza")
+
+
+def test_deliverer_named_like_a_resident_is_not_the_resident():
+    """A deliverer who shares a resident's first name is not taken for the resident."""
+    facts = extract_facts("oi é o Paulo da Claro vim fazer a instalação no 401", SENTENCE_DIRECTORY)
+    assert (facts.visitor_name, facts.resident_name) == ("Paulo", None)
+
+
+def test_block_written_into_the_directory_number():
+    """"Bloco B, apartamento 12" is the directory's B12; a block it does not write is ignored."""
+    assert extract_facts("bloco b apartamento 12", SENTENCE_DIRECTORY).apartment == "B12"
+    assert extract_facts("bloco b apartamento 101", SENTENCE_DIRECTORY).apartment == "101"
+
+
+def test_stt_style_equals_written():
+    """Lower case, no punctuation, numbers in words: the same facts as the written sentence."""
+    written = extract_facts("Entrega para Lucas Pereira, apartamento 702.", SENTENCE_DIRECTORY)
+    spoken = extract_facts("entrega para lucas pereira apartamento setecentos e dois", SENTENCE_DIRECTORY)
+    assert written == spoken == Facts(ENTREGA, None, "702", "Lucas Pereira")
+
+
+@pytest.mark.parametrize(
+    "text, name",
+    [
+        ("Marcos Vieira", "Marcos Vieira"),
+        ("sou o Pedro", "Pedro"),
+        ("Pedro Santos, entrega", "Pedro Santos"),
+        ("é entrega, aqui é a Ana", "Ana"),
+        ("entrega", None),
+        ("", None),
+        ("olha eu vim aqui hoje de manhã e ninguém atendeu o interfone então voltei", None),
+    ],
+)
+def test_answer_name(text, name):
+    """The name in a short answer to "qual é o seu nome?", with or without "sou o"."""
+    assert answer_name(text) == name
 
 
 def test_facts_merge():
@@ -538,3 +672,61 @@ def test_spoken_number(words, number):
 def test_spoken_number_accepts_word_lists():
     """C{spoken_number} takes a list of words as well as a string."""
     assert spoken_number(["quinhentos", "e", "dois"]) == 502
+
+
+# -- the same table with nlu = "llm" and a model that fails: the rules answer -----------------
+
+BROKEN_MODELS = {
+    "http_500": (500, {"error": {"message": "overloaded"}}),
+    "not_json": (200, b"<html>bad gateway</html>"),
+    "prose": (200, {"choices": [{"message": {"content": "Claro! O visitante é o Pedro."}}]}),
+    "ill_typed": (
+        200,
+        {"choices": [{"message": {"content": json.dumps({"intent": "assalto", "apartment": 7.5})}}]},
+    ),
+    "no_choices": (200, {"id": "x"}),
+}
+
+
+async def _table_through(nlu) -> list[str]:
+    misses = []
+    for case in SENTENCES["sentences"]:
+        facts = await within(nlu.extract(case["text"], SENTENCE_DIRECTORY))
+        if facts != _expected(case):
+            misses.append(case["text"])
+    return misses
+
+
+@pytest.mark.parametrize("broken", sorted(BROKEN_MODELS))
+@pytest_twisted.ensureDeferred
+async def test_llm_that_fails_leaves_the_rules_answering(api, broken):
+    """
+    nlu = "llm" against a local OpenAI-compatible server that errs or answers garbage: every
+    sentence of the table still gets the rules' (expected) facts, and every one fell back.
+    """
+    code, body = BROKEN_MODELS[broken]
+    api.answer(code, body)
+    nlu = LlmNLU(api.url + "/v1", model="m", timeout_s=5, http=api.http, reactor=reactor)
+    assert await _table_through(nlu) == []
+    assert (nlu.answered, nlu.fell_back) == (0, len(SENTENCES["sentences"]))
+    assert len(api.seen) == len(SENTENCES["sentences"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_llm_unreachable_leaves_the_rules_answering(api):
+    """nlu = "llm" with nothing listening at its URL: the rules answer every sentence."""
+    nlu = LlmNLU(await refused_url() + "/v1", model="m", timeout_s=5, http=api.http, reactor=reactor)
+    assert await _table_through(nlu) == []
+    assert nlu.fell_back == len(SENTENCES["sentences"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_llm_that_hangs_leaves_the_rules_answering(api):
+    """A model that never answers: after its timeout, the rules' facts (a few sentences)."""
+    api.reply = HANG
+    nlu = LlmNLU(api.url + "/v1", model="m", timeout_s=0.2, http=api.http, reactor=reactor)
+    for case in SENTENCES["sentences"][:3]:
+        facts = await on_its_own(nlu.extract(case["text"], SENTENCE_DIRECTORY))
+        assert facts == _expected(case)
+    for d in api.abandoned:
+        await within(d)

@@ -35,7 +35,14 @@ from audiosocket.config import AudioConfig, PrivacyConfig
 from audiosocket.dialer import DialFailed, DialRequest
 from audiosocket.flow.directory import Directory, Match
 from audiosocket.flow.io import LegGone, LegIO
-from audiosocket.flow.nlu import Decision, Facts, classify_decision, classify_dtmf, confirms
+from audiosocket.flow.nlu import (
+    Decision,
+    Facts,
+    answer_name,
+    classify_decision,
+    classify_dtmf,
+    confirms,
+)
 from audiosocket.flow.prompts import Prompts, announcement, greeting
 from audiosocket.leg import Dtmf
 from audiosocket import session as S
@@ -243,6 +250,11 @@ class _Call:
         Gather the facts until the apartment is known and in the directory. The apartment is
         asked again up to C{max_retries} times; then the visitor is told and the call ends.
 
+        A match the directory is not sure of is confirmed first: a near number ("Apartamento
+        501, correto?") or a resident's name that is approximate or fits several apartments
+        ("É para Fernanda Souza, do 201?" — the directory's name and number, never the words
+        heard). A "no" to the resident asks for the apartment.
+
         @return: the directory's Apartment, or C{None}.
         """
         tries = 0
@@ -258,8 +270,10 @@ class _Call:
                 await self._ask_missing()
                 continue
             match = self._lookup(facts)
+            rejected = False
             if match is not None and not match.exact:
-                if not await self._confirm(match.apartment.number):
+                if not await self._confirm(match):
+                    rejected = match.resident is not None
                     match = None
             if match is not None:
                 self.apartment = match.apartment
@@ -281,7 +295,9 @@ class _Call:
             if tries > self.config.max_retries:
                 await self.visitor.say(self.prompts.say("unknown_apartment_final"))
                 return None
-            if heard:
+            if rejected:
+                pass  # "É para Fernanda, do 201?" "Não.": only the apartment is asked
+            elif heard:
                 # Never the number itself: what a caller typed or said is not read back.
                 await self.visitor.say(self.prompts.say("unknown_apartment"), interruptible=True)
             else:
@@ -367,62 +383,62 @@ class _Call:
         await self.visitor.say(self.prompts.say(name), interruptible=True)
 
     async def _complete_facts(self) -> None:
-        """By voice, ask once for the visitor's name and purpose if they were not said."""
+        """
+        By voice, ask for the visitor's name and purpose if they were not said — in one
+        question when both are missing, and once: an answer that leaves a gap is not asked
+        again (the announcement does without).
+        """
         if self.keypad_only:
             return
-        for fact, prompt in (("visitor_name", "ask_name"), ("intent", "ask_intent")):
-            if getattr(self.session.facts, fact) is not None:
-                continue
-            self.visitor.flush()
-            await self.visitor.say(self.prompts.say(prompt))
-            item = await self.visitor.next_input(ANSWER_TIMEOUT_S)
-            if item is None or isinstance(item, Dtmf):
-                continue
-            text, facts = await self._understand(item)
-            if fact == "visitor_name" and (facts is None or facts.visitor_name is None):
-                # "Pedro Santos." answers "qual é o seu nome?" without "sou o".
-                facts = Facts(visitor_name=_bare_name(text))
-            if facts is None:
-                continue
-            self.session.facts = self.session.facts.merge(facts)
-            if self.keypad_only:
-                return
+        facts = self.session.facts
+        missing = tuple(f for f in ("visitor_name", "intent") if getattr(facts, f) is None)
+        if not missing:
+            return
+        prompt = {("visitor_name",): "ask_name", ("intent",): "ask_intent"}.get(
+            missing, "ask_name_intent"
+        )
+        self.visitor.flush()
+        await self.visitor.say(self.prompts.say(prompt))
+        item = await self.visitor.next_input(ANSWER_TIMEOUT_S)
+        if item is None or isinstance(item, Dtmf):
+            return
+        text, said = await self._understand(item)
+        said = said or Facts()
+        if "visitor_name" in missing and said.visitor_name is None and text:
+            # "Pedro Santos." answers "qual é o seu nome?" without "sou o".
+            said = Facts(intent=said.intent, visitor_name=answer_name(text))
+        self.session.facts = self.session.facts.merge(
+            Facts(intent=said.intent, visitor_name=said.visitor_name)
+        )
 
     def _lookup(self, facts: Facts) -> Match | None:
-        directory = self.site.directory
-        if facts.apartment:
-            match = directory.find_apartment(facts.apartment)
-            if match is not None and facts.resident_name:
-                named = directory.find_resident(
-                    facts.resident_name, match.apartment, threshold=self.flow._threshold
-                )
-                if named is not None:
-                    return Match(match.apartment, named.resident, named.score, match.exact)
-            return match
-        if facts.resident_name:
-            return directory.find_resident(facts.resident_name, threshold=self.flow._threshold)
-        return None
+        return lookup(self.site.directory, facts, self.flow._threshold)
 
     def _resident_for(self, apartment) -> str | None:
         # Nobody named: the apartment's first listed resident is its contact.
         return apartment.residents[0] if apartment.residents else None
 
-    async def _confirm(self, number: str) -> bool:
+    async def _confirm(self, match: Match) -> bool:
         """
-        'Apartamento 101, correto?' — 1, or a plain "sim" / "isso" / "correto" with no "não"
-        and no question in it, confirms; anything else does not.
+        'Apartamento 101, correto?' or 'É para Fernanda Souza, do 201?' (the directory's
+        number and name) — 1, or a plain "sim" / "isso" / "correto" with no "não" and no
+        question in it, confirms; anything else does not.
         """
         self.visitor.flush()
-        await self.visitor.say(
-            self.prompts.say("confirm_apartment", apartment=number), interruptible=True
-        )
+        if match.resident is not None:
+            text = self.prompts.say(
+                "confirm_resident", resident=match.resident, apartment=match.apartment.number
+            )
+        else:
+            text = self.prompts.say("confirm_apartment", apartment=match.apartment.number)
+        await self.visitor.say(text, interruptible=True)
         item = await self.visitor.next_input(ANSWER_TIMEOUT_S)
         if item is None:
             return False
         if isinstance(item, Dtmf):
             return classify_dtmf(item.digit) is Decision.AUTHORIZED
-        text = await self._transcribe(item)
-        return text is not None and confirms(text)
+        said = await self._transcribe(item)
+        return said is not None and confirms(said)
 
     # ------------------------------------------------------------ calling the resident
 
@@ -726,10 +742,46 @@ def _kind(evidence: str) -> str:
     return "voice" if evidence.startswith("voice:") else evidence
 
 
-def _bare_name(text: str | None) -> str | None:
-    if not text:
+def lookup(directory: Directory, facts: Facts, threshold: float = 80.0) -> Match | None:
+    """
+    Where the visitor's C{facts} point in C{directory}: a L{Match} whose C{exact} says
+    whether the flow may go on without confirming, or C{None}.
+
+      - An apartment said (in its block, when the directory writes blocks into numbers):
+        that apartment, exactly, or a near number to confirm; with the resident said
+        matched within it.
+      - Else a resident's name: the apartment where someone is so named — sure when the
+        name is exact and no other apartment comes within L{Directory.AMBIGUITY_MARGIN};
+        else the likeliest, to confirm ("É para Fernanda Souza, do 201?").
+      - An apartment said that is not in the directory, with a resident's name that is:
+        that resident's apartment, to confirm.
+    """
+    if facts.apartment:
+        home = directory.apartment_in_block(facts.apartment, facts.block)
+        if home is not None:
+            match: Match | None = Match(home, None, 100.0, True)
+        else:
+            match = directory.find_apartment(facts.apartment)
+        if match is not None:
+            if facts.resident_name:
+                named = directory.find_resident(
+                    facts.resident_name, match.apartment, threshold=threshold
+                )
+                if named is not None:
+                    return Match(match.apartment, named.resident, named.score, match.exact)
+            return match
+    if not facts.resident_name:
         return None
-    words = [w for w in text.strip(" .,!?").split() if w.isalpha()]
-    if 1 <= len(words) <= 4:
-        return " ".join(w.capitalize() for w in words)
-    return None
+    candidates = directory.find_residents(facts.resident_name, threshold=threshold)
+    if not candidates:
+        return None
+    best = candidates[0]
+    sure = (
+        not facts.apartment
+        and best.exact
+        and (
+            len(candidates) == 1
+            or best.score - candidates[1].score >= directory.AMBIGUITY_MARGIN
+        )
+    )
+    return Match(best.apartment, best.resident, best.score, sure)

@@ -7,8 +7,11 @@ object C{{"apartments": [...]}} holding that list. Residents may be a single str
 
 Apartments are found by number, exactly (after normalising "0101", "ap 101", "apto. 101" to
 "101") or "near" (one digit off, one digit extra or missing: a likely mishearing, which the flow
-confirms back). Residents are found by name with rapidfuzz over accent-folded, lower-cased names
-so that "jose" finds "José Carlos".
+confirms back). A condominium with blocks or towers writes the block into the number ("B101" or
+"101B"): L{Directory.apartment_in_block} finds "bloco B, 101" there, and plain "101" elsewhere.
+Residents are found by name with rapidfuzz over accent-folded, lower-cased names so that "jose"
+finds "José Carlos"; L{Directory.find_residents} lists every apartment a name may mean, for the
+flow to confirm the likeliest ("É para Fernanda Souza, do 201?").
 
 Pure Python: the only I/O is reading the JSON file in L{Directory.load}.
 """
@@ -264,6 +267,23 @@ class Directory:
             return None
         return self._apartments.get(key)
 
+    def apartment_in_block(self, number: str | int, block: str | None) -> Apartment | None:
+        """
+        The apartment C{number} of block C{block} ("bloco B, 101"): the directory's "B101"
+        or "101B" when it writes lettered blocks into its numbers, else plain C{number} (a
+        block the directory does not write changes nothing), or C{None}.
+        """
+        key = normalize_number(number)
+        if key is None:
+            return None
+        tag = normalize(block or "").upper()
+        if tag.isalpha() and len(tag) <= 2:
+            for candidate in (tag + key, key + tag):
+                found = self._apartments.get(candidate)
+                if found is not None:
+                    return found
+        return self._apartments.get(key)
+
     def find_apartment(self, text_or_number: str | int, near: bool = True) -> Match | None:
         """
         Find an apartment by number: exactly first; else, if C{near}, the single apartment whose
@@ -336,6 +356,35 @@ class Directory:
             if people[index][1].number != best_apartment.number:
                 return None
         return Match(best_apartment, people[best_index][2], float(best_score), best_score >= 100)
+
+
+    def find_residents(self, name: str, threshold: float = 80) -> list[Match]:
+        """
+        Every apartment where someone is named by C{name} (scoring at least C{threshold}), best
+        first, one L{Match} per apartment (its best-named resident). C{exact} is as for
+        L{find_resident}; whether the first is I{the} answer is the caller's to judge (see
+        L{AMBIGUITY_MARGIN}).
+        """
+        query = _name_key(name)
+        if not query or not self._people:
+            return []
+        results = process.extract(
+            query,
+            [key for key, _, _ in self._people],
+            scorer=_name_score,
+            processor=None,
+            score_cutoff=threshold,
+            limit=None,
+        )
+        matches: list[Match] = []
+        seen: set[str] = set()
+        for _, score, index in results:
+            _, apartment, resident = self._people[index]
+            if apartment.number in seen:
+                continue
+            seen.add(apartment.number)
+            matches.append(Match(apartment, resident, float(score), score >= 100))
+        return matches
 
 
 def _parse_entry(entry: Any, path: str | None, index: int) -> Apartment:

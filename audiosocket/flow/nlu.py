@@ -3,7 +3,11 @@ Rules-based understanding of Brazilian Portuguese at the gate: offline, the defa
 
 Two jobs:
   - L{extract_facts}: from what the visitor said, the four facts the doorman needs (purpose,
-    visitor name, apartment, resident name) plus the block/tower when one is named;
+    visitor name, apartment, resident name) plus the block/tower when one is named — names
+    before or after the apartment, the visitor's own at the end ("…, sou o pai dele,
+    Roberto"), speech-recogniser text (no punctuation, lower case, numbers in words) read
+    like written text; with the condominium's directory, what it implies too (the apartment
+    of a resident named for sure, the only resident of an apartment);
   - L{classify_decision}: whether the resident's answer authorises the visit, refuses it, asks
     who it is, or is unclear.
 
@@ -321,7 +325,7 @@ def spoken_number(words: str | Iterable[str]) -> int | None:
 _INTENT_CUES: dict[str, list[tuple[int, tuple[str, ...]]]] = {
     ENTREGA: [(3, p) for p in _phrases(
         "entreg*", "encomend*", "pacote*", "correio*", "sedex", "ifood", "rappi", "delivery",
-        "uber eats", "mercado livre", "amazon", "shopee", "loggi", "jadlog", "magalu",
+        "uber eats", "mercado livre", "ze delivery", "amazon", "shopee", "loggi", "jadlog", "magalu",
         "aliexpress", "shein", "carteiro*", "motoboy*", "correspondencia*", "vim trazer",
         "vim deixar", "mercadoria*", "caixa do correio",
     )] + [(2, p) for p in _phrases(
@@ -337,7 +341,11 @@ _INTENT_CUES: dict[str, list[tuple[int, tuple[str, ...]]]] = {
         "encanador*", "pintor*", "pintura", "pedreiro*", "marceneiro*", "jardineiro*",
         "piscineiro*", "chaveiro*", "dedetiz*", "vistoria", "orcamento", "reforma", "obra",
         "mudanca", "frete", "carreto", "prestador*", "manicure", "cabeleireir*", "baba",
+        "montador*", "montagem", "vim montar",
         "cuidador*", "vim arrumar", "vim limpar",
+    )] + [(2, p) for p in _phrases(
+        "personal", "empregada", "domestica", "cozinheira", "passadeira", "folguista",
+        "motorista particular", "acompanhante",
     )] + [(1, p) for p in _phrases(
         "vim fazer",
         "internet", "wifi", "vazamento", "ar condicionado", "limpeza", "leitura", "medidor",
@@ -347,11 +355,14 @@ _INTENT_CUES: dict[str, list[tuple[int, tuple[str, ...]]]] = {
     )] + [(2, p) for p in _phrases(
         "vim ver", "vim falar com", "me esperando", "me aguardando", "esta esperando",
         "ta esperando", "combinei com", "convidad*", "me chamou", "me convidou", "vim buscar",
+        "vim pegar", "esqueci", "perdi a chave", "perdi minha chave", "perdi o cartao",
+        "sou morador*", "moro no", "moro na", "moro aqui",
     )] + [(1, p) for p in _phrases(
         "falar com", "amig*", "parente*", "mae", "pai", "irmao", "irma", "namorad*", "filho",
         "filha", "tio", "tia", "primo", "prima", "avo", "sogro", "sogra", "cunhad*",
         "esposa", "marido", "neto", "neta", "afilhad*", "madrinha", "padrinho", "colega",
-        "festa", "aniversario", "churrasco", "ver",
+        "festa", "aniversario", "churrasco", "ver", "reuniao", "vim jogar", "vim estudar",
+        "vim brincar", "vim almocar", "vim jantar",
     )],  # fmt: skip
 }
 _NEGATORS = frozenset({"nao", "nem", "nunca", "jamais"})
@@ -396,8 +407,11 @@ def _intent(tokens: Sequence[_Token]) -> str | None:
 _PARTICLES = frozenset({"da", "de", "do", "das", "dos"})
 _ARTICLES = frozenset({"o", "a"})
 _TITLES = frozenset(
-    {"dona", "seu", "senhor", "senhora", "sr", "sra", "srta", "doutor", "doutora", "dr", "dra"}
-)
+    {
+        "dona", "seu", "senhor", "senhora", "sr", "sra", "srta", "doutor", "doutora", "dr", "dra",
+        "familia",
+    }
+)  # fmt: skip
 _KINSHIP = (
     "amigo amiga amigos amigas parente mae pai irmao irma namorado namorada filho filha tio tia "
     "primo prima avo sogro sogra cunhado cunhada esposa marido neto neta afilhado afilhada "
@@ -434,12 +448,14 @@ _NOT_NAMES = frozenset(
         " condicionado lavar roupa chave porta janela parede teto cozinha banheiro sala quarto"
         " faculdade escola trabalho igreja academia clube botijao documento documentos"
         " pediu encomendou comprou chamou contratou marcou mandou convidou"
-        " dona seu doutor doutora dr dra sr sra srta"
+        " dona seu doutor doutora dr dra sr sra srta familia reuniao"
     ).split()
     + _KINSHIP
     + _ROLES
 )
 
+
+_RELATIONS = frozenset(_KINSHIP + _ROLES)
 
 # Kinship words that are also surnames after a first name: "José Carlos Filho", "João Neto".
 _KIN_SURNAMES = frozenset({"filho", "neto", "sobrinho", "junior"})
@@ -452,6 +468,14 @@ _CUE_WORDS = frozenset(
 _CUE_PREFIXES = tuple(
     p[0][:-1] for cues in _INTENT_CUES.values() for _, p in cues if len(p) == 1 and "*" in p[0]
 )
+
+
+# Brands whose first word is also a first name: "o pedido do Zé Delivery".
+_BRANDS = _phrases("ze delivery")
+
+
+def _starts_brand(tokens: Sequence[_Token], i: int) -> bool:
+    return any(_match_at(tokens, i, brand) for brand in _BRANDS)
 
 
 def _is_name_word(token: _Token) -> bool:
@@ -501,6 +525,8 @@ def _take_name(
     j = i
     while j < n and content < max_words:
         token = tokens[j]
+        if _starts_brand(tokens, j):
+            break
         if token.word in _PARTICLES and content and j + 1 < n and _is_name_word(tokens[j + 1]):
             parts.append(j)
         elif _is_name_word(token) or (content and token.word in _KIN_SURNAMES):
@@ -568,12 +594,34 @@ _OPENING_FILLERS = frozenset(
 )
 
 
+# "sou o pai dele, Roberto": a relation to someone already named, then the visitor's name.
+_OF_HIM = frozenset({"dele", "dela", "deles", "delas"})
+
+
+def _name_after_relation(tokens: Sequence[_Token], i: int) -> _Name | None:
+    """
+    After "sou" at C{i - 1}: "o pai dele, Roberto" gives "Roberto" (never "o irmão do
+    Felipe", where the name is the resident's).
+    """
+    n = len(tokens)
+    if i < n and tokens[i].word in _ARTICLES:
+        i += 1
+    if not (i + 1 < n and tokens[i].word in _RELATIONS and tokens[i + 1].word in _OF_HIM):
+        return None
+    i += 2
+    while i < n and tokens[i].word in {",", "-", "o", "a", "eu", "sou"}:
+        i += 1
+    return _take_name(tokens, i)
+
+
 def _visitor_name(tokens: Sequence[_Token]) -> _Name | None:
     for i, token in enumerate(tokens):
         if not token.is_word:
             continue
         for cue, _ in _VISITOR_CUES.at(tokens, i):
             name = _take_name(tokens, i + len(cue))
+            if name is None and cue == ("sou",):
+                name = _name_after_relation(tokens, i + 1)
             if name is not None:
                 return name
         if (
@@ -589,6 +637,29 @@ def _visitor_name(tokens: Sequence[_Token]) -> _Name | None:
             name = _name_before(tokens, i)
             if name is not None:
                 return name
+    return _closing_name(tokens)
+
+
+def _closing_name(tokens: Sequence[_Token]) -> _Name | None:
+    """
+    "Moro no 302, esqueci a chave, é o Rafael": "é o <name>" as the last clause of what was
+    said, after a pause (punctuation) — how a visitor signs off with his name.
+    """
+    words = [k for k, t in enumerate(tokens) if t.is_word]
+    # In a transcript with accents, "e" is "and" ("a Patrícia, e o Ricardo"), "é" is "is".
+    accented = any(t.text.lower() != t.word for t in tokens)
+    for k in range(len(words) - 2, 0, -1):
+        i = words[k]
+        if (
+            tokens[i].word == "e"
+            and (tokens[i].text.lower() == "é" or not accented)
+            and tokens[i + 1].word in _ARTICLES
+            and not tokens[i - 1].is_word
+        ):
+            name = _take_name(tokens, i + 1)
+            if name is not None and all(not t.is_word for t in tokens[name.end :]):
+                return name
+            return None
     return None
 
 
@@ -596,7 +667,7 @@ def _visitor_name(tokens: Sequence[_Token]) -> _Name | None:
 # Ana", "encomenda em nome de Ana Souza", "casa da dona Maria", "a dona Maria".
 _RESIDENT_CUES = _Cues((p, None) for p in _phrases(
     "para", "pra", "pro", "falar com", "procurando", "procuro", "visitar", "chamar",
-    "chama", "casa da", "casa do", "casa de", "nome de", "nome da", "nome do", "morador",
+    "chama", "combinei com", "casa da", "casa do", "casa de", "nome de", "nome da", "nome do", "morador",
     "moradora", "encomenda da", "encomenda do", "encomenda de", "encomendas da",
     "encomendas do", "pacote da", "pacote do", "pacote de", "entrega da", "entrega do",
     "pedido da", "pedido do", "correspondencia da", "correspondencia do", "aniversario da",
@@ -616,6 +687,8 @@ _RESIDENT_VERBS = _Cues((p, None) for p in _phrases(
 # "... da Ana do 101": a name right before the apartment, after one of these.
 _BEFORE_APARTMENT = frozenset({"da", "do", "de", "a", "o"})
 _APARTMENT_LINKS = frozenset({"do", "da", "no", "na", "de"})
+# "... do 101, da Ana", "pro 302 pro Rafael": a name right after the apartment.
+_AFTER_APARTMENT = frozenset({"da", "do", "pra", "pro", "para"})
 
 
 def _resident_name(
@@ -639,9 +712,23 @@ def _resident_name(
             and (name.end + 1 in run_starts or tokens[name.end + 1].word in _UNIT_CUES)
         )
 
+    # "Entrega pro cento e um, da Ana": the name right after the apartment.
+    after_apartment: _Name | None = None
+    for run in runs:
+        j = run.end
+        while j < len(tokens) and not tokens[j].is_word:
+            j += 1
+        if j < len(tokens) and tokens[j].word in _AFTER_APARTMENT:
+            name = _take_name(tokens, j + 1)
+            if usable(name, weak=True):
+                after_apartment = name
+                break
+
     for i, token in enumerate(tokens):
         if not token.is_word:
             continue
+        if after_apartment is not None and i >= after_apartment.start - 1:
+            return after_apartment
         if visitor is not None and visitor.start - 1 <= i < visitor.end:
             continue  # "sou o Pedro da Silva": not "Silva"
         for cue, _ in _RESIDENT_CUES.at(tokens, i):
@@ -660,7 +747,7 @@ def _resident_name(
             name = _take_name(tokens, i + 1)
             if before_apartment(name) and usable(name, weak=token.word in _ARTICLES):
                 return name
-    return None
+    return after_apartment
 
 
 # -- apartment and block ---------------------------------------------------------------------
@@ -882,31 +969,136 @@ def extract_facts(text: str, directory: Directory | None = None) -> Facts:
     """
     The facts in one thing the visitor said.
 
-    With a C{directory}, a resident's name is matched to it (within the apartment said, if
-    any, then anywhere) and returned as the directory spells it; without one, or with no
-    match, the name is returned as said, title-cased.
+    Without a C{directory}, names are returned as said, title-cased. With one (see
+    L{_with_directory}), the directory completes what the sentence implies: the apartment
+    of a resident named for sure, the resident of an apartment where one person lives, a
+    resident named anywhere in the sentence, the block written into the apartment's number.
     """
     tokens = _tokenize(text)
     runs = _number_runs(tokens)
     visitor = _visitor_name(tokens)
     apartment, block = _apartment_and_block(tokens, runs)
     resident = _resident_name(tokens, visitor, runs)
-    resident_name = resident.text if resident else None
-    if resident_name and directory is not None:
-        match = None
-        if apartment is not None and directory.apartment(apartment) is not None:
-            match = directory.find_resident(resident_name, apartment=apartment)
-        if match is None:
-            match = directory.find_resident(resident_name)
-        if match is not None:
-            resident_name = match.resident
-    return Facts(
+    facts = Facts(
         intent=_intent(tokens),
         visitor_name=visitor.text if visitor else None,
         apartment=apartment,
-        resident_name=resident_name,
+        resident_name=resident.text if resident else None,
         block=block,
     )
+    if directory is None:
+        return facts
+    return _with_directory(facts, tokens, visitor, directory)
+
+
+def _with_directory(
+    facts: Facts, tokens: Sequence[_Token], visitor: _Name | None, directory: Directory
+) -> Facts:
+    """
+    C{facts} completed by the directory, only where it is sure (the flow confirms the rest):
+      - the apartment said, in the block said when the directory writes blocks ("B101");
+      - the resident said, spelled as the directory spells it: within the apartment said
+        (approximately), or anywhere when exactly one apartment has someone of that name —
+        whose number then is the apartment. An approximate or ambiguous name is kept as
+        said, with no apartment: the flow asks "É para Fernanda Souza, do 201?";
+      - no name after a cue: a resident's name anywhere in the sentence (not the visitor's);
+      - nobody named: the visitor, when he lives in the apartment he named ("sou o Carlos
+        do 101, esqueci a chave"), or the apartment's only resident.
+    """
+    apartment = facts.apartment
+    home = None
+    if apartment is not None:
+        home = directory.apartment_in_block(apartment, facts.block)
+        if home is not None:
+            apartment = home.number
+    resident = facts.resident_name
+    if resident is not None:
+        match = directory.find_resident(resident, apartment=home) if home is not None else None
+        if match is None:
+            match = directory.find_resident(resident)
+            if match is not None and match.exact:
+                if apartment is None:
+                    apartment, home = match.apartment.number, match.apartment
+            else:
+                match = None  # not sure: kept as said, for the flow to confirm
+        if match is not None:
+            resident = match.resident
+    else:
+        resident = _named_resident(tokens, visitor, directory, home)
+        if resident is not None and home is None and apartment is None:
+            found = directory.find_resident(resident)
+            if found is not None:
+                apartment, home = found.apartment.number, found.apartment
+    if resident is None and home is not None:
+        if (
+            facts.visitor_name is not None
+            and facts.intent not in (ENTREGA, SERVICO)
+        ):
+            own = directory.find_resident(facts.visitor_name, apartment=home, threshold=100)
+            if own is not None:
+                resident = own.resident
+        if resident is None and len(home.residents) == 1:
+            resident = home.residents[0]
+    return Facts(
+        intent=facts.intent,
+        visitor_name=facts.visitor_name,
+        apartment=apartment,
+        resident_name=resident,
+        block=facts.block,
+    )
+
+
+def _named_resident(
+    tokens: Sequence[_Token], visitor: _Name | None, directory: Directory, home
+) -> str | None:
+    """
+    A resident's name said anywhere in C{tokens} with no cue before it ("Entrega pro cento
+    e um, da Ana"), outside the visitor's own name: every word of it found in one resident's
+    name (within C{home} when the apartment is known; else in one apartment only).
+    """
+    for i, token in enumerate(tokens):
+        if visitor is not None and visitor.start <= i < visitor.end:
+            continue
+        if not _is_name_word(token):
+            continue
+        name = _take_name(tokens, i)
+        if name is None:
+            continue
+        words = [t for t in tokens[name.start : name.end] if _is_name_word(t)]
+        if visitor is not None and name.start < visitor.end and visitor.start < name.end:
+            continue
+        for length in range(len(words), 0, -1):
+            said = " ".join(t.word for t in words[:length])
+            if home is not None:
+                match = directory.find_resident(said, apartment=home, threshold=100)
+            else:
+                match = directory.find_resident(said, threshold=100)
+            if match is not None:
+                return match.resident
+    return None
+
+
+def answer_name(text: str) -> str | None:
+    """
+    The name in a short answer to "qual é o seu nome?": "sou o Pedro" and "meu nome é Ana"
+    as in L{extract_facts}, or the first name said ("Marcos Vieira", "Pedro, entrega", "é
+    o Zé"). C{None} when there is none, or the answer is too long to be one.
+    """
+    tokens = _tokenize(text)
+    visitor = _visitor_name(tokens)
+    if visitor is not None:
+        return visitor.text
+    words = [t for t in tokens if t.is_word]
+    if len(words) > _MAX_ANSWER_WORDS:
+        return None
+    for i, token in enumerate(tokens):
+        if _is_name_word(token):
+            name = _take_name(tokens, i)
+            return name.text if name is not None else None
+    return None
+
+
+_MAX_ANSWER_WORDS = 8
 
 
 # -- the resident's decision -----------------------------------------------------------------

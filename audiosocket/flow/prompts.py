@@ -6,8 +6,9 @@ format strings; the fields each one may use are listed beside it and filled by L
 Fixed texts (no fields) are synthesized once at start-up so the first call does not wait.
 
 Nothing a caller typed or said is read back to them: an apartment number in a prompt is always
-the directory's (C{confirm_apartment}, C{calling}, C{no_answer}); "não encontrei" names no
-number. The only caller data spoken at all is the visitor's name, to the resident
+the directory's (C{confirm_apartment}, C{calling}, C{no_answer}), and so is a resident's name
+(C{confirm_resident}: "É para Fernanda Souza, do 201?", the directory's spelling of the
+likeliest match, never the words heard); "não encontrei" names no number. The only caller data spoken at all is the visitor's name, to the resident
 (C{announce}, C{who_detail}), and only a name of at most L{MAX_NAME_CHARS}.
 """
 
@@ -27,7 +28,11 @@ DEFAULTS: dict[str, str] = {
     "ask_apartment_keypad": "Por favor, digite o número do apartamento e tecle jogo da velha.",
     "ask_name": "Qual é o seu nome, por favor?",
     "ask_intent": "É uma visita, uma entrega ou um serviço?",
+    # Both missing: one question, not two.
+    "ask_name_intent": "Qual é o seu nome? É visita, entrega ou serviço?",
     "confirm_apartment": "Apartamento {apartment}, correto? Diga sim ou tecle 1; não, tecle 2.",
+    # {resident} and {apartment} are the directory's, never what the visitor said.
+    "confirm_resident": "É para {resident}, do {apartment}? Diga sim ou tecle 1; não, tecle 2.",
     # No field: what the visitor typed or said is never read back.
     "unknown_apartment": "Não encontrei esse apartamento.",
     "unknown_apartment_final": "Não encontrei esse apartamento. Por favor, procure a portaria. Até logo.",
