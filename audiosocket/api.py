@@ -369,6 +369,15 @@ class Api:
 
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request):
+        # "degraded" is a 503 so a load balancer or a monitor sees it without reading the
+        # body: an extension that does not listen loses every call sent to it.
+        failed = [
+            {"id": ext_id, "error": svc.error}
+            for ext_id, svc in sorted(self._manager.extensions.items())
+            if svc.status == "failed"
+        ]
+        if failed:
+            return _json(request, {"status": "degraded", "failed_extensions": failed}, 503)
         return _json(request, {"status": "ok"})
 
     @app.route("/api/status", methods=["GET"])
