@@ -97,6 +97,7 @@ class ExtensionService(Service):
         self.return_factory = LegFactory(
             RESIDENT, clock, lambda leg: on_leg(self, leg), **options
         )
+        self.ai_factory.ext = self.return_factory.ext = extension.id
         self._ports: list = []
         self.bound_ai_port: int | None = None
         self.bound_return_port: int | None = None
