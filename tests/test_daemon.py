@@ -238,3 +238,42 @@ def test_failure_after_the_reactor_runs_exits_nonzero_with_one_line(tmp_path):
     failed = [line for line in result.stdout.splitlines() if "failed to start" in line]
     assert len(failed) == 1 and "did not accept connections" in failed[0]
     assert "Traceback" not in result.stdout
+
+
+#: The README's "A whole call without a PBX" recipe, on this test's ports: the record is read
+#: once it is there (the call's record is written when both legs have ended: the resident
+#: still hears the goodbye after the visitor's audiosocket-call has returned).
+RECIPE = """
+set -e
+sed 's|^kind = "log"|kind = "http"|; s|^url = "" *#.*|url = "http://127.0.0.1:{pbx}/"|' audiosocket.toml > http.toml
+{bin}/twistd -n --pidfile "" audiosocket --config http.toml > server.log 2>&1 &
+server=$!
+trap 'kill $server $pbx_pid 2>/dev/null; wait $server || true' EXIT
+{bin}/audiosocket-fake-pbx --listen {pbx} --dtmf 8:1 --dtmf 12:1 --dtmf 16:1 --dtmf 20:1 > pbx.log 2>&1 &
+pbx_pid=$!
+until grep -q "ready:" server.log; do sleep 0.2; done
+{bin}/audiosocket-call 127.0.0.1:{ai} --dtmf 1:101# --seconds 40 > call.log
+for i in $(seq 20); do curl -s 'localhost:{api}/api/calls?limit=1' | grep -q '"outcome"' && break; sleep 0.5; done
+curl -s 'localhost:{api}/api/calls?limit=1'
+"""
+
+
+def test_readme_whole_call_recipe_prints_the_record(tmp_path):
+    """
+    The README's whole-call recipe (http dialer → fake PBX pressing 1, visitor typing 101#),
+    run as a shell script, prints the call's record: authorized, apartment 101, Ana Souza.
+    """
+    ai, ret, api, pbx = free_ports(4)
+    shutil.copy(ETC / "apartments.json", tmp_path / "apartments.json")
+    text = (ETC / "audiosocket.toml").read_text()
+    text = text.replace("8080", str(ai)).replace("8081", str(ret)).replace("8082", str(api))
+    (tmp_path / "audiosocket.toml").write_text(text)
+    script = RECIPE.format(bin=Path(sys.executable).parent, ai=ai, api=api, pbx=pbx)
+    result = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, timeout=120, cwd=str(tmp_path)
+    )
+    assert result.returncode == 0, result.stderr + (tmp_path / "server.log").read_text()[-3000:]
+    (record,) = json.loads(result.stdout)["calls"]
+    assert record["outcome"] == "authorized"
+    assert record["facts"]["apartment"] == "101"
+    assert record["facts"]["resident"] == "Ana Souza"
