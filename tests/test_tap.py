@@ -239,3 +239,26 @@ async def test_start_up_says_when_file_extensions_differ_from_the_store(tmp_path
         globalLogPublisher.removeObserver(events.append)
     drift = [e for e in events if "differ from the store" in e.get("log_format", "")]
     assert len(drift) == 1 and drift[0]["ids"] == "1"
+
+
+def test_unset_secrets_lists_only_the_secrets_in_use(tmp_path, monkeypatch):
+    """
+    Config.unset_secrets names the variables of the providers in use only: the Azure key is
+    required when Azure speaks, the OpenAI key (speech.tts = "openai") a warning, and a Redis
+    password of an embedded Redis (never used) is not listed.
+    """
+    from test_service import config_for
+
+    monkeypatch.delenv("AZURE_SPEECH_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("AUDIOSOCKET_TEST_REDIS_PW", raising=False)
+    azure = config_for("/r.sock", tmp_path, 1, 2, speech={"tts": "azure", "azure": {"region": "brazilsouth"}})
+    assert [(u.key, u.required) for u in azure.unset_secrets()] == [("speech.azure.key_env", True)]
+    openai = config_for("/r.sock", tmp_path, 1, 2, speech={"tts": "openai"})
+    assert [(u.key, u.variable, u.required) for u in openai.unset_secrets()] == [
+        ("speech.openai.api_key_env", "OPENAI_API_KEY", False)
+    ]
+    embedded = config_for("/r.sock", tmp_path, 1, 2, redis={"url": "", "password_env": "AUDIOSOCKET_TEST_REDIS_PW"})
+    assert embedded.unset_secrets() == []
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    assert openai.unset_secrets() == []
