@@ -689,7 +689,12 @@ def openapi_document() -> dict:
                     "operationId": "healthz",
                     "security": [],
                     "responses": {
-                        "200": _json_response("Alive", "#/components/schemas/Health")
+                        "200": _json_response("Alive", "#/components/schemas/Health"),
+                        "503": _json_response(
+                            "Degraded: an extension does not listen (failed_extensions says "
+                            "which and why; it is retried)",
+                            "#/components/schemas/Health",
+                        ),
                     },
                 }
             },
@@ -912,7 +917,19 @@ def openapi_document() -> dict:
                 "Health": {
                     "type": "object",
                     "required": ["status"],
-                    "properties": {"status": {"const": "ok"}},
+                    "properties": {
+                        "status": {"enum": ["ok", "degraded"]},
+                        "failed_extensions": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "id": {"type": "integer"},
+                                    "error": {"type": "string"},
+                                },
+                            },
+                        },
+                    },
                 },
                 "ExtensionInput": {
                     "type": "object",
