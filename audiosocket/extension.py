@@ -204,8 +204,10 @@ class ExtensionService(Service):
 
     async def close_listeners(self) -> None:
         ports, self._ports = self._ports, []
-        for p in ports:
-            await defer.maybeDeferred(p.stopListening)
+        # Both at once: a port closes on the next reactor turn, and a restart waits for it.
+        await defer.gatherResults(
+            [defer.maybeDeferred(p.stopListening) for p in ports], consumeErrors=True
+        )
 
     async def relisten(self, taken: set[int]) -> None:
         """
