@@ -392,6 +392,15 @@ class Api:
 
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request):
+        # "degraded" is a 503 so a load balancer or a monitor sees it without reading the
+        # body: an extension that does not listen loses every call sent to it.
+        failed = [
+            {"id": ext_id, "error": svc.error}
+            for ext_id, svc in sorted(self._manager.extensions.items())
+            if svc.status == "failed"
+        ]
+        if failed:
+            return _json(request, {"status": "degraded", "failed_extensions": failed}, 503)
         return _json(request, {"status": "ok"})
 
     @app.route("/api/status", methods=["GET"])
@@ -712,7 +721,12 @@ def openapi_document() -> dict:
                     "operationId": "healthz",
                     "security": [],
                     "responses": {
-                        "200": _json_response("Alive", "#/components/schemas/Health")
+                        "200": _json_response("Alive", "#/components/schemas/Health"),
+                        "503": _json_response(
+                            "Degraded: an extension does not listen (failed_extensions says "
+                            "which and why; it is retried)",
+                            "#/components/schemas/Health",
+                        ),
                     },
                 }
             },
@@ -935,7 +949,19 @@ def openapi_document() -> dict:
                 "Health": {
                     "type": "object",
                     "required": ["status"],
-                    "properties": {"status": {"const": "ok"}},
+                    "properties": {
+                        "status": {"enum": ["ok", "degraded"]},
+                        "failed_extensions": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "id": {"type": "integer"},
+                                    "error": {"type": "string"},
+                                },
+                            },
+                        },
+                    },
                 },
                 "ExtensionInput": {
                     "type": "object",

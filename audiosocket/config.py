@@ -759,6 +759,66 @@ class Config:
         """See L{secret}."""
         return secret(env_name)
 
+    def unset_secrets(self) -> list["UnsetSecret"]:
+        """
+        The secrets this configuration uses whose environment variable is unset or empty, read
+        now. C{required} ones stop start-up (and fail C{--check}): the API token when the API
+        is reachable from other hosts, the AMI secret with C{dialer.kind = "ami"}, the Azure
+        key when Azure speaks or listens. The others are warnings: the API token on loopback
+        (every API request would be refused), the external Redis password, the OpenAI,
+        Whisper and LLM keys of the providers in use (sent without a key).
+        """
+        wanted = []
+        api = self.api
+        if api.token_env:
+            wanted.append(
+                ("api.token_env", api.token_env, not api.is_loopback,
+                 "the API refuses every request (401)")
+            )
+        if self.redis.password_env and not self.redis.embedded:
+            wanted.append(
+                ("redis.password_env", self.redis.password_env, False,
+                 "Redis is used without a password")
+            )
+        if self.dialer.kind == "ami":
+            wanted.append(
+                ("dialer.ami.secret_env", self.dialer.ami.secret_env, True,
+                 "the AMI login fails")
+            )
+        speech = self.speech
+        if "azure" in (speech.tts, speech.stt):
+            wanted.append(
+                ("speech.azure.key_env", speech.azure.key_env, True, "Azure speech fails")
+            )
+        optional = [
+            (speech.tts == "openai", "speech.openai.api_key_env", speech.openai.api_key_env),
+            (speech.stt == "whisper", "speech.whisper.api_key_env", speech.whisper.api_key_env),
+            (speech.nlu == "llm", "speech.llm.api_key_env", speech.llm.api_key_env),
+        ]
+        for used, key, env_name in optional:
+            if used and env_name:
+                wanted.append((key, env_name, False, "requests are sent without a key"))
+        return [
+            UnsetSecret(key, env_name, required, effect)
+            for key, env_name, required, effect in wanted
+            if not secret(env_name)
+        ]
+
+
+@frozen
+class UnsetSecret:
+    """A secret the configuration uses whose variable is unset (see L{Config.unset_secrets})."""
+
+    key: str
+    variable: str
+    required: bool
+    effect: str
+
+    def __str__(self) -> str:
+        return "{}: environment variable {} is not set ({})".format(
+            self.key, self.variable, self.effect
+        )
+
 
 # --- building -----------------------------------------------------------------------------
 

@@ -98,6 +98,7 @@ class ExtensionService(Service):
         self.return_factory = LegFactory(
             RESIDENT, clock, lambda leg: on_leg(self, leg), **options
         )
+        self.ai_factory.ext = self.return_factory.ext = extension.id
         self._ports: list = []
         self.bound_ai_port: int | None = None
         self.bound_return_port: int | None = None
@@ -204,30 +205,59 @@ class ExtensionService(Service):
 
     async def close_listeners(self) -> None:
         ports, self._ports = self._ports, []
-        for p in ports:
-            await defer.maybeDeferred(p.stopListening)
+        # Both at once: a port closes on the next reactor turn, and a restart waits for it.
+        await defer.gatherResults(
+            [defer.maybeDeferred(p.stopListening) for p in ports], consumeErrors=True
+        )
+
+    async def relisten(self, taken: set[int]) -> None:
+        """
+        Stop listening, then listen again on the configured ports (a restart). The old
+        listeners must close first: the new ones want the same ports. The ports are closed
+        only for the time the old listeners take to close (one reactor turn) and the new
+        ones to open; accepted connections (calls in progress) are not touched.
+
+        @raise PortBusy: the ports could not be opened again (the extension is L{FAILED}).
+        """
+        await self.close_listeners()
+        await self.listen(taken)
 
     async def rebind(self, extension: Extension, taken: set[int]) -> None:
         """
         Move to new ports (calls in progress stay where they are). The new ports are
-        opened before the old ones close, so a failure leaves the old ones serving.
+        opened before the old ones close, so a failure leaves the old ones serving; a port
+        kept from the old ones (or a failed extension) is a L{relisten}.
         """
         old = self.extension
-        self.extension = extension
-        try:
-            old_ports = self._ports
-            self._ports = []
+        kept = {extension.ai_port, extension.return_port} & {
+            self.bound_ai_port,
+            self.bound_return_port,
+        }
+        if kept - {0, None} or not self._ports:
+            self.extension = extension
             try:
-                await self.listen(taken)
+                await self.relisten(taken)
             except PortBusy:
-                self._ports = old_ports
-                self.status = LISTENING if old_ports else FAILED
+                # Back to the old settings, listening again if their ports can be had.
+                self.extension = old
+                try:
+                    await self.listen(taken)
+                except PortBusy:
+                    pass
                 raise
-            for p in old_ports:
-                await defer.maybeDeferred(p.stopListening)
+            return
+        self.extension = extension
+        old_ports, old_error = self._ports, self.error
+        self._ports = []
+        try:
+            await self.listen(taken)
         except PortBusy:
+            self._ports = old_ports
+            self.status, self.error = LISTENING, old_error
             self.extension = old
             raise
+        for p in old_ports:
+            await defer.maybeDeferred(p.stopListening)
 
     async def stop(self, force: bool = False) -> None:
         """
@@ -276,6 +306,11 @@ class ExtensionManager(MultiService):
         port (the metrics' C{audiosocket_refused_connections}).
     @ivar peers: address → connections open from it over every port, against which
         C{max_connections_per_peer} is checked.
+
+    An extension left L{FAILED} (its port taken at start-up, or a restart that could not get
+    its ports back) is retried on its own: after C{retry_initial_s}, then twice as long each
+    time, at most C{retry_max_s} apart, until it listens, is changed or removed. Each failure
+    and the recovery are logged.
     """
 
     log = Logger()
@@ -291,6 +326,8 @@ class ExtensionManager(MultiService):
         condominium_exists: Callable[[int], bool] = lambda cid: True,
         port_fallback_range: tuple[int, int] | None = None,
         leg_options: dict | None = None,
+        retry_initial_s: float = 1.0,
+        retry_max_s: float = 60.0,
     ):
         super().__init__()
         if reactor is None:
@@ -310,6 +347,10 @@ class ExtensionManager(MultiService):
         self.peers: collections.Counter = collections.Counter()
         # One change at a time: two concurrent POSTs must not both take port 9000.
         self._lock = defer.DeferredLock()
+        self._retry_initial_s = retry_initial_s
+        self._retry_max_s = retry_max_s
+        #: extension id → (the pending retry, attempts made so far), for FAILED extensions.
+        self._retries: dict[int, tuple] = {}
 
     # ------------------------------------------------------------ maps
 
@@ -408,9 +449,7 @@ class ExtensionManager(MultiService):
                 svc.status, svc.error = FAILED, str(e)
                 self.extensions[ext.id] = svc
                 svc.setServiceParent(self)
-                self.log.error(
-                    "extension {ext} failed to listen: {error}", ext=ext.id, error=str(e)
-                )
+                self._schedule_retry(svc)
             except (Conflict, InvalidField) as e:
                 self.log.error(
                     "extension {ext} skipped: {error}", ext=ext.id, error=str(e)
@@ -429,7 +468,10 @@ class ExtensionManager(MultiService):
                 svc.status == FAILED
             ):
                 others = self._claimed_ports(exclude=ext.id)
-                await svc.rebind(ext, others)
+                try:
+                    await svc.rebind(ext, others)
+                finally:
+                    self._retry_if_failed(svc)
             else:
                 svc.extension = ext
             return svc
@@ -438,7 +480,10 @@ class ExtensionManager(MultiService):
         """Close and reopen an extension's ports (e.g. after a failure); calls stay up."""
         async with _locked(self._lock):
             svc = self.get(ext_id)
-            await svc.rebind(svc.extension, self._claimed_ports(exclude=ext_id))
+            try:
+                await svc.relisten(self._claimed_ports(exclude=ext_id))
+            finally:
+                self._retry_if_failed(svc)
             return svc
 
     async def remove(self, ext_id: int, force: bool = False) -> ExtensionService:
@@ -449,6 +494,7 @@ class ExtensionManager(MultiService):
         """
         async with _locked(self._lock):
             svc = self.get(ext_id)
+            self._cancel_retry(ext_id)
             await svc.close_listeners()
             del self.extensions[ext_id]
             self.draining[ext_id] = svc
@@ -462,7 +508,63 @@ class ExtensionManager(MultiService):
         svc.stopped = stopping.addBoth(drained)
         return svc
 
+    # ------------------------------------------------------------ failed extensions
+
+    def _retry_if_failed(self, svc: ExtensionService) -> None:
+        if svc.status == FAILED:
+            self._schedule_retry(svc)
+        elif svc.extension.id in self._retries:
+            attempts = self._retries[svc.extension.id][1]
+            self._cancel_retry(svc.extension.id)
+            self.log.info(
+                "extension {ext} listening again after {n} failed attempt(s)",
+                ext=svc.extension.id,
+                n=attempts,
+            )
+
+    def _schedule_retry(self, svc: ExtensionService) -> None:
+        ext_id = svc.extension.id
+        pending, attempts = self._retries.pop(ext_id, (None, 0))
+        if pending is not None and pending.active():
+            pending.cancel()
+        attempts += 1
+        delay = min(self._retry_initial_s * 2 ** (attempts - 1), self._retry_max_s)
+        self.log.error(
+            "extension {ext} is not listening: {error}; retry {n} in {delay}s",
+            ext=ext_id,
+            error=svc.error,
+            n=attempts,
+            delay=delay,
+        )
+        if not self.running:
+            return
+        call = self._reactor.callLater(delay, self._retry, ext_id)
+        self._retries[ext_id] = (call, attempts)
+
+    def _cancel_retry(self, ext_id: int) -> None:
+        pending, _ = self._retries.pop(ext_id, (None, 0))
+        if pending is not None and pending.active():
+            pending.cancel()
+
+    def _retry(self, ext_id: int) -> defer.Deferred:
+        d = defer.Deferred.fromCoroutine(self._retry_now(ext_id))
+        d.addErrback(lambda f: self.log.failure("retrying extension {ext}", f, ext=ext_id))
+        return d
+
+    async def _retry_now(self, ext_id: int) -> None:
+        async with _locked(self._lock):
+            svc = self.extensions.get(ext_id)
+            if svc is None or svc.status != FAILED or not self.running:
+                return
+            try:
+                await svc.relisten(self._claimed_ports(exclude=ext_id))
+            except PortBusy:
+                pass
+            self._retry_if_failed(svc)
+
     def stopService(self):
+        for ext_id in list(self._retries):
+            self._cancel_retry(ext_id)
         stopping = super().stopService()
         draining = [svc.stopped for svc in self.draining.values()]
         return defer.gatherResults([stopping] + draining, consumeErrors=True)

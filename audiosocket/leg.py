@@ -463,6 +463,7 @@ class AudioSocketProtocol(Protocol):
             d.cancel()
         self.log.info(
             "{role} leg {uuid} ended (hung up by {by}), {frames} frames sent",
+            ext=self.factory.ext,
             role=self.role,
             uuid=str(self.uuid) if self.uuid else "-",
             by=by,
@@ -674,6 +675,10 @@ class LegFactory(Factory):
     log = Logger()
     protocol = AudioSocketProtocol
     noisy = False  # the extension logs its listening ports itself
+
+    #: The id of the extension this port serves, named in the legs' log events (set by
+    #: L{audiosocket.extension.ExtensionService}).
+    ext: int | None = None
 
     def __init__(
         self,

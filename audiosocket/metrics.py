@@ -34,6 +34,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from audiosocket.clock import GAP_BUCKETS_MS, Histogram
+from audiosocket.extension import DRAINING, FAILED, LISTENING, STOPPED
+
+EXTENSION_STATUSES = (LISTENING, FAILED, DRAINING, STOPPED)
 
 #: Buckets (s) of the call-timing histograms: time to the resident's answer, to decision.
 CALL_BUCKETS_S = (1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0)
@@ -136,15 +139,27 @@ class _ServerCollector:
             else:
                 ext_id = session.extension.id
                 per_ext[ext_id] = per_ext.get(ext_id, 0) + 1
+        status = GaugeMetricFamily(
+            "audiosocket_extension_status",
+            "1 for the extension's current status (listening, failed, draining, stopped), 0 for the others",
+            labels=["extension", "status"],
+        )
         for ext_id, svc in sorted(manager.extensions.items()):
             label = str(ext_id)
+            for name in EXTENSION_STATUSES:
+                status.add_metric([label, name], 1 if svc.status == name else 0)
             sessions.add_metric([label], per_ext.get(ext_id, 0))
             legs.add_metric([label, "visitor"], len(svc.ai_factory.connections))
             legs.add_metric([label, "resident"], len(svc.return_factory.connections))
             for leg in svc.legs:
                 totals.track(leg)
+        for ext_id, svc in sorted(getattr(manager, "draining", {}).items()):
+            if ext_id not in manager.extensions:
+                for name in EXTENSION_STATUSES:
+                    status.add_metric([str(ext_id), name], 1 if svc.status == name else 0)
         yield sessions
         yield legs
+        yield status
         yield GaugeMetricFamily(
             "audiosocket_calls_busy",
             "Turned-away calls hearing that the lines are busy now (bounded by max_busy)",

@@ -13,10 +13,17 @@ refused: C{allkeys-*} could drop extensions; C{volatile-lru} evicts only keys wi
 but a TTL does not mean "disposable" (a lockout or a pre-authorisation that expires must
 not vanish early because a cache filled the memory). What fills this Redis is bounded
 anyway: call records are a capped stream, and the TTS cache keeps only the fixed prompts.
+
+One process owns a state directory: C{startService} takes an exclusive C{flock} on
+C{state_dir/audiosocket.lock} (holding the owner's pid) and keeps it until the process ends
+or the service stops. A second server on the same directory raises L{StateDirLocked} before
+it starts anything: without the lock it would start a second redis-server on the same
+socket and data file and, leaving, delete the socket the first one's store uses.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import socket
@@ -36,6 +43,51 @@ _NAME = "redis"
 
 class RedisStartError(Exception):
     """The embedded redis-server did not come up; the message names the binary and the log."""
+
+
+class StateDirLocked(RedisStartError):
+    """Another process holds the state directory's lock (the message names it and its pid)."""
+
+
+class StateDirLock:
+    """
+    An exclusive C{flock} on C{<state_dir>/audiosocket.lock}. The kernel drops it when the
+    process ends, however it ends, so a stale lock file never blocks a restart.
+    """
+
+    def __init__(self, state_dir: str):
+        self.path = os.path.join(os.path.abspath(state_dir), "audiosocket.lock")
+        self._file = None
+
+    def acquire(self) -> None:
+        """@raise StateDirLocked: another process (or another service here) holds it."""
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            owner = f.read().strip() or "unknown"
+            f.close()
+            raise StateDirLocked(
+                "state_dir {} is in use by another audiosocket (pid {})".format(
+                    os.path.dirname(self.path), owner
+                )
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write("{}\n".format(os.getpid()))
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        f, self._file = self._file, None
+        if f is not None:
+            f.close()  # closing the only descriptor drops the lock
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None
 
 
 def redis_binary() -> str:
@@ -122,6 +174,7 @@ class EmbeddedRedis(MultiService):
         self.monitor = ProcessMonitor(reactor=reactor)
         self.monitor.killTime = kill_time_s
         self.monitor.setServiceParent(self)
+        self.lock = StateDirLock(state_dir)
         self._ready = None  # None or the Failure once the readiness poll has finished
         self._poll: defer.Deferred | None = None
         self._waiters: list[defer.Deferred] = []
@@ -165,6 +218,8 @@ class EmbeddedRedis(MultiService):
     def startService(self):
         if not os.access(self.binary, os.X_OK):
             raise RedisStartError("redis-server binary {} is not executable".format(self.binary))
+        # Before anything is started: a second server must not touch the first one's Redis.
+        self.lock.acquire()
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         with open(self.config_path, "w") as f:
             f.write(self._config())
@@ -258,4 +313,5 @@ class EmbeddedRedis(MultiService):
             self.monitor.removeProcess(_NAME)
         except KeyError:  # stopped without having been started
             pass
+        self.lock.release()
         self.log.info("embedded redis-server stopped")

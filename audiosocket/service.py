@@ -2,10 +2,18 @@
 """
 The root service: wires config, store, extensions, clock, sessions, flow and API together.
 
-C{makeService(config)} only builds and connects objects (magic-wormhole's rule); the work
-that needs a running reactor — waiting for Redis, loading extensions, opening the API port —
-happens in L{DoormanService.startup} after C{callWhenRunning}, and a fatal error there is
-logged and stops the reactor rather than leaving a half-started server.
+C{makeService(config)} only builds and connects objects (magic-wormhole's rule). What a start
+can tell at once is checked in C{startService}, before the reactor runs, and raised as
+L{StartupError} (twistd then exits 1, in daemon mode its parent too): the API port is bound
+there (but accepts no connection until the server is ready; the kernel queues them) and the
+embedded Redis locks the state directory. The work that needs a running reactor — waiting for
+Redis, loading extensions — happens in L{DoormanService.startup} after C{callWhenRunning}; a
+fatal error there is logged as one line, sets C{exit_code} and stops the reactor rather than
+leaving a half-started server.
+
+An extension that cannot listen is not fatal: it is retried (see
+L{audiosocket.extension.ExtensionManager}), and shown as C{failed} by C{GET /healthz}
+(503 "degraded"), C{/metrics} (C{audiosocket_extension_status}) and the ready line.
 
 Service tree::
 
@@ -29,7 +37,9 @@ from pathlib import Path
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
+from twisted.internet.error import CannotListenError
+from twisted.python.failure import Failure
+from twisted.logger import Logger, LogLevel
 
 from audiosocket import __version__
 from audiosocket.clock import AudioClock
@@ -42,6 +52,10 @@ from audiosocket.flow.directory import Directory, DirectoryError
 from audiosocket.flow.prompts import Prompts, greeting
 from audiosocket.session import SessionRegistry
 from audiosocket.speech.tts import make_pool
+
+
+class StartupError(Exception):
+    """The server cannot start; the message says why in one line."""
 
 
 class CallRecords(Service):
@@ -419,37 +433,103 @@ class DoormanService(MultiService):
 
     # ------------------------------------------------------------ life
 
+    #: The process's exit status after a start-up failure (see L{audiosocket.tap}).
+    exit_code = 0
+
     def startService(self):
-        super().startService()
+        """
+        @raise StartupError: the API port cannot be bound, or the state directory is in use
+            by another server (L{audiosocket.redisproc.StateDirLocked}); nothing is left
+            started.
+        """
+        self._listen_api()
+        try:
+            super().startService()
+        except Exception:
+            port, self.api_port = self.api_port, None
+            port.stopListening()
+            raise
         self._reactor.callWhenRunning(self._begin)
+
+    def _listen_api(self) -> None:
+        endpoint = self.config.api.endpoint
+        results: list = []
+        serverFromString(self._reactor, endpoint).listen(self.api.site()).addBoth(results.append)
+        if not results:  # not a stream endpoint that listens at once (tcp, ssl, unix)
+            raise StartupError("API endpoint {} did not listen at once".format(endpoint))
+        if isinstance(results[0], Failure):
+            error = results[0].value
+            reason = error.socketError if isinstance(error, CannotListenError) else error
+            raise StartupError("API endpoint {}: {}".format(endpoint, reason))
+        self.api_port = results[0]
+        # Bound now, so a busy port stops the start; served once ready (connections wait in
+        # the kernel's backlog meanwhile).
+        stop_reading = getattr(self.api_port, "stopReading", None)
+        if stop_reading is not None:
+            stop_reading()
 
     def _begin(self):
         d = defer.Deferred.fromCoroutine(self.startup())
         d.addErrback(self._startup_failed)
 
     def _startup_failed(self, failure):
-        self.log.failure("audiosocket failed to start", failure)
+        self.log.error("audiosocket failed to start: {error}", error=_reason(failure))
+        from audiosocket.redisproc import RedisStartError
+
+        if not failure.check(StartupError, ConfigError, RedisStartError, defer.TimeoutError):
+            # Not a failure we expect: the traceback helps whoever debugs it (-l - --loglevel).
+            self.log.failure("start-up failure", failure, level=LogLevel.debug)
+        self.exit_code = 1
         if not self.ready.called:
             self.ready.errback(failure)
         if self._install_signals:
             self._reactor.stop()
 
     async def startup(self) -> None:
+        for unset in self.config.unset_secrets():
+            self.log.warn("{path}: {problem}", path=str(self.config.path), problem=str(unset))
         if self.embedded_redis is not None:
             await self.embedded_redis.whenReady()
         await self.control.start(self.config.extensions)
+        self._log_extension_drift()
         self._preload_prompts()
-        site = self.api.site()
-        self.api_port = await serverFromString(self._reactor, self.config.api.endpoint).listen(site)
+        start_reading = getattr(self.api_port, "startReading", None)
+        if start_reading is not None:
+            start_reading()
         if self._install_signals:
             self._install_sighup()
+        extensions = self.manager.extensions.values()
+        failed = sorted(s.extension.id for s in extensions if s.status == "failed")
         self.log.info(
-            "audiosocket {version} ready: {n} extension(s), API on {api}",
+            "audiosocket {version} ready: {n} extension(s), {failed} failed{ids}, API on {api}",
             version=__version__,
             n=len(self.manager.extensions),
+            failed=len(failed),
+            ids=" ({})".format(", ".join(map(str, failed))) if failed else "",
             api=self.config.api.endpoint,
         )
         self.ready.callback(self)
+
+    def _log_extension_drift(self) -> None:
+        """
+        The file's C{[[extensions]]} only seed an empty store; after that the store (the API,
+        audiosocket-admin) is the truth. Say so when the file says something else, rather than
+        ignoring an edit silently.
+        """
+        if not getattr(self.control, "synced", True):
+            return  # the store was unavailable: the file's extensions are served as they are
+        live = {i: s.extension for i, s in self.manager.extensions.items()}
+        differ = sorted(
+            ext.id for ext in self.config.extensions if live.get(ext.id) != ext
+        )
+        if differ:
+            self.log.warn(
+                "[[extensions]] {ids} in {path} differ from the store, which is used: the "
+                "file only seeds an empty store; change extensions with the API or "
+                "audiosocket-admin",
+                ids=", ".join(map(str, differ)),
+                path=str(self.config.path),
+            )
 
     def _preload_prompts(self) -> None:
         preload = getattr(self.tts, "preload", None)
@@ -558,6 +638,13 @@ class DoormanService(MultiService):
         self.sites = sites
         self.log.info("reloaded {path}: {n} condominium(s)", path=str(path), n=len(sites))
         return True
+
+
+def _reason(failure) -> str:
+    error = failure.value
+    if isinstance(error, defer.TimeoutError):
+        return "timed out"
+    return "{}".format(error) or type(error).__name__
 
 
 def makeService(config: Config, reactor=None, **parts) -> DoormanService:

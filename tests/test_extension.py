@@ -6,6 +6,8 @@ time, on a MemoryReactor (no sockets), with legs on StringTransports.
 import uuid
 
 import pytest
+import pytest_twisted
+from twisted.internet.task import deferLater
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
@@ -260,3 +262,106 @@ def test_admitted_call_has_no_busy_deadline():
     leg, t = s.call(svc)
     s.reactor.advance(11.0)
     assert not t.disconnecting
+
+
+@pytest_twisted.ensureDeferred
+async def test_restart_on_same_ports_over_real_tcp_keeps_calls():
+    """
+    `restart` of a healthy extension on its own ports (the README's `audiosocket-admin
+    restart 2`) stops listening and listens again on the same ports, clears any error, and
+    leaves a call in progress on its connection.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+    from twisted.internet.protocol import Protocol
+
+    from audiosocket.clock import AudioClock
+    from audiosocket.extension import ExtensionManager
+    from test_service import free_ports
+
+    ai, ret = free_ports(2)
+    clock = AudioClock(reactor=reactor)
+    clock.startService()
+    manager = ExtensionManager(clock=clock, on_leg=lambda svc, leg: None, reactor=reactor)
+    manager.startService()
+    try:
+        svc = await manager.add(ext(ai=ai, ret=ret))
+        caller = Protocol()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", ai), caller)
+        while not svc.legs:
+            await deferLater(reactor, 0.01, lambda: None)
+        await manager.restart(1)
+        assert (svc.status, svc.error) == (LISTENING, None)
+        assert (svc.bound_ai_port, svc.bound_return_port) == (ai, ret)
+        assert caller.connected and len(svc.legs) == 1
+        second = Protocol()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", ai), second)
+        second.transport.loseConnection()
+        caller.transport.loseConnection()
+    finally:
+        manager.force_on_stop = True
+        await manager.stopService()
+        clock.stopService()
+        while svc.legs:
+            await deferLater(reactor, 0.01, lambda: None)
+
+
+def test_restart_on_same_ports_closes_before_listening():
+    """A restart closes the old listeners first: a port cannot be listened on twice."""
+    s = Setup()
+    svc = run(s.manager.add(ext()))
+    s.reactor.busy |= s.reactor.open  # what the kernel says while the old ports are open
+    original = s.reactor.listenTCP
+
+    def listen(port, factory, backlog=50, interface=""):
+        s.reactor.busy = set(s.reactor.open)
+        return original(port, factory, backlog, interface)
+
+    s.reactor.listenTCP = listen
+    run(s.manager.restart(1))
+    assert (svc.status, svc.error) == (LISTENING, None)
+    assert s.reactor.open == {8080, 8081}
+
+
+def test_failed_update_leaves_no_stale_error():
+    """A rebind refused as busy leaves the extension listening on its old ports with no error."""
+    s = Setup()
+    run(s.manager.add(ext()))
+    s.reactor.busy.add(9091)
+    with pytest.raises(Conflict):
+        run(s.manager.update(ext(ai=9090, ret=9091)))
+    described = s.manager.get(1).describe()
+    assert described["status"] == LISTENING and "error" not in described
+
+
+def test_failed_extension_is_retried_with_capped_backoff():
+    """
+    An extension whose port is taken at start-up is retried after 1 s, then 2, 4, ... at
+    most retry_max_s apart, and listens (with its error cleared) once the port is free.
+    """
+    s = Setup()
+    s.manager._retry_max_s = 4.0
+    s.reactor.busy.add(8080)
+    run(s.manager.load([ext()]))
+    svc = s.manager.get(1)
+    delays = []
+    for _ in range(4):
+        assert svc.status == FAILED
+        (retry,) = [c for c in s.reactor.getDelayedCalls() if c.func == s.manager._retry]
+        delays.append(retry.getTime() - s.reactor.seconds())
+        s.reactor.advance(delays[-1])
+    assert delays == [1.0, 2.0, 4.0, 4.0]
+    s.reactor.busy.clear()
+    s.reactor.advance(4.0)
+    assert (svc.status, svc.error) == (LISTENING, None)
+    assert s.reactor.open == {8080, 8081}
+    assert not [c for c in s.reactor.getDelayedCalls() if c.func == s.manager._retry]
+
+
+def test_removing_a_failed_extension_stops_its_retries():
+    """A failed extension that is removed is no longer retried."""
+    s = Setup()
+    s.reactor.busy.add(8080)
+    run(s.manager.load([ext()]))
+    run(s.manager.remove(1))
+    assert not [c for c in s.reactor.getDelayedCalls() if c.func == s.manager._retry]

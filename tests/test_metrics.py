@@ -380,7 +380,7 @@ async def test_labels_stay_low_cardinality(redis_server, tmp_path):
         for sample in family.samples:
             names.update(sample.labels)
             values.update(sample.labels.values())
-    assert names <= {"extension", "role", "condominium", "outcome", "reason", "operation", "le"}
+    assert names <= {"extension", "role", "status", "condominium", "outcome", "reason", "operation", "le"}
     assert not [v for v in values if UUID_RE.search(v)]
     assert _value(families["audiosocket_calls"], condominium="1", outcome="abandoned") == 3
 
@@ -394,3 +394,41 @@ async def _wait_for(predicate, timeout: float = 5.0) -> None:
             raise AssertionError("condition not met within {} s".format(timeout))
         await deferLater(reactor, 0.02, lambda: None)
         waited += 0.02
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_extension_shows_in_healthz_and_metrics_and_recovers(redis_server, tmp_path):
+    """
+    An extension whose AI port is taken at start-up makes /healthz answer 503 "degraded"
+    naming it, shows as status="failed" in audiosocket_extension_status, and is retried:
+    once the port is free it listens and /healthz is "ok" again.
+    """
+    import json
+    import socket
+
+    ai, ret = free_ports(2)
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", ai))
+    squatter.listen(1)
+    svc = await started(config_for(redis_server.path, tmp_path, ai, ret))
+    try:
+        api = "http://127.0.0.1:{}".format(svc.api_port.getHost().port)
+        response = await treq.get(api + "/healthz", persistent=False).addTimeout(5, reactor)
+        body = json.loads(await treq.content(response))
+        assert response.code == 503
+        assert body["status"] == "degraded"
+        assert [e["id"] for e in body["failed_extensions"]] == [1]
+        assert str(ai) in body["failed_extensions"][0]["error"]
+        status = (await _scrape(svc))["audiosocket_extension_status"]
+        assert _value(status, extension="1", status="failed") == 1
+        assert _value(status, extension="1", status="listening") == 0
+        squatter.close()
+        await _wait_for(lambda: svc.manager.get(1).status == "listening")
+        response = await treq.get(api + "/healthz", persistent=False).addTimeout(5, reactor)
+        assert response.code == 200
+        assert json.loads(await treq.content(response)) == {"status": "ok"}
+        status = (await _scrape(svc))["audiosocket_extension_status"]
+        assert _value(status, extension="1", status="listening") == 1
+    finally:
+        squatter.close()
+        await stopped(svc)

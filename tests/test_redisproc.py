@@ -237,3 +237,39 @@ async def test_when_ready_before_start():
 async def test_stop_without_start(tmp_path):
     """stopService on a service that was never started completes quietly."""
     await wait(EmbeddedRedis(str(tmp_path)).stopService())
+
+
+@pytest_twisted.ensureDeferred
+async def test_second_on_same_state_dir_refuses_and_first_keeps_serving(embedded, tmp_path):
+    """
+    A second EmbeddedRedis on a state_dir in use refuses to start (naming the directory and
+    the owner's pid) without starting a redis-server; the first one's socket still answers.
+    """
+    from audiosocket.redisproc import StateDirLocked
+
+    pid = child_pid(embedded)
+    second = EmbeddedRedis(str(tmp_path / "state"))
+    with pytest.raises(StateDirLocked) as e:
+        second.startService()
+    assert str(tmp_path / "state") in str(e.value) and str(os.getpid()) in str(e.value)
+    assert not second.monitor.protocols and not second.running
+    await wait(second.stopService())
+    assert child_pid(embedded) == pid and os.path.exists(embedded.socket_path)
+    store = await store_on(embedded)
+    try:
+        await wait(store.save_extension(ext()))
+    finally:
+        await wait(store.stopService())
+
+
+def test_lock_is_free_again_after_release(tmp_path):
+    """A released state-dir lock can be taken again (a restart in the same process)."""
+    from audiosocket.redisproc import StateDirLock
+
+    first = StateDirLock(str(tmp_path))
+    first.acquire()
+    first.release()
+    second = StateDirLock(str(tmp_path))
+    second.acquire()
+    assert second.held
+    second.release()
