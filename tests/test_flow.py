@@ -11,6 +11,7 @@ import uuid
 import attrs
 import pytest
 
+from audiosocket import wire
 from audiosocket.dialer import DialFailed
 from audiosocket.flow.prompts import announcement
 from audiosocket.leg import VISITOR
@@ -362,6 +363,21 @@ def test_visitor_hangs_up_while_ringing(bench):
     bench.until(bench.ended, max_s=5)
     assert bench.records[0]["outcome"] == "abandoned"
     assert bench.records[0]["ended_by"] == "visitor"
+    assert bench.leftovers() == []
+
+
+def test_visitor_hangup_frame_while_ringing(bench):
+    """
+    A visitor whose PBX sends the 0x00 hangup frame (instead of closing TCP) while it rings:
+    the call ends at once as abandoned by the visitor, and the server closes the connection.
+    """
+    visitor = start_call(bench)
+    bench.until(lambda: bench.dialer.requests)
+    visitor.leg.dataReceived(wire.hangup())
+    bench.until(bench.ended, max_s=5)
+    assert bench.records[0]["outcome"] == "abandoned"
+    assert bench.records[0]["ended_by"] == "visitor"
+    assert visitor.lost
     assert bench.leftovers() == []
 
 
