@@ -60,6 +60,26 @@ class CallRecords(Service):
         self.unsaved: collections.deque = collections.deque(maxlen=keep)
         self._timer = None
         self._flushing = False
+        self._saved_waiters: list[defer.Deferred] = []
+        self._writing: set[defer.Deferred] = set()
+
+    def when_saved(self) -> defer.Deferred:
+        """
+        Fires once every record handed to L{add} so far is in the store (at once if so): none
+        is being written nor waiting for the store to come back.
+        """
+        if not self.unsaved and not self._writing:
+            return defer.succeed(None)
+        d = defer.Deferred(lambda d: self._saved_waiters.remove(d))
+        self._saved_waiters.append(d)
+        return d
+
+    def _check_saved(self, result=None):
+        if not self.unsaved and not self._writing:
+            waiters, self._saved_waiters = self._saved_waiters, []
+            for d in waiters:
+                d.callback(None)
+        return result
 
     def add(self, record: dict) -> defer.Deferred:
         if self.unsaved:
@@ -67,7 +87,13 @@ class CallRecords(Service):
             return defer.succeed(None)
         d = self._store.append_call(record)
         d.addErrback(self._failed, record)
-        return d
+        self._writing.add(d)
+
+        def written(result):
+            self._writing.discard(d)
+            return self._check_saved(result)
+
+        return d.addBoth(written)
 
     def _failed(self, failure, record):
         self.log.warn(
@@ -96,6 +122,7 @@ class CallRecords(Service):
                 return
             self.unsaved.popleft()
         self.log.info("call records written after the store came back")
+        self._check_saved()
 
     def stopService(self):
         super().stopService()
@@ -164,7 +191,8 @@ class DoormanService(MultiService):
     The whole server. Attributes are the parts, for the API, tests and benchmarks:
     C{store}, C{manager}, C{clock}, C{registry}, C{flow}, C{control}, C{tts}, C{dialer}.
 
-    @ivar ready: fires once the extensions listen and the API is up (or fails).
+    @ivar ready: fires once the extensions listen, the API is up and the fixed prompts are
+        preloaded (or fails).
     @ivar api_port: the API's C{IListeningPort} once listening.
     """
 
@@ -437,11 +465,14 @@ class DoormanService(MultiService):
         if self.embedded_redis is not None:
             await self.embedded_redis.whenReady()
         await self.control.start(self.config.extensions)
-        self._preload_prompts()
+        preloading = self._preload_prompts()
         site = self.api.site()
         self.api_port = await serverFromString(self._reactor, self.config.api.endpoint).listen(site)
         if self._install_signals:
             self._install_sighup()
+        # Ready means the fixed prompts are synthesized too (or failed, logged): a first call
+        # does not wait for them, and nothing still synthesizes them when ready fires.
+        await preloading
         self.log.info(
             "audiosocket {version} ready: {n} extension(s), API on {api}",
             version=__version__,
@@ -450,12 +481,14 @@ class DoormanService(MultiService):
         )
         self.ready.callback(self)
 
-    def _preload_prompts(self) -> None:
+    def _preload_prompts(self) -> defer.Deferred:
+        """Synthesize the fixed prompts ahead; a failure is logged, never fatal."""
         preload = getattr(self.tts, "preload", None)
         if preload is None:
-            return
+            return defer.succeed(None)
         d = preload(sorted(fixed_texts(self.sites)), 8000)
         d.addErrback(lambda f: self.log.failure("preloading prompts failed", f))
+        return d
 
     def stopService(self):
         return defer.Deferred.fromCoroutine(self._stop())
