@@ -568,3 +568,127 @@ async def test_ready_fires_when_the_preload_fails(tmp_path):
         assert await svc.ready.addTimeout(10, reactor) is svc
     finally:
         await stopped(svc)
+
+
+# ---------------------------------------------------------------- [server] keys reaching the listeners
+
+
+class BarePeer(protocol.Protocol):
+    """A raw TCP peer: sends C{first} on connect (a UUID frame, or nothing) and waits."""
+
+    def __init__(self, first: bytes = b""):
+        self.first = first
+        self.lost = defer.Deferred()
+
+    def connectionMade(self):
+        if self.first:
+            self.transport.write(self.first)
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+
+
+async def connect_from(source: str, port: int, peer: BarePeer) -> BarePeer:
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(source, 0))
+    await connectProtocol(endpoint, peer)
+    return peer
+
+
+@pytest_twisted.ensureDeferred
+async def test_allowed_peers_from_the_config_reach_the_listeners(redis_server, tmp_path):
+    """
+    [server] allowed_peers = ["127.0.0.2"]: a PBX connecting from 127.0.0.1 is refused as
+    peer_not_allowed on both ports, one from 127.0.0.2 is answered.
+    """
+    ai, ret = free_ports(2)
+    config = config_for(redis_server.path, tmp_path, ai, ret, server={"allowed_peers": ["127.0.0.2"]})
+    svc = await started(config)
+    try:
+        for port in (ai, ret):
+            stranger = await connect_from("127.0.0.1", port, BarePeer(wire.uuid_frame(uuid.uuid4())))
+            await stranger.lost.addTimeout(10, reactor)
+        assert svc.manager.refused["peer_not_allowed"] == 2
+        allowed = BarePeer(wire.uuid_frame(uuid.uuid4()))
+        starting = svc.registry.when_started()
+        await connect_from("127.0.0.2", ai, allowed)
+        session = await starting.addTimeout(10, reactor)
+        assert not allowed.lost.called
+        allowed.transport.loseConnection()
+        await allowed.lost.addTimeout(10, reactor)
+        await session.flow.addTimeout(10, reactor)
+    finally:
+        await stopped(svc)
+    assert svc.manager.refused["peer_not_allowed"] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_handshake_timeout_from_the_config_reaches_the_listeners(redis_server, tmp_path):
+    """
+    [server] handshake_timeout_s = 0.5: both ports' leg factories have it, and a peer that
+    connects and never sends its UUID is closed as handshake_timeout.
+    """
+    ai, ret = free_ports(2)
+    config = config_for(redis_server.path, tmp_path, ai, ret, server={"handshake_timeout_s": 0.5})
+    svc = await started(config)
+    try:
+        extension = svc.manager.get(1)
+        assert extension.ai_factory.handshake_timeout == 0.5
+        assert extension.return_factory.handshake_timeout == 0.5
+        silent = await connect_from("127.0.0.1", ai, BarePeer())
+        await silent.lost.addTimeout(10, reactor)
+    finally:
+        await stopped(svc)
+    assert svc.manager.refused["handshake_timeout"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_port_fallback_around_a_port_really_in_use(redis_server, tmp_path):
+    """
+    With port_fallback on, an AI port already bound by another program (a real socket,
+    "address in use") is replaced by the free port of the fallback range, and a call to
+    that port is answered; the return port, free, is kept.
+    """
+    ai, ret, spare = free_ports(3)
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", ai))
+    squatter.listen(1)
+    try:
+        config = config_for(
+            redis_server.path,
+            tmp_path,
+            ai,
+            ret,
+            server={"port_fallback": True, "port_fallback_range": [spare, spare]},
+        )
+        svc = await started(config)
+        try:
+            extension = svc.manager.get(1)
+            assert (extension.bound_ai_port, extension.bound_return_port) == (spare, ret)
+            report = await defer.Deferred.fromCoroutine(
+                place_call(CallOptions(host="127.0.0.1", port=spare, hangup_after=1.0), reactor)
+            ).addTimeout(20, reactor)
+        finally:
+            await stopped(svc)
+    finally:
+        squatter.close()
+    assert report.connected and report.speech_seconds > 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_port_really_in_use_without_fallback_fails_the_extension(redis_server, tmp_path):
+    """Without port_fallback the same busy port leaves the extension failed, naming the port."""
+    ai, ret = free_ports(2)
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", ai))
+    squatter.listen(1)
+    try:
+        svc = await started(config_for(redis_server.path, tmp_path, ai, ret))
+        try:
+            extension = svc.manager.get(1)
+            status, error = extension.status, extension.error
+        finally:
+            await stopped(svc)
+    finally:
+        squatter.close()
+    assert status == "failed"
+    assert str(ai) in error
