@@ -712,3 +712,24 @@ def test_hangup_during_goodbye_lets_it_play_out(bench):
     assert record["outcome"] == "authorized" and record["ended_by"] == "server"
     assert bench.heard(resident, "resident_authorized")
     assert visitor.hangup_after_audio and resident.hangup_after_audio
+
+
+def test_when_started_fires_with_the_next_call(bench):
+    """
+    registry.when_started() fires with the session of the next call to start (turned-away
+    ones too), and at once for a UUID already in progress.
+    """
+    first = bench.registry.when_started()
+    assert not first.called
+    visitor = bench.connect()
+    assert first.result is bench.registry.sessions[visitor.leg.uuid]
+    assert bench.registry.when_started(visitor.leg.uuid).result is first.result
+    other = uuid.uuid4()
+    waiting = bench.registry.when_started(other)
+    bench.connect()
+    assert not waiting.called
+    bench.connect(uuid=other)
+    assert waiting.result.uuid == other
+    for peer in bench.peers:
+        peer.drop()
+    bench.until(lambda: len(bench.records) == 3)
