@@ -100,7 +100,34 @@ def finished(svc, n: int = 1) -> defer.Deferred:
 
 
 async def stopped(svc):
+    api = svc.api_port.getHost().port if svc.api_port is not None else None
     await defer.maybeDeferred(svc.stopService).addTimeout(20, reactor)
+    if api is not None:
+        await api_connections_closed(api).addTimeout(5, reactor)
+
+
+def api_connections_closed(port: int) -> defer.Deferred:
+    """
+    Fires once no server-side connection on the API's C{port} is left. The API does not
+    close the connections of its HTTP clients at stop: each client closes its own, and the
+    server reads that EOF (or a TLS close) some reactor turns later. This waits turn by
+    turn for that, with no sleep.
+    """
+    from twisted.internet import tcp
+    from twisted.internet.task import deferLater
+
+    def left():
+        return [
+            s
+            for s in reactor.getReaders() + reactor.getWriters()
+            if isinstance(s, tcp.Server) and s.getHost().port == port
+        ]
+
+    async def wait():
+        while left():
+            await deferLater(reactor, 0, lambda: None)
+
+    return defer.Deferred.fromCoroutine(wait())
 
 
 @pytest_twisted.ensureDeferred
