@@ -57,6 +57,7 @@ class ExtensionControl:
         self._lock = defer.DeferredLock()
         self._stopped = False
         self._unsubscribe = None
+        self._on_applied: list = []
         #: True once the extensions come from the store (False while serving the seed
         #: from memory because the store was unavailable at start-up).
         self.synced = False
@@ -226,7 +227,16 @@ class ExtensionControl:
         """
         return defer.Deferred.fromCoroutine(self._apply_remote(change))
 
+    def add_observer(self, on_applied) -> None:
+        """Call C{on_applied(change)} once a change from another node has been applied here."""
+        self._on_applied.append(on_applied)
+
     async def _apply_remote(self, change) -> None:
+        await self._apply_remote_locked(change)
+        for on_applied in list(self._on_applied):
+            on_applied(change)
+
+    async def _apply_remote_locked(self, change) -> None:
         try:
             async with _locked(self._lock):
                 if change.kind == PUT:

@@ -75,6 +75,26 @@ class CallRecords(Service):
         self.unsaved: collections.deque = collections.deque(maxlen=keep)
         self._timer = None
         self._flushing = False
+        self._saved_waiters: list[defer.Deferred] = []
+        self._writing: set[defer.Deferred] = set()
+
+    def when_saved(self) -> defer.Deferred:
+        """
+        Fires once every record handed to L{add} so far is in the store (at once if so): none
+        is being written nor waiting for the store to come back.
+        """
+        if not self.unsaved and not self._writing:
+            return defer.succeed(None)
+        d = defer.Deferred(lambda d: self._saved_waiters.remove(d))
+        self._saved_waiters.append(d)
+        return d
+
+    def _check_saved(self, result=None):
+        if not self.unsaved and not self._writing:
+            waiters, self._saved_waiters = self._saved_waiters, []
+            for d in waiters:
+                d.callback(None)
+        return result
 
     def add(self, record: dict) -> defer.Deferred:
         if self.unsaved:
@@ -82,7 +102,13 @@ class CallRecords(Service):
             return defer.succeed(None)
         d = self._store.append_call(record)
         d.addErrback(self._failed, record)
-        return d
+        self._writing.add(d)
+
+        def written(result):
+            self._writing.discard(d)
+            return self._check_saved(result)
+
+        return d.addBoth(written)
 
     def _failed(self, failure, record):
         self.log.warn(
@@ -111,6 +137,7 @@ class CallRecords(Service):
                 return
             self.unsaved.popleft()
         self.log.info("call records written after the store came back")
+        self._check_saved()
 
     def stopService(self):
         super().stopService()
@@ -179,7 +206,8 @@ class DoormanService(MultiService):
     The whole server. Attributes are the parts, for the API, tests and benchmarks:
     C{store}, C{manager}, C{clock}, C{registry}, C{flow}, C{control}, C{tts}, C{dialer}.
 
-    @ivar ready: fires once the extensions listen and the API is up (or fails).
+    @ivar ready: fires once the extensions listen, the API is up and the fixed prompts are
+        preloaded (or fails).
     @ivar api_port: the API's C{IListeningPort} once listening.
     """
 
@@ -492,12 +520,15 @@ class DoormanService(MultiService):
             await self.embedded_redis.whenReady()
         await self.control.start(self.config.extensions)
         self._log_extension_drift()
-        self._preload_prompts()
+        preloading = self._preload_prompts()
         start_reading = getattr(self.api_port, "startReading", None)
         if start_reading is not None:
             start_reading()
         if self._install_signals:
             self._install_sighup()
+        # Ready means the fixed prompts are synthesized too (or failed, logged): a first call
+        # does not wait for them, and nothing still synthesizes them when ready fires.
+        await preloading
         extensions = self.manager.extensions.values()
         failed = sorted(s.extension.id for s in extensions if s.status == "failed")
         self.log.info(
@@ -531,12 +562,14 @@ class DoormanService(MultiService):
                 path=str(self.config.path),
             )
 
-    def _preload_prompts(self) -> None:
+    def _preload_prompts(self) -> defer.Deferred:
+        """Synthesize the fixed prompts ahead; a failure is logged, never fatal."""
         preload = getattr(self.tts, "preload", None)
         if preload is None:
-            return
+            return defer.succeed(None)
         d = preload(sorted(fixed_texts(self.sites)), 8000)
         d.addErrback(lambda f: self.log.failure("preloading prompts failed", f))
+        return d
 
     def stopService(self):
         return defer.Deferred.fromCoroutine(self._stop())

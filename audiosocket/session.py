@@ -382,6 +382,7 @@ class SessionRegistry:
         self.busy_max_s = busy_max_s
         self._condominium_limit = condominium_limit
         self._on_end = [on_end] if on_end else []
+        self._on_start: list[Callable[[Session], Any]] = []
         self.sessions: dict[_uuid.UUID, Session] = {}
         #: leg UUID → (session, expiry in reactor seconds): the dials whose resident leg may
         #: still join. Written by the sessions (L{Session.expect_resident}).
@@ -395,6 +396,27 @@ class SessionRegistry:
 
     def add_observer(self, on_end: Callable[[Session], Any]) -> None:
         self._on_end.append(on_end)
+
+    def add_start_observer(self, on_start: Callable[[Session], Any]) -> None:
+        """Call C{on_start(session)} when a visitor's call starts (admitted or turned away)."""
+        self._on_start.append(on_start)
+
+    def when_started(self, uuid: _uuid.UUID | None = None) -> defer.Deferred:
+        """
+        A Deferred firing with the next session to start (the one of C{uuid}, if given; at
+        once if it is already in progress): what tests and tools wait on instead of time.
+        """
+        if uuid is not None and uuid in self.sessions:
+            return defer.succeed(self.sessions[uuid])
+        d = defer.Deferred(lambda d: self._on_start.remove(fire))
+
+        def fire(session):
+            if uuid is None or session.uuid == uuid:
+                self._on_start.remove(fire)
+                d.callback(session)
+
+        self._on_start.append(fire)
+        return d
 
     # ------------------------------------------------------------ counts
 
@@ -477,6 +499,8 @@ class SessionRegistry:
         session.flow = d
         d.addErrback(self._flow_failed, session)
         d.addBoth(self._ended, session)
+        for on_start in list(self._on_start):
+            on_start(session)
 
     def _busy_expired(self, session: Session) -> None:
         # The prompt and the hangup should long be over: a peer that does not read (or

@@ -365,6 +365,7 @@ class _CommandFactory(txredisapi.RedisFactory):
         super().addConnection(conn)
         if conn in self.pool:
             self.store._healthy = True
+            self.store._became_available()
 
 
 def _tune_reconnect(factory, max_delay: float) -> None:
@@ -431,6 +432,7 @@ class RedisStore(Service):
         self._subscriber = None
         self._subscribed_protocol = None
         self._subscribed_waiters: list[defer.Deferred] = []
+        self._available_waiters: list[defer.Deferred] = []
         self._in_flight: set[defer.Deferred] = set()
         self._healthy = True
         self._subscribers = _Subscribers()
@@ -482,9 +484,10 @@ class RedisStore(Service):
         self._commands = self._subscriber = None
         for d in list(self._in_flight):
             d.cancel()
-        for d in self._subscribed_waiters:
+        for d in self._subscribed_waiters + self._available_waiters:
             d.errback(StoreUnavailable("store stopped"))
         self._subscribed_waiters = []
+        self._available_waiters = []
         if commands is not None:
             await defer.gatherResults(
                 [commands.disconnect(), subscriber.disconnect()], consumeErrors=True
@@ -515,6 +518,24 @@ class RedisStore(Service):
         d = defer.Deferred(lambda d: self._subscribed_waiters.remove(d))
         self._subscribed_waiters.append(d)
         return d
+
+    def whenAvailable(self) -> defer.Deferred:
+        """
+        Fires once a command connection to Redis is up (at once if the store is available):
+        after an outage, when commands can work again.
+        """
+        if self.available:
+            return defer.succeed(None)
+        if self._commands is None:
+            return defer.fail(StoreUnavailable("store not started"))
+        d = defer.Deferred(lambda d: self._available_waiters.remove(d))
+        self._available_waiters.append(d)
+        return d
+
+    def _became_available(self):
+        waiters, self._available_waiters = self._available_waiters, []
+        for d in waiters:
+            d.callback(None)
 
     def _subscribed(self, p):
         self._subscribed_protocol = p

@@ -240,6 +240,9 @@ class Bench:
             max_calls=max_calls,
             max_call_s=self.config.max_call_s,
             on_end=lambda s: self.records.append(s.record()),
+            # As the service wires it: the limit is the condominium's Site.max_calls (every
+            # condominium id is served by the bench's one site, as in sites= above).
+            condominium_limit=lambda cid: self.site.max_calls,
         )
         self.service = FakeExtensionService(EXTENSION)
         self.ai = self._factory(VISITOR)

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, TimeoutError, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, DeferredQueue, gatherResults
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -575,6 +575,8 @@ class ToneServer(Protocol):
             if frame.kind == wire.Kind.UUID:
                 self.uuid = str(wire.parse_uuid(frame))
                 self.on_uuid()
+                if getattr(self, "arrived", None) is not None:
+                    self.arrived.put(self)
             self.on_frame(frame)
 
     def on_frame(self, frame):
@@ -601,12 +603,22 @@ class DTMFServer(ToneServer):
             self.transport.write(wire.hangup())
 
 
+class Served(list):
+    """The server-side protocols of L{serve}, and C{arrived}: each one once its UUID is in."""
+
+    def __init__(self):
+        super().__init__()
+        self.arrived = DeferredQueue()
+
+
 async def serve(protocol_class):
-    protocols = []
+    protocols = Served()
 
     def build():
-        protocols.append(protocol_class())
-        return protocols[-1]
+        protocol = protocol_class()
+        protocol.arrived = protocols.arrived
+        protocols.append(protocol)
+        return protocol
 
     factory = Factory.forProtocol(build)
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
@@ -726,15 +738,21 @@ def test_options_are_frozen():
 
 @pytest_twisted.ensureDeferred
 async def test_cancelled_call_hangs_up_and_cleans_up():
-    """Giving up on place_call (a timeout) hangs the call up and closes its socket first."""
+    """
+    Giving up on place_call (cancelling it, as a timeout does) once the call is up hangs the
+    call up and closes its socket before the cancellation is reported.
+    """
     port, protocols = await serve(DTMFServer)  # never hangs up without a '#'
     options = CallOptions(host="127.0.0.1", port=port.getHost().port)
-    d = Deferred.fromCoroutine(place_call(options)).addTimeout(0.2, reactor)
+    d = Deferred.fromCoroutine(place_call(options))
     try:
-        with pytest.raises(TimeoutError):
-            await d
+        await protocols.arrived.get().addTimeout(10, reactor)
+        d.cancel()
+        with pytest.raises(CancelledError):
+            await d.addTimeout(10, reactor)
     finally:
         await shut(port, protocols)
+    # shut() waited for the server side to see the client close the connection.
     assert protocols[0].uuid == options.uuid
 
 
@@ -748,8 +766,10 @@ async def test_tracker_hangs_up_all_calls():
         place_calls(options_for_calls(template, 2), tracker=tracker)
     ).addTimeout(10, reactor)
     try:
-        while len(tracker.active) < 2:
-            await deferLater(reactor, 0.01, lambda: None)
+        # The server has both UUIDs: both calls are connected, hence tracked.
+        for _ in range(2):
+            await protocols.arrived.get().addTimeout(10, reactor)
+        assert len(tracker.active) == 2
         await tracker.hang_up_all()
         reports = await d
     finally:
@@ -768,8 +788,8 @@ async def test_tracker_stops_the_ramp():
         place_calls(options_for_calls(template, 3), ramp_s=30, tracker=tracker)
     ).addTimeout(10, reactor)
     try:
-        while not tracker.active:
-            await deferLater(reactor, 0.01, lambda: None)
+        await protocols.arrived.get().addTimeout(10, reactor)
+        assert len(tracker.active) == 1
         await tracker.hang_up_all()
         reports = await d
     finally:
@@ -781,18 +801,22 @@ async def test_tracker_stops_the_ramp():
 
 @pytest_twisted.ensureDeferred
 async def test_cancelled_place_calls_cleans_up():
-    """Giving up on place_calls hangs up every call and closes every socket before failing."""
+    """
+    Giving up on place_calls in the middle of a ramp hangs up the call in progress, places
+    none of those still waiting for their start, and leaves no socket or timer behind.
+    """
     port, protocols = await serve(DTMFServer)
     template = CallOptions(host="127.0.0.1", port=port.getHost().port)
-    d = Deferred.fromCoroutine(place_calls(options_for_calls(template, 3), ramp_s=0.3)).addTimeout(
-        0.2, reactor
-    )
+    d = Deferred.fromCoroutine(place_calls(options_for_calls(template, 3), ramp_s=30))
     try:
-        with pytest.raises(TimeoutError):
-            await d
+        await protocols.arrived.get().addTimeout(10, reactor)
+        d.cancel()
+        with pytest.raises(CancelledError):
+            await d.addTimeout(10, reactor)
     finally:
         await shut(port, protocols)
-    assert 1 <= len(protocols) <= 2
+    # Only the first call was placed; shut() waited for the client to close it.
+    assert len(protocols) == 1
 
 
 # ---------------------------------------------------------------- load mode

@@ -16,7 +16,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import capturedLogs
+from twisted.logger import LogLevel, capturedLogs
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -154,12 +154,14 @@ class Webhook(Resource):
         self.bodies = []
         self.headers = []
         self.stalled = []
+        self.stalling = DeferredQueue()  # each request left unanswered, as it arrives
 
     def render_POST(self, req):
         self.bodies.append(req.content.read())
         self.headers.append(req.requestHeaders.getRawHeaders(b"content-type"))
         if not self.answer:
             self.stalled.append(req)
+            self.stalling.put(req)
             return NOT_DONE_YET
         req.setResponseCode(self.code)
         return b"{}"
@@ -285,8 +287,7 @@ async def test_http_dialer_cancel_is_a_cancel(webhook_server):
     webhook = Webhook(answer=False)
     site, url = await webhook_server(webhook)
     d = HttpDialer(url).dial(request())
-    while not webhook.stalled:
-        await deferLater(0.01)
+    await webhook.stalling.get().addTimeout(TIMEOUT_S, reactor)
     await cancel(d)
 
 
@@ -522,6 +523,7 @@ class FakeAsteriskProtocol(LineReceiver):
         fields = dict(action)
         if fields["Action"] == "Login":
             self.factory.logins.append(action)
+            self.factory.login_attempts.put(action)
             ok = fields.get("Secret") == self.factory.secret
             self.send(
                 Response="Success" if ok else "Error",
@@ -549,6 +551,7 @@ class FakeAsterisk(Factory):
         self.secret = secret
         self.connections = []
         self.logins = []
+        self.login_attempts = DeferredQueue()
         self.logged_in = DeferredQueue()
         self.actions = DeferredQueue()
 
@@ -649,12 +652,16 @@ async def test_ami_dialer_sends_every_originate_field(asterisk):
 
 @pytest_twisted.ensureDeferred
 async def test_ami_dialer_fires_on_originate_response_success(asterisk):
-    """Queued, then C{OriginateResponse: Success} for that ActionID: the dial fires None."""
+    """
+    Queued, then C{OriginateResponse: Success} for that ActionID: the dial fires None. A
+    failure event for another ActionID, arriving on the same connection before it, does not
+    settle this dial.
+    """
     dialer, d, peer, action = await originate(asterisk)
     action_id = dict(action)["ActionID"]
     peer.send(Response="Success", ActionID=action_id, Message="Originate successfully queued")
+    # Another dial's failure, read first: were it taken for this dial, d would fail busy.
     peer.send(Event="OriginateResponse", ActionID="someone-else", Response="Failure", Reason="5")
-    await deferLater(0.05)
     assert not d.called
     peer.send(
         Event="OriginateResponse",
@@ -747,8 +754,8 @@ async def test_ami_dialer_login_failure_is_logged_without_secret_and_retried(ast
     """A refused login is logged clearly, never with the secret, and retried with backoff."""
     with capturedLogs() as events:
         server, dialer = await asterisk(secret="other", dialer_secret=SECRET)
-        while len(server.logins) < 3:
-            await deferLater(0.01)
+        for _ in range(3):
+            await get(server.login_attempts)
         assert not dialer.ready
         assert (await dial_failure(dialer.dial(request()))).reason == "unreachable"
     text = log_text(events)
@@ -764,12 +771,23 @@ async def test_ami_dialer_login_failure_is_logged_without_secret_and_retried(ast
 async def test_ami_dialer_cancel_forgets_the_attempt(asterisk):
     """Cancelling a pending dial forgets it and its guard timer; a late event is ignored."""
     dialer, d, peer, action = await originate(asterisk)
-    await cancel(d)
-    assert dialer.pending == 0
-    peer.send(Event="OriginateResponse", ActionID=dict(action)["ActionID"],
-              Response="Success", Reason="4")
-    await deferLater(0.05)
-    assert dialer.ready
+    with capturedLogs() as events:
+        await cancel(d)
+        assert dialer.pending == 0
+        peer.send(Event="OriginateResponse", ActionID=dict(action)["ActionID"],
+                  Response="Success", Reason="4")
+        # A second dial on the same connection, answered after the late event: it settles
+        # only once the late event has been read, so this proves the late event was read
+        # and left the connection and the dialer working.
+        again = dialer.dial(request())
+        same, action2 = await get(peer.factory.actions)
+        assert same is peer
+        peer.send(Event="OriginateResponse", ActionID=dict(action2)["ActionID"],
+                  Response="Success", Reason="4")
+        assert await again.addTimeout(TIMEOUT_S, reactor) is None
+    assert dialer.ready and dialer.pending == 0
+    assert not [e for e in events if e.get("log_failure") is not None]
+    assert not [e for e in events if e.get("log_level") in (LogLevel.error, LogLevel.critical)]
 
 
 # -- make_dialer ------------------------------------------------------------------------------

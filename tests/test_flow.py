@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import uuid
 
+import attrs
 import pytest
 
+from audiosocket import wire
 from audiosocket.dialer import DialFailed
 from audiosocket.flow.prompts import announcement
-from flowkit import Bench
+from audiosocket.leg import VISITOR
+from flowkit import EXTENSION, Bench, FakeExtensionService
 
 
 @pytest.fixture
@@ -363,6 +366,21 @@ def test_visitor_hangs_up_while_ringing(bench):
     assert bench.leftovers() == []
 
 
+def test_visitor_hangup_frame_while_ringing(bench):
+    """
+    A visitor whose PBX sends the 0x00 hangup frame (instead of closing TCP) while it rings:
+    the call ends at once as abandoned by the visitor, and the server closes the connection.
+    """
+    visitor = start_call(bench)
+    bench.until(lambda: bench.dialer.requests)
+    visitor.leg.dataReceived(wire.hangup())
+    bench.until(bench.ended, max_s=5)
+    assert bench.records[0]["outcome"] == "abandoned"
+    assert bench.records[0]["ended_by"] == "visitor"
+    assert visitor.lost
+    assert bench.leftovers() == []
+
+
 def test_visitor_hangs_up_while_resident_decides(bench):
     """The resident is told the visitor left, then hung up after hearing it."""
     visitor = start_call(bench)
@@ -580,17 +598,102 @@ def test_greeting_waits_only_briefly_for_audio(bench):
     bench.until(bench.ended)
 
 
-def test_condominium_limit_turns_visitors_away():
-    """A condominium's max_calls counts the calls of all its extensions."""
-    b = Bench()
-    b.registry._condominium_limit = lambda cid: 1
+def test_condominium_limit_turns_visitors_away(bench):
+    """
+    A condominium's max_calls (its Site, as a config reload sets it) counts the calls of all
+    its extensions: with max_calls = 1, a call on a second extension of the same
+    condominium is turned away while the first is in progress; once it ends, calls go in.
+    """
+    bench.site = attrs.evolve(bench.site, max_calls=1)
+    other = bench._factory(
+        VISITOR,
+        service=FakeExtensionService(attrs.evolve(EXTENSION, id=8, ai_port=8090, return_port=8091)),
+    )
+    first = start_call(bench)
+    second = bench.connect(factory=other)
+    bench.until(lambda: second.got_hangup)
+    assert bench.heard(second, "busy")
+    assert bench.records[0]["outcome"] == "busy"
+    assert not first.leg.closed
+    first.drop()
+    bench.until(lambda: len(bench.records) == 2)
+    third = bench.connect(factory=other)
+    bench.advance(1.0)
+    assert not third.got_hangup and len(bench.registry) == 1
+    third.drop()
+    bench.until(lambda: len(bench.records) == 3)
+
+
+def test_condominium_limit_leaves_other_condominiums_alone(bench):
+    """
+    Each condominium counts only its own calls: with max_calls = 1 for both, a call in
+    progress in condominium 1 does not turn away one to condominium 2.
+    """
+    bench.site = attrs.evolve(bench.site, max_calls=1)
+    elsewhere = bench._factory(
+        VISITOR,
+        service=FakeExtensionService(attrs.evolve(EXTENSION, id=9, condominium_id=2)),
+    )
+    first = start_call(bench)
+    second = bench.connect(factory=elsewhere)
+    bench.advance(1.0)
+    assert not second.got_hangup
+    assert len(bench.registry) == 2
+    first.drop()
+    second.drop()
+    bench.until(lambda: len(bench.records) == 2)
+    assert "busy" not in [r["outcome"] for r in bench.records]
+
+
+# ---------------------------------------------------------------- near numbers by keypad
+
+
+def test_near_number_typed_is_confirmed_with_1(bench):
+    """
+    51# is one digit short of 501: the visitor hears "Apartamento 501, correto?", presses 1,
+    and 501 is called.
+    """
+    visitor = start_call(bench, "51#")
+    bench.until(lambda: bench.asked(visitor, "confirm_apartment", apartment="501"))
+    assert bench.dialer.requests == []
+    visitor.press("1")
+    bench.until(lambda: bench.dialer.requests)
+    (request,) = bench.dialer.requests
+    assert request.apartment == "501"
+    assert request.dial == "SIP/1501"
+    visitor.drop()
+    bench.until(bench.ended)
+    assert bench.records[0]["facts"]["apartment"] == "501"
+
+
+def test_near_number_typed_is_denied_with_2(bench):
+    """
+    51#, "Apartamento 501, correto?", 2: nobody is called, the visitor is told the apartment
+    was not found and asked again (without the number read back).
+    """
+    visitor = start_call(bench, "51#")
+    bench.until(lambda: bench.asked(visitor, "confirm_apartment", apartment="501"))
+    visitor.press("2")
+    bench.until(lambda: bench.heard(visitor, "unknown_apartment"))
+    bench.advance(2.0)
+    assert bench.dialer.requests == []
+    visitor.drop()
+    bench.until(bench.ended)
+    assert bench.records[0]["facts"].get("apartment") is None
+
+
+def test_near_number_typed_is_confirmed_by_saying_sim():
+    """51#, "Apartamento 501, correto?", the visitor says "sim": 501 is called."""
+    b = Bench(voice=True)
     try:
-        first = start_call(b)
-        second = b.connect()
-        b.until(lambda: second.got_hangup)
-        assert b.records[0]["outcome"] == "busy"
-        first.drop()
-        b.until(lambda: len(b.records) == 2)
+        visitor = start_call(b, "51#")
+        b.until(lambda: b.asked(visitor, "confirm_apartment", apartment="501"))
+        b.say(visitor, "sim")
+        b.until(lambda: b.dialer.requests)
+        (request,) = b.dialer.requests
+        assert request.apartment == "501"
+        visitor.drop()
+        b.until(b.ended)
     finally:
         b.stop()
 
@@ -680,3 +783,24 @@ def test_a_dialer_cancel_that_fails_does_not_fail_the_call(bench):
     bench.until(bench.ended, max_s=5)
     assert bench.records[0]["outcome"] == "abandoned"
     assert bench.leftovers() == []
+
+
+def test_when_started_fires_with_the_next_call(bench):
+    """
+    registry.when_started() fires with the session of the next call to start (turned-away
+    ones too), and at once for a UUID already in progress.
+    """
+    first = bench.registry.when_started()
+    assert not first.called
+    visitor = bench.connect()
+    assert first.result is bench.registry.sessions[visitor.leg.uuid]
+    assert bench.registry.when_started(visitor.leg.uuid).result is first.result
+    other = uuid.uuid4()
+    waiting = bench.registry.when_started(other)
+    bench.connect()
+    assert not waiting.called
+    bench.connect(uuid=other)
+    assert waiting.result.uuid == other
+    for peer in bench.peers:
+        peer.drop()
+    bench.until(lambda: len(bench.records) == 3)

@@ -693,3 +693,75 @@ def test_reader_catching_up_is_not_slow():
     lose(leg, t)
     h.clock.stopService()
     assert not h.reactor.getDelayedCalls()  # closing the leg cancelled the deadline
+
+
+# ---------------------------------------------------------------- peer hangup, event queue, crashing handler
+
+
+def test_hangup_frame_from_peer_ends_the_leg():
+    """
+    A peer that hangs up with a 0x00 frame: a waiting reader gets Hangup(by='peer'), the leg
+    is marked hung up by the peer and its transport closes; no refusal is counted.
+    """
+    h = Harness()
+    leg, t = h.call()
+    got = leg.events.get()
+    leg.dataReceived(wire.hangup())
+    assert got.result == Hangup("peer", "hangup frame")
+    assert leg.hung_up_by == "peer"
+    assert t.disconnecting
+    assert sum(h.factory.refused.values()) == 0
+    leg.connectionLost()
+    assert leg.when_closed().called
+    assert len(h.clock) == 0
+
+
+def test_unread_event_flood_closes_leg():
+    """
+    Events nobody reads pile up to event_queue_size; one more closes the leg as event_flood
+    (the keypad rate bucket set wide open so only the queue bound applies).
+    """
+    h = Harness(event_queue_size=8, events_per_s=1000, event_burst=1000)
+    leg, t = h.call()
+    leg.dataReceived(wire.dtmf("5") * 8)
+    assert not t.disconnecting and len(leg.events.pending) == 8
+    leg.dataReceived(wire.dtmf("5"))
+    assert t.disconnecting and leg.close_reason == "event_flood"
+    assert h.factory.refused["event_flood"] == 1
+
+
+def test_read_events_do_not_count_toward_the_flood():
+    """A reader keeping up with the keys keeps the queue short: no flood however many keys."""
+    h = Harness(event_queue_size=8, events_per_s=1000, event_burst=1000)
+    leg, t = h.call()
+    for _ in range(100):
+        leg.dataReceived(wire.dtmf("5"))
+        leg.events.get()
+    assert not t.disconnecting
+
+
+def test_crashing_handler_closes_only_that_leg():
+    """
+    An on_leg handler raising an unexpected error closes that leg as handler_error (logged,
+    counted); a leg already in progress on the same port keeps its cadence and a later leg
+    is handled normally.
+    """
+    legs = []
+
+    def on_leg(leg):
+        if leg.uuid == U2:
+            raise RuntimeError("bug in the handler")
+        legs.append(leg)
+
+    h = Harness(on_leg=on_leg)
+    good, tg = h.call(U1)
+    h.ticks(2)
+    bad, tb = h.call(U2)
+    assert tb.disconnecting and bad.close_reason == "handler_error"
+    assert h.factory.refused["handler_error"] == 1
+    bad.connectionLost()
+    assert U2 not in h.factory.live
+    h.ticks(3)
+    assert len(frames(tg)) == 5 and not tg.disconnecting and good.close_reason is None
+    later, tl = h.call(uuid.UUID(int=3))
+    assert legs == [good, later] and not tl.disconnecting

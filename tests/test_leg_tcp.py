@@ -18,7 +18,7 @@ import uuid
 import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 
 from audiosocket import wire
 
@@ -136,6 +136,7 @@ class _Client(Protocol):
         self.data = data
         self.received = 0
         self.lost = defer.Deferred()
+        self._more = []  # (byte count, Deferred)
 
     def connectionMade(self):
         if self.data:
@@ -143,6 +144,16 @@ class _Client(Protocol):
 
     def dataReceived(self, data):
         self.received += len(data)
+        due = [(n, d) for n, d in self._more if self.received >= n]
+        self._more = [(n, d) for n, d in self._more if self.received < n]
+        for _, d in due:
+            d.callback(self.received)
+
+    def receives_more(self, frames: int = 3) -> defer.Deferred:
+        """Fires once C{frames} more 8 kHz frames (20 ms each) have arrived from now."""
+        d = defer.Deferred()
+        self._more.append((self.received + frames * (wire.HEADER_SIZE + wire.frame_bytes(8000)), d))
+        return d
 
     def connectionLost(self, reason):
         self.lost.callback(None)
@@ -208,14 +219,20 @@ class _Server:
         return client
 
     async def stop(self):
+        server_side = [
+            leg.when_closed()
+            for svc in self.manager.extensions.values()
+            for factory in (svc.ai_factory, svc.return_factory)
+            for leg in factory.connections
+        ]
         for client in self.clients:
             if client.transport.connected:
                 client.transport.loseConnection()
         await defer.gatherResults([c.lost for c in self.clients]).addTimeout(5, reactor)
+        # The server side of every connection has seen it close too.
+        await defer.gatherResults(server_side).addTimeout(5, reactor)
         await defer.maybeDeferred(self.manager.stopService).addTimeout(5, reactor)
         self.clock.stopService()
-        # Let the server side of closed connections finish closing.
-        await deferLater(reactor, 0.05, lambda: None)
 
 
 def _drain(queue):
@@ -289,9 +306,9 @@ async def test_keypad_flood_closes_only_that_leg():
         bad = server.legs[1]
         assert bad.close_reason == "event_flood"
         assert server.manager.refused["event_flood"] == 1
-        before = good.received
-        await deferLater(reactor, 0.1, lambda: None)
-        assert not good.lost.called and good.received > before
+        # The good call keeps getting its frames after the flood was closed.
+        await good.receives_more(3).addTimeout(5, reactor)
+        assert not good.lost.called
     finally:
         await server.stop()
 

@@ -29,11 +29,20 @@ from audiosocket.listen import (
 )
 from audiosocket.speech.espeak import EspeakEngine
 
+#: The eight phrases the README's endpointing figures are measured on (the first three are
+#: also the material of the other tests).
 PHRASES = (
     "Bom dia, eu vim visitar o apartamento cento e dois.",
     "Sim, pode deixar subir.",
     "Não, eu não estou esperando ninguém.",
+    "Oi, sou o Pedro da Silva, vim entregar uma encomenda para a Ana do cento e um.",
+    "É uma entrega do mercado.",
+    "Pode autorizar, por favor.",
+    "Meu nome é Maria das Graças, sou a diarista.",
+    "Vim consertar a máquina de lavar do apartamento duzentos e três.",
 )
+#: The rates the README's endpointing figures are given for.
+RATES = (8000, 12000, 16000, 24000)
 #: A sample louder than this (dBFS of full scale) is speech, for the "true" bounds.
 TRUE_THRESHOLD_DBFS = -40.0
 U1 = uuid.UUID("11111111-2222-3333-4444-555555555555")
@@ -136,10 +145,15 @@ def test_endpointer_refuses_rate_audiosocket_cannot_carry():
 # ---------------------------------------------------------------- endpointing
 
 
-@pytest.mark.parametrize("rate", [8000, 16000])
+@pytest.mark.parametrize("rate", RATES)
 @pytest.mark.parametrize("role, silence_ms", [(VISITOR, 700), (RESIDENT, 600)])
-def test_end_comes_within_silence_plus_60ms(rate, role, silence_ms):
-    """The utterance is delivered within silence_ms + 60 ms of the true end of speech."""
+def test_end_comes_within_a_frame_of_silence_ms(rate, role, silence_ms):
+    """
+    On each of the 8 phrases, the utterance is delivered after silence_ms and within one
+    20 ms frame past it, counted from the true end of speech (the last sample above -40
+    dBFS). Frames are timed by their position in the audio, so this is exact, not a
+    wall-clock measure.
+    """
     settings = role_settings(role)
     assert settings.silence_ms == silence_ms
     for text in PHRASES:
@@ -149,7 +163,8 @@ def test_end_comes_within_silence_plus_60ms(rate, role, silence_ms):
         assert len(got) == 1, text
         delivered, utterance = got[0]
         assert utterance.reason == "silence"
-        assert silence_ms / 1000 - 0.02 <= delivered - true_end <= (silence_ms + 60) / 1000
+        late_ms = (delivered - true_end) * 1000
+        assert silence_ms - 20 <= late_ms <= silence_ms + 20, (text, late_ms)
 
 
 @pytest.mark.parametrize("rate", [8000, 16000])
@@ -516,7 +531,7 @@ def test_full_queue_drops_oldest_utterance():
     """With the utterance queue full, the oldest is dropped and counted."""
     h = Harness()
     h.listener.utterances.size = 1
-    for text in PHRASES[1:]:
+    for text in PHRASES[1:3]:
         h.say(pause(8000, 300) + speech(text, 8000) + pause(8000, 1000))
     assert h.listener.dropped == 1
     (kept,) = h.listener.utterances.pending

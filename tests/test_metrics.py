@@ -29,7 +29,7 @@ from audiosocket.metrics import (
 from audiosocket.speech.tts import ITTS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_service import config_for, free_ports, started, stopped  # noqa: E402
+from test_service import config_for, finished, free_ports, started, stopped  # noqa: E402
 
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-")
 
@@ -331,10 +331,10 @@ async def test_counters_move_after_a_call(redis_server, tmp_path):
         call = defer.Deferred.fromCoroutine(
             place_call(CallOptions(host="127.0.0.1", port=ai, hangup_after=1.5), reactor)
         )
-        await defer.Deferred.fromCoroutine(_wait_for(lambda: svc.registry.active() == 1))
+        await svc.registry.when_started().addTimeout(10, reactor)
         during = await _scrape(svc)
         report = await call.addTimeout(10, reactor)
-        await defer.Deferred.fromCoroutine(_wait_for(lambda: svc.registry.finished == 1))
+        await finished(svc, 1)
         after = await _scrape(svc)
     finally:
         await stopped(svc)
@@ -371,7 +371,7 @@ async def test_labels_stay_low_cardinality(redis_server, tmp_path):
             for _ in range(3)
         ]
         await defer.gatherResults(calls).addTimeout(10, reactor)
-        await defer.Deferred.fromCoroutine(_wait_for(lambda: svc.registry.finished == 3))
+        await finished(svc, 3)
         families = await _scrape(svc)
     finally:
         await stopped(svc)

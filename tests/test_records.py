@@ -46,3 +46,45 @@ def test_stop_cancels_the_retry():
     keeper.add({"uuid": "a"})
     keeper.stopService()
     assert clock.getDelayedCalls() == []
+
+
+class _SlowStore:
+    """A store whose appends complete only when the test says so."""
+
+    def __init__(self):
+        from twisted.internet import defer
+
+        self._defer = defer
+        self.pending = []
+
+    def append_call(self, record):
+        d = self._defer.Deferred()
+        self.pending.append(d)
+        return d
+
+
+def test_when_saved_waits_for_a_write_in_flight():
+    """when_saved fires only once a record being written is in the store."""
+    clock = Clock()
+    store = _SlowStore()
+    keeper = CallRecords(store, reactor=clock)
+    keeper.startService()
+    assert keeper.when_saved().called  # nothing handed over yet
+    keeper.add({"uuid": "a"})
+    saved = keeper.when_saved()
+    assert not saved.called
+    store.pending[0].callback(None)
+    assert saved.called
+
+
+def test_when_saved_waits_through_an_outage():
+    """A record kept through an outage counts as unsaved until the retry writes it."""
+    clock, store, keeper = records()
+    store.available = False
+    keeper.add({"uuid": "a"})
+    saved = keeper.when_saved()
+    clock.advance(5)
+    assert not saved.called
+    store.available = True
+    clock.advance(5)
+    assert saved.called and not keeper.unsaved

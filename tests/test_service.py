@@ -16,7 +16,6 @@ import pytest_twisted
 import treq
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
-from twisted.internet.task import deferLater
 from twisted.web import resource, server
 
 from audiosocket import wire
@@ -84,10 +83,51 @@ async def started(config):
     return svc
 
 
+def finished(svc, n: int = 1) -> defer.Deferred:
+    """
+    Fires once C{n} calls have ended on C{svc} and every call record is in the store: what a
+    test awaits before reading records or counters, instead of waiting a while.
+    """
+    d = defer.Deferred()
+
+    def check(_session=None):
+        if svc.registry.finished >= n and not d.called:
+            d.callback(None)
+
+    svc.registry.add_observer(check)
+    check()
+    return d.addCallback(lambda _: svc.records.when_saved()).addTimeout(30, reactor)
+
+
 async def stopped(svc):
+    api = svc.api_port.getHost().port if svc.api_port is not None else None
     await defer.maybeDeferred(svc.stopService).addTimeout(20, reactor)
-    # Let the server side of closed connections finish closing.
-    await deferLater(reactor, 0.05, lambda: None)
+    if api is not None:
+        await api_connections_closed(api).addTimeout(5, reactor)
+
+
+def api_connections_closed(port: int) -> defer.Deferred:
+    """
+    Fires once no server-side connection on the API's C{port} is left. The API does not
+    close the connections of its HTTP clients at stop: each client closes its own, and the
+    server reads that EOF (or a TLS close) some reactor turns later. This waits turn by
+    turn for that, with no sleep.
+    """
+    from twisted.internet import tcp
+    from twisted.internet.task import deferLater
+
+    def left():
+        return [
+            s
+            for s in reactor.getReaders() + reactor.getWriters()
+            if isinstance(s, tcp.Server) and s.getHost().port == port
+        ]
+
+    async def wait():
+        while left():
+            await deferLater(reactor, 0, lambda: None)
+
+    return defer.Deferred.fromCoroutine(wait())
 
 
 @pytest_twisted.ensureDeferred
@@ -117,7 +157,9 @@ async def test_greeting_arrives_as_speech(redis_server, tmp_path):
 async def test_garbage_closes_only_that_connection(redis_server, tmp_path):
     """
     A connection that sends garbage is closed, while a good call on the same port, already
-    in progress, keeps receiving every frame.
+    in progress, is untouched: its leg stays open, nothing else is refused, and the call
+    ends when its client hangs up (not the server), having received every frame the
+    server sent.
     """
     ai, ret = free_ports(2)
     svc = await started(config_for(redis_server.path, tmp_path, ai, ret))
@@ -125,7 +167,8 @@ async def test_garbage_closes_only_that_connection(redis_server, tmp_path):
         good = defer.Deferred.fromCoroutine(
             place_call(CallOptions(host="127.0.0.1", port=ai, hangup_after=3.0), reactor)
         )
-        await deferLater(reactor, 0.5, lambda: None)
+        session = await svc.registry.when_started().addTimeout(10, reactor)
+        good_leg = session.visitor
 
         class Garbage(protocol.Protocol):
             def __init__(self):
@@ -140,13 +183,19 @@ async def test_garbage_closes_only_that_connection(redis_server, tmp_path):
         bad = Garbage()
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", ai), bad)
         await bad.lost.addTimeout(5, reactor)
+        # The garbage is gone; the good call is still in progress, its leg open.
+        assert not good_leg.when_closed().called and good_leg.close_reason is None
+        assert svc.registry.sessions.get(session.uuid) is session
         report = await good.addTimeout(20, reactor)
+        await session.flow.addTimeout(10, reactor)
     finally:
         await stopped(svc)
-    assert svc.manager.refused["first_frame_not_uuid"] == 1
+    assert dict(+svc.manager.refused) == {"first_frame_not_uuid": 1}
     assert report.error is None
-    assert report.frames_received >= 0.9 * 3.0 * 50
-    assert report.gap_max_ms is not None
+    assert report.hung_up_by == "client"
+    assert good_leg.close_reason is None and good_leg.hung_up_by == "peer"
+    # Every frame the server sent arrived (but the one in flight when the client hung up).
+    assert good_leg.stats.frames - 1 <= report.frames_received <= good_leg.stats.frames
 
 
 @pytest_twisted.ensureDeferred
@@ -172,6 +221,7 @@ async def test_two_leg_call_authorized_by_keypad(redis_server, tmp_path):
             )
         ).addTimeout(60, reactor)
         (resident,) = await defer.gatherResults(phone.calls).addTimeout(30, reactor)
+        await finished(svc)
         calls = await svc.store.recent_calls(10)
         api = "http://127.0.0.1:{}".format(svc.api_port.getHost().port)
         response = await treq.get(api + "/api/calls?limit=5", persistent=False)
@@ -266,6 +316,7 @@ async def test_forged_resident_leg_with_the_session_uuid_is_refused(redis_server
             )
         ).addTimeout(70, reactor)
         visitor = await visitor.addTimeout(70, reactor)
+        await finished(svc)
         (record,) = await svc.store.recent_calls(1)
     finally:
         await stopped(svc)
@@ -405,6 +456,7 @@ async def test_full_voice_call(redis_server, tmp_path):
             )
         ).addTimeout(70, reactor)
         await defer.gatherResults(phone.calls).addTimeout(30, reactor)
+        await finished(svc)
         (record,) = await svc.store.recent_calls(1)
     finally:
         await stopped(svc)
@@ -432,6 +484,22 @@ class WidebandPeer(protocol.Protocol):
         self.frames = []
         self.lost = defer.Deferred()
         self.loop = LoopingCall(lambda: self.transport.write(wire.audio(bytes(640), 16000)))
+        self._speech_wanted = None
+
+    def _speech_frames(self) -> int:
+        return sum(1 for f in self.frames if f.is_audio and any(f.payload))
+
+    def speech(self, n: int) -> defer.Deferred:
+        """Fires once C{n} non-silent audio frames have arrived."""
+        d = defer.Deferred()
+        self._speech_wanted = (n, d)
+        self._check_speech()
+        return d
+
+    def _check_speech(self):
+        if self._speech_wanted and self._speech_frames() >= self._speech_wanted[0]:
+            (_, d), self._speech_wanted = self._speech_wanted, None
+            d.callback(None)
 
     def connectionMade(self):
         self.transport.write(wire.uuid_frame(uuid.uuid4()) + wire.audio(bytes(640), 16000))
@@ -439,6 +507,7 @@ class WidebandPeer(protocol.Protocol):
 
     def dataReceived(self, data):
         self.frames.extend(self.decoder.feed(data))
+        self._check_speech()
 
     def connectionLost(self, reason):
         if self.loop.running:
@@ -454,7 +523,7 @@ async def test_16khz_leg_is_answered_in_16khz(redis_server, tmp_path):
     try:
         peer = WidebandPeer()
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", ai), peer)
-        await deferLater(reactor, 3.0, lambda: None)
+        await peer.speech(50).addTimeout(20, reactor)  # a second of greeting
         peer.transport.loseConnection()
         await peer.lost.addTimeout(5, reactor)
     finally:
@@ -463,3 +532,190 @@ async def test_16khz_leg_is_answered_in_16khz(redis_server, tmp_path):
     assert len(speech) >= 50  # at least a second of greeting
     assert {f.kind for f in speech} == {wire.audio_kind(16000)}
     assert all(len(f.payload) == 640 for f in speech)
+
+
+class _HeldPreloadTTS:
+    """A synthesizer whose preload of the fixed prompts completes when the test says so."""
+
+    name = "held"
+
+    def __init__(self):
+        self.preloading = defer.Deferred()
+        self.asked = defer.Deferred()
+        self.texts = []
+
+    def synthesize(self, text, rate):
+        return defer.succeed(bytes(rate // 50 * 2))
+
+    def preload(self, texts, rate):
+        self.texts = list(texts)
+        # Told on the next reactor turn, once the start-up that asked has gone on as far
+        # as it can without the prompts.
+        reactor.callLater(0, self.asked.callback, None)
+        return self.preloading
+
+
+async def _ready_with(tts, tmp_path):
+    from audiosocket.store import MemoryStore
+
+    ai, ret = free_ports(2)
+    config = config_for("/nonexistent/redis.sock", tmp_path, ai, ret)
+    svc = makeService(config, reactor=reactor, store=MemoryStore(), tts=tts)
+    svc.startService()
+    return svc
+
+
+@pytest_twisted.ensureDeferred
+async def test_ready_fires_only_once_the_prompts_are_preloaded(tmp_path):
+    """
+    ready waits for the fixed prompts (greeting included) to be synthesized: with the
+    extensions and the API up but the preload still running, it has not fired.
+    """
+    tts = _HeldPreloadTTS()
+    svc = await _ready_with(tts, tmp_path)
+    try:
+        await tts.asked.addTimeout(10, reactor)
+        assert svc.api_port is not None and len(svc.manager.extensions) == 1
+        assert any(t.startswith("Condomínio Apoena, em que posso ajudar?") for t in tts.texts)
+        assert not svc.ready.called
+        tts.preloading.callback(None)
+        assert await svc.ready.addTimeout(5, reactor) is svc
+    finally:
+        await stopped(svc)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ready_fires_when_the_preload_fails(tmp_path):
+    """A preload failure is logged, not fatal: the server still becomes ready."""
+    tts = _HeldPreloadTTS()
+    svc = await _ready_with(tts, tmp_path)
+    try:
+        await tts.asked.addTimeout(10, reactor)
+        tts.preloading.errback(RuntimeError("synthesizer down"))
+        assert await svc.ready.addTimeout(10, reactor) is svc
+    finally:
+        await stopped(svc)
+
+
+# ---------------------------------------------------------------- [server] keys reaching the listeners
+
+
+class BarePeer(protocol.Protocol):
+    """A raw TCP peer: sends C{first} on connect (a UUID frame, or nothing) and waits."""
+
+    def __init__(self, first: bytes = b""):
+        self.first = first
+        self.lost = defer.Deferred()
+
+    def connectionMade(self):
+        if self.first:
+            self.transport.write(self.first)
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+
+
+async def connect_from(source: str, port: int, peer: BarePeer) -> BarePeer:
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(source, 0))
+    await connectProtocol(endpoint, peer)
+    return peer
+
+
+@pytest_twisted.ensureDeferred
+async def test_allowed_peers_from_the_config_reach_the_listeners(redis_server, tmp_path):
+    """
+    [server] allowed_peers = ["127.0.0.2"]: a PBX connecting from 127.0.0.1 is refused as
+    peer_not_allowed on both ports, one from 127.0.0.2 is answered.
+    """
+    ai, ret = free_ports(2)
+    config = config_for(redis_server.path, tmp_path, ai, ret, server={"allowed_peers": ["127.0.0.2"]})
+    svc = await started(config)
+    try:
+        for port in (ai, ret):
+            stranger = await connect_from("127.0.0.1", port, BarePeer(wire.uuid_frame(uuid.uuid4())))
+            await stranger.lost.addTimeout(10, reactor)
+        assert svc.manager.refused["peer_not_allowed"] == 2
+        allowed = BarePeer(wire.uuid_frame(uuid.uuid4()))
+        starting = svc.registry.when_started()
+        await connect_from("127.0.0.2", ai, allowed)
+        session = await starting.addTimeout(10, reactor)
+        assert not allowed.lost.called
+        allowed.transport.loseConnection()
+        await allowed.lost.addTimeout(10, reactor)
+        await session.flow.addTimeout(10, reactor)
+    finally:
+        await stopped(svc)
+    assert svc.manager.refused["peer_not_allowed"] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_handshake_timeout_from_the_config_reaches_the_listeners(redis_server, tmp_path):
+    """
+    [server] handshake_timeout_s = 0.5: both ports' leg factories have it, and a peer that
+    connects and never sends its UUID is closed as handshake_timeout.
+    """
+    ai, ret = free_ports(2)
+    config = config_for(redis_server.path, tmp_path, ai, ret, server={"handshake_timeout_s": 0.5})
+    svc = await started(config)
+    try:
+        extension = svc.manager.get(1)
+        assert extension.ai_factory.handshake_timeout == 0.5
+        assert extension.return_factory.handshake_timeout == 0.5
+        silent = await connect_from("127.0.0.1", ai, BarePeer())
+        await silent.lost.addTimeout(10, reactor)
+    finally:
+        await stopped(svc)
+    assert svc.manager.refused["handshake_timeout"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_port_fallback_around_a_port_really_in_use(redis_server, tmp_path):
+    """
+    With port_fallback on, an AI port already bound by another program (a real socket,
+    "address in use") is replaced by the free port of the fallback range, and a call to
+    that port is answered; the return port, free, is kept.
+    """
+    ai, ret, spare = free_ports(3)
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", ai))
+    squatter.listen(1)
+    try:
+        config = config_for(
+            redis_server.path,
+            tmp_path,
+            ai,
+            ret,
+            server={"port_fallback": True, "port_fallback_range": [spare, spare]},
+        )
+        svc = await started(config)
+        try:
+            extension = svc.manager.get(1)
+            assert (extension.bound_ai_port, extension.bound_return_port) == (spare, ret)
+            report = await defer.Deferred.fromCoroutine(
+                place_call(CallOptions(host="127.0.0.1", port=spare, hangup_after=1.0), reactor)
+            ).addTimeout(20, reactor)
+        finally:
+            await stopped(svc)
+    finally:
+        squatter.close()
+    assert report.connected and report.speech_seconds > 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_port_really_in_use_without_fallback_fails_the_extension(redis_server, tmp_path):
+    """Without port_fallback the same busy port leaves the extension failed, naming the port."""
+    ai, ret = free_ports(2)
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", ai))
+    squatter.listen(1)
+    try:
+        svc = await started(config_for(redis_server.path, tmp_path, ai, ret))
+        try:
+            extension = svc.manager.get(1)
+            status, error = extension.status, extension.error
+        finally:
+            await stopped(svc)
+    finally:
+        squatter.close()
+    assert status == "failed"
+    assert str(ai) in error

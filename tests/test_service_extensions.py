@@ -11,7 +11,6 @@ import json
 import pytest_twisted
 import treq
 from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
 
 from audiosocket.callclient import CallOptions, place_call
 from test_service import config_for, free_ports, started, stopped
@@ -43,12 +42,20 @@ def extension(id: int, ai: int, ret: int) -> dict:
     }
 
 
-async def wait_for(predicate, seconds: float = 10.0):
-    for _ in range(int(seconds / 0.05)):
-        if predicate():
-            return
-        await deferLater(reactor, 0.05, lambda: None)
-    raise AssertionError("condition not reached in {} s".format(seconds))
+def applied(svc, predicate, seconds: float = 10.0) -> defer.Deferred:
+    """
+    Fires once C{predicate()} holds after a change from another node has been applied on
+    C{svc} (at once if it holds already): the event, not a while.
+    """
+    d = defer.Deferred()
+
+    def check(_change=None):
+        if not d.called and predicate():
+            d.callback(None)
+
+    svc.control.add_observer(check)
+    check()
+    return d.addTimeout(seconds, reactor)
 
 
 def call(port: int, seconds: float, host="127.0.0.1"):
@@ -69,7 +76,7 @@ async def test_live_call_untouched_while_another_extension_changes(redis_server,
     svc = await started(config_for(redis_server.path, tmp_path, a_ai, a_ret))
     try:
         live = call(a_ai, 6.0)
-        await deferLater(reactor, 0.5, lambda: None)
+        await svc.registry.when_started().addTimeout(10, reactor)
         skipped = svc.clock.skipped_frames
         code, body = await request("POST", api_url(svc, "/api/extensions"), extension(2, b_ai, b_ret))
         assert code == 201 and body["status"] == "listening"
@@ -134,12 +141,12 @@ async def test_two_servers_sharing_redis_see_each_others_changes(redis_server, t
         await one.store.whenSubscribed()
         code, _ = await request("POST", api_url(one, "/api/extensions"), extension(2, b_ai, b_ret))
         assert code == 201
-        await wait_for(lambda: 2 in two.manager.extensions)
+        await applied(two, lambda: 2 in two.manager.extensions)
         report = await call(b_ai, 1.0, host="127.0.0.2")
         assert report.connected and report.speech_seconds > 0
         code, _ = await request("DELETE", api_url(two, "/api/extensions/2"))
         assert code == 200
-        await wait_for(lambda: 2 not in one.manager.extensions)
+        await applied(one, lambda: 2 not in one.manager.extensions)
     finally:
         await stopped(two)
         await stopped(one)
@@ -163,14 +170,11 @@ async def test_redis_down_calls_go_on_reads_answer_writes_fail_fast(redis_server
         assert code == 503 and body["error"] == "store_unavailable"
         assert 2 not in svc.manager.extensions
         redis_server.start()
-        for _ in range(100):
-            code, body = await request("POST", api_url(svc, "/api/extensions"), extension(2, b_ai, b_ret))
-            if code == 201:
-                break
-            await deferLater(reactor, 0.1, lambda: None)
+        await svc.store.whenAvailable().addTimeout(15, reactor)
+        code, body = await request("POST", api_url(svc, "/api/extensions"), extension(2, b_ai, b_ret))
         assert code == 201
         # The record of the call made during the outage was kept and written once Redis came back.
-        await wait_for(lambda: not svc.records.unsaved, 15)
+        await svc.records.when_saved().addTimeout(15, reactor)
         uuids = [c["uuid"] for c in await svc.store.recent_calls(5)]
     finally:
         await stopped(svc)

@@ -296,11 +296,10 @@ async def test_redis_down_is_unavailable(redis_server, store):
     """With Redis stopped, a command fails with StoreUnavailable in about timeout_s."""
     redis_server.stop()
     await until(lambda: not store.available)
-    start = reactor.seconds()
+    # The message says the store's own 1 s timeout ended the command: without it the
+    # command would hang (txredisapi alone waits for ever) and wait() would time out instead.
     with pytest.raises(StoreUnavailable, match="no reply within 1.0s"):
         await wait(store.load_extensions())
-    # Generous bound (loaded CI): it must not hang, which txredisapi alone would do.
-    assert reactor.seconds() - start < 1.0 + 1.5
     assert store.available is False
 
 
@@ -325,7 +324,7 @@ async def test_redis_restart_recovers(redis_server, store, other):
     redis_server.start()
     await wait(store.whenSubscribed())
     await wait(other.whenSubscribed())
-    await until(lambda: store.available)
+    await wait(store.whenAvailable())
     changes = Changes()
     other.subscribe(changes)
     await wait(store.save_extension(ext(11, 8111)))
@@ -347,7 +346,7 @@ async def test_stop_fails_pending_commands(redis_server, store):
     redis_server.stop()
     await until(lambda: not store.available)
     pending = store.get_blob("k")
-    await task.deferLater(reactor, 0.05, lambda: None)
+    assert not pending.called  # waiting for Redis
     stopped = store.stopService()
     with pytest.raises(StoreUnavailable, match="stopped"):
         await wait(pending, 0.8)
