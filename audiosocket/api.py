@@ -66,6 +66,9 @@ from werkzeug.exceptions import NotFound as RouteNotFound
 
 from .config import LOOPBACK_NAMES, host_name
 from .control import ExtensionControl, StoreUnavailable
+from .dashboard import Dashboard, is_page
+from .dashboard.auth import CSRF_HEADER, SESSION_COOKIE, BrowserLogins, Login, cookie_value
+from .events import EventHub
 from .extension import Conflict, NotFound
 from .model import EXTENSION_FIELDS, InvalidField, Extension
 
@@ -166,8 +169,13 @@ class Api:
 
     app = Klein()
     log = Logger()
-    #: The only requests served without the token, as (method, raw path).
-    open_routes = frozenset({(b"GET", b"/healthz"), (b"HEAD", b"/healthz")})
+    #: The only requests served without the token, as (method, raw path): liveness, and the
+    #: dashboard's login page with the two static files it needs.
+    open_routes = frozenset(
+        (method, path)
+        for method in (b"GET", b"HEAD")
+        for path in (b"/healthz", b"/login", b"/static/style.css", b"/static/login.js")
+    )
 
     def __init__(
         self,
@@ -181,6 +189,9 @@ class Api:
         allowed_hosts: Iterable[str] = LOOPBACK_NAMES,
         max_body: int = MAX_BODY_DEFAULT,
         refused: collections.Counter | None = None,
+        reactor=None,
+        privacy=None,
+        dialer=None,
     ):
         self._control = control
         self._manager = control.manager
@@ -192,6 +203,16 @@ class Api:
         self.allowed_hosts = frozenset(allowed_hosts)
         self.max_body = max_body
         self.refused = refused if refused is not None else collections.Counter()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.logins = BrowserLogins(reactor)
+        self.events = EventHub(
+            sessions, self._describe_all, reactor=reactor, refused=self.refused
+        )
+        if hasattr(sessions, "add_observer"):
+            sessions.add_observer(self.events.session_ended)
+        self.dashboard = Dashboard(self, privacy=privacy, dialer=dialer)
 
     def site(self, **kwargs) -> "ApiSite":
         """A C{Site} serving this API behind its request checks (see the module docstring)."""
@@ -229,7 +250,7 @@ class Api:
             if not json_content_type((headers.getRawHeaders(b"content-type") or [None])[-1]):
                 return self._not_json()
             try:
-                self._check_token((headers.getRawHeaders(b"authorization") or [None])[-1])
+                self.credentials(method, headers)
             except ApiError as e:
                 return e
         return None
@@ -283,17 +304,57 @@ class Api:
         The app as a resource, every route of it behind L{authorize}: the only way this app
         is served (L{ApiSite} uses it; so do the tests).
         """
-        return _Guarded(self, self.app.resource())
+        return _Guarded(self, self.app.resource(), self.dashboard.app.resource())
 
-    def authorize(self, method: bytes, path: bytes, header: bytes | str | None) -> None:
+    def authorize(self, method: bytes, path: bytes, headers: Headers) -> "Login | None":
         """
-        Let a request through to the routes, or raise the 401: every request needs the token
-        except those in L{open_routes}, matched on the raw method and path (a path spelled
-        any other way, even one the router would map to an open route, needs the token).
+        Let a request through to the routes, or raise the 401 (or the 403 of a browser change
+        without its CSRF token): every request needs a credential (L{credentials}) except
+        those in L{open_routes}, matched on the raw method and path (a path spelled any other
+        way, even one the router would map to an open route, needs the token).
+
+        @return: the dashboard login the request came with, if it came with one.
         """
         if (method.upper(), path) in self.open_routes:
-            return
+            return self._login_of(headers, required=False)
+        return self.credentials(method, headers)
+
+    def credentials(self, method: bytes, headers: Headers) -> "Login | None":
+        """
+        Judge a request's credential: C{Authorization: Bearer <token>}, or else the
+        dashboard's session cookie (L{SESSION_COOKIE}, given by C{POST /login} for the
+        token), which on a state-changing method counts only with the login's CSRF token in
+        an C{X-CSRF-Token} header (a 403 C{csrf_token_required} without it). With no token
+        configured, everything passes.
+
+        @return: the dashboard login the request came with, or L{None}.
+        """
+        if self._token is None:
+            return None
+        header = (headers.getRawHeaders(b"authorization") or [None])[-1]
+        if header is None:
+            login = self._login_of(headers, required=True)
+            if login is not None:
+                if method.upper() not in SAFE_METHODS:
+                    given = (headers.getRawHeaders(CSRF_HEADER) or [b""])[-1]
+                    if not hmac.compare_digest(given, login.csrf.encode("ascii")):
+                        raise ApiError(
+                            403,
+                            "csrf_token_required",
+                            "a change made with the dashboard's session cookie needs its "
+                            "CSRF token in an X-CSRF-Token header",
+                        )
+                return login
         self._check_token(header)
+        return None
+
+    def _login_of(self, headers: Headers, required: bool) -> "Login | None":
+        if self._token is None:
+            return None
+        expected = self._token()
+        if not expected:
+            return None
+        return self.logins.find(cookie_value(headers, SESSION_COOKIE), expected)
 
     def _check_token(self, header: bytes | str | None) -> None:
         if self._token is None:
@@ -502,6 +563,20 @@ class Api:
         )
         return _json(request, {"uuid": sid, "status": "hanging_up"}, 202)
 
+    @app.route("/api/events", methods=["GET"])
+    def events_stream(self, request):
+        """
+        Server-sent events (see L{audiosocket.events}): the stream stays open; it ends when
+        the client goes, the server stops, or the client does not keep up.
+        """
+        if self.events.full():
+            raise ApiError(
+                503, "too_many_streams", "too many event streams open", {"Retry-After": "5"}
+            )
+        request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        return self.events.subscribe(request).done
+
     @app.route("/api/calls", methods=["GET"])
     async def list_calls(self, request):
         raw = _arg(request, "limit")
@@ -582,16 +657,23 @@ class _Guarded(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, api: Api, routes: resource.Resource):
+    def __init__(self, api: Api, routes: resource.Resource, pages: resource.Resource):
         super().__init__()
         self._api = api
         self._routes = routes
+        self._pages = pages
 
     def render(self, request):
         try:
-            self._api.authorize(request.method, request.path, request.getHeader("authorization"))
+            request.dashboard_login = self._api.authorize(
+                request.method, request.path, request.requestHeaders
+            )
         except ApiError as e:
+            if e.status == 401 and is_page(request.path):
+                return self._api.dashboard.unauthorized_page(request, e)
             return self._api.answer_error(request, e)
+        if is_page(request.path):
+            return self._pages.render(request)
         return self._routes.render(request)
 
 
@@ -656,7 +738,8 @@ def openapi_document() -> dict:
         "401": _error_response("Missing or wrong bearer token"),
         "403": _error_response(
             "A change from another site: an Origin that is not an allowed host, or "
-            "Sec-Fetch-Site cross-site or same-site"
+            "Sec-Fetch-Site cross-site or same-site; or a change made with the dashboard's "
+            "session cookie without its X-CSRF-Token"
         ),
         "404": _error_response("Unknown extension, session or route"),
         "405": _error_response("Method not allowed on this route"),
@@ -671,7 +754,9 @@ def openapi_document() -> dict:
             "route runs"
         ),
         "422": _error_response("Invalid field; `field` names it"),
-        "503": _error_response("The extension store is unavailable; nothing changed"),
+        "503": _error_response(
+            "The extension store is unavailable (nothing changed), or too many event streams"
+        ),
     }
 
     def pick(*codes):
@@ -874,6 +959,20 @@ def openapi_document() -> dict:
                     },
                 },
             },
+            "/api/events": {
+                "get": {
+                    "summary": "Server-sent events: session started/changed/ended, "
+                    "extension changed/removed (JSON data)",
+                    "operationId": "events",
+                    "responses": {
+                        "200": {
+                            "description": "An open text/event-stream",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        },
+                        **pick("401", "503"),
+                    },
+                }
+            },
             "/api/calls": {
                 "get": {
                     "summary": "Finished calls, newest first",
@@ -913,6 +1012,8 @@ def openapi_document() -> dict:
                                 "bad_request",
                                 "unauthorized",
                                 "cross_site",
+                                "csrf_token_required",
+                                "too_many_streams",
                                 "body_too_large",
                                 "unsupported_media_type",
                                 "host_not_allowed",

@@ -378,6 +378,9 @@ class DoormanService(MultiService):
             allowed_hosts=api_config.host_names,
             max_body=api_config.max_body,
             refused=self.manager.refused,
+            reactor=self._reactor,
+            privacy=self.config.privacy,
+            dialer=self.dialer,
         )
 
     def site(self, condominium_id: int) -> Site:
@@ -465,6 +468,7 @@ class DoormanService(MultiService):
         if self.api_port is not None:
             port, self.api_port = self.api_port, None
             await defer.maybeDeferred(port.stopListening)
+        self.api.events.stop()  # the dashboards' event streams end (their browsers retry)
         self.control.stop()
         if len(self.registry):
             ending = self.registry.hangup_all()
