@@ -1,7 +1,9 @@
 # -*- test-case-name: tests.test_api,tests.test_admin,tests.test_tls -*-
 """
 The HTTP API: extensions, sessions, finished calls, status, health, metrics and its own
-OpenAPI document, as a Klein app with its dependencies injected.
+OpenAPI document, and C{GET /api/events} (server-sent events for the operator's screen, see
+L{audiosocket.events}), as a Klein app with its dependencies injected; the same site serves
+the dashboard's pages (L{audiosocket.dashboard}) behind the same guard.
 
 Serve it with C{Api(...).site()} (an L{ApiSite}); never C{app.run()}, and never a plain
 C{Site} around C{app.resource()}, which would skip the checks below (L{Api.resource} is the
@@ -29,20 +31,36 @@ in C{refused} as C{api_<error>}):
   - A request with a body must say C{Content-Type: application/json} (a charset, if given,
     must be UTF-8): anything else is a 415 C{unsupported_media_type}. A browser cannot send
     that type cross-site without a CORS preflight, which this API never grants.
-  - A request with a body must carry the token (when one is configured): a 401 before the
-    body is read.
+  - A request with a body must carry a credential (below; when a token is configured): a
+    401, or the 403 of a session cookie without its CSRF token, before the body is read.
 
 Authentication is not something a route does: it is done once, in front of the router, so
 no route can be added without it. L{Api.resource} wraps the Klein resource in a guard that
 calls L{Api.authorize} on every request before any route is looked up, and L{Api.open_routes}
-is the whole list of what passes without a token: C{GET} (and C{HEAD}) C{/healthz}, matched
-on the raw path. Every other request, to a route that exists, to one added later (by a
-subclass, or at run time) or to none, needs C{Authorization: Bearer <token>} when a token is
-configured; a missing or wrong token is a 401 (RFC 6750: C{invalid_token} is a 401, not a
-403), and so is every request while the token's source (an environment variable) is unset.
-An anonymous caller thus learns nothing of which routes exist (401, never 404 or 405).
-C{tests/test_api.py} walks every rule of the URL map to hold this. L{ApiSite} judges the token
-of a request with a body earlier still, on its head (above), since no open route takes one.
+is the whole list of what passes without a token: C{GET} (and C{HEAD}) C{/healthz}, the
+dashboard's login page C{/login} and the two static files it needs (C{/static/style.css},
+C{/static/login.js}), matched on the raw path. Every other request, to a route that exists,
+to one added later (by a subclass, or at run time) or to none, to the JSON API or to the
+dashboard's pages and files (L{audiosocket.dashboard}, served by the same guard for every
+path outside C{/api/}, C{/healthz} and C{/metrics}), needs a credential when a token is
+configured:
+
+  - C{Authorization: Bearer <token>}; or
+  - the dashboard's session cookie, which C{POST /login} gives for the token (HttpOnly,
+    SameSite=Strict, Secure under TLS; see L{audiosocket.dashboard.auth}), and which on a
+    state-changing method counts only together with that login's CSRF token in an
+    C{X-CSRF-Token} header: without it, a 403 C{csrf_token_required}. The cookie never
+    widens what the token allows: it stands for the token, on the same routes.
+
+A missing or wrong credential is a 401 (RFC 6750: C{invalid_token} is a 401, not a 403), and
+so is every request while the token's source (an environment variable) is unset (logins made
+with another token are void). An anonymous caller thus learns nothing of which routes exist
+(401, never 404 or 405); a browser asking for a page gets that 401 as a page pointing to the
+login. C{tests/test_api.py} walks every rule of both URL maps to hold this. L{ApiSite} judges
+the credential of a request with a body earlier still, on its head (above), since no open
+route takes one. A change refused for its missing CSRF token is counted in C{refused} as
+C{api_csrf_token_required} wherever it is judged.
+
 The routes check the content type of the JSON bodies they read.
 """
 
@@ -53,6 +71,7 @@ import hmac
 import io
 import json
 import uuid as _uuid
+import weakref
 from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
@@ -213,10 +232,23 @@ class Api:
         if hasattr(sessions, "add_observer"):
             sessions.add_observer(self.events.session_ended)
         self.dashboard = Dashboard(self, privacy=privacy, dialer=dialer)
+        self._sites: weakref.WeakSet[ApiSite] = weakref.WeakSet()
 
     def site(self, **kwargs) -> "ApiSite":
         """A C{Site} serving this API behind its request checks (see the module docstring)."""
-        return ApiSite(self, **kwargs)
+        site = ApiSite(self, **kwargs)
+        self._sites.add(site)
+        return site
+
+    def shutdown(self) -> None:
+        """
+        The server stops: end the event streams and close every connection still open to
+        a site of this API (idle keep-alive ones included), so nothing is served by a
+        stopped server and browsers reconnect to the next one. Stop listening first.
+        """
+        self.events.stop(final=True)
+        for site in list(self._sites):
+            site.close_connections()
 
     # ------------------------------------------------------------ before any route
 
@@ -268,11 +300,8 @@ class Api:
             415, "unsupported_media_type", "the body must be sent as Content-Type: application/json"
         )
 
-    def refusal(self, error: ApiError, method: bytes, peer) -> bytes:
-        """
-        A whole HTTP response for a request refused before its body was read (the connection
-        closes after it), counted and logged.
-        """
+    def count_refusal(self, error: ApiError, method: bytes, peer) -> None:
+        """Count and log a refusal (C{refused["api_<error>"]})."""
         reason = "api_" + error.code
         self.refused[reason] += 1
         self.log.info(
@@ -281,6 +310,13 @@ class Api:
             peer=getattr(peer, "host", peer),
             reason=reason,
         )
+
+    def refusal(self, error: ApiError, method: bytes, peer) -> bytes:
+        """
+        A whole HTTP response for a request refused before its body was read (the connection
+        closes after it), counted and logged.
+        """
+        self.count_refusal(error, method, peer)
         body = _error_body(error)
         phrase = http.RESPONSES.get(error.status) or _REASONS.get(error.status, b"Refused")
         headers = dict(
@@ -569,6 +605,8 @@ class Api:
         Server-sent events (see L{audiosocket.events}): the stream stays open; it ends when
         the client goes, the server stops, or the client does not keep up.
         """
+        if self.events.closed:
+            raise ApiError(503, "shutting_down", "the server is stopping", {"Retry-After": "1"})
         if self.events.full():
             raise ApiError(
                 503, "too_many_streams", "too many event streams open", {"Retry-After": "5"}
@@ -669,6 +707,8 @@ class _Guarded(resource.Resource):
                 request.method, request.path, request.requestHeaders
             )
         except ApiError as e:
+            if e.code == "csrf_token_required":
+                self._api.count_refusal(e, request.method, request.client)
             if e.status == 401 and is_page(request.path):
                 return self._api.dashboard.unauthorized_page(request, e)
             return self._api.answer_error(request, e)
@@ -686,6 +726,21 @@ class ApiSite(server.Site):
     def __init__(self, api: Api, **kwargs):
         super().__init__(api.resource(), **kwargs)
         self.api = api
+        self._channels: weakref.WeakSet = weakref.WeakSet()
+
+    def buildProtocol(self, addr):
+        channel = super().buildProtocol(addr)
+        if channel is not None:
+            self._channels.add(channel)
+        return channel
+
+    def close_connections(self) -> None:
+        """Close every connection of this site (see L{Api.shutdown})."""
+        for channel in list(self._channels):
+            # Twisted's protocol here wraps the HTTPChannel, which holds the transport.
+            transport = getattr(getattr(channel, "_channel", channel), "transport", None)
+            if transport is not None:
+                transport.loseConnection()
 
     def getContentFile(self, length):
         # The body is at most the cap: memory, never a temporary file per request.
@@ -1014,6 +1069,7 @@ def openapi_document() -> dict:
                                 "cross_site",
                                 "csrf_token_required",
                                 "too_many_streams",
+                                "shutting_down",
                                 "body_too_large",
                                 "unsupported_media_type",
                                 "host_not_allowed",

@@ -11,6 +11,9 @@ changed into JSON events::
     event: extension
     data: {"type": "extension.changed" | "extension.removed", "extension": {...}}
 
+A stream starts with C{event: hello} and the whole picture (every session and extension as
+"changed"), so a page that reconnects (after a restart of the server, say) can redraw.
+
 It looks only while someone listens: a L{LoopingCall} every C{interval} seconds (default
 0.5 s, so an event reaches a page within a second) compares what the registry and the
 manager describe with what it saw last; an ended call is also pushed at once by the
@@ -162,6 +165,8 @@ class EventHub:
         self._loop: task.LoopingCall | None = None
         self.published = 0
         self._polls = 0
+        #: Shut down: no new streams (the route answers 503).
+        self.closed = False
 
     # ------------------------------------------------------------ subscribers
 
@@ -178,6 +183,7 @@ class EventHub:
         self.subscribers.append(sub)
         request.notifyFinish().addBoth(lambda _: self._gone(sub))
         sub.put(b"retry: 1000\n\n")
+        sub.put(sse("hello", {"type": "hello"}))
         for data in sessions:
             sub.put(sse("session", {"type": "session.changed", "session": data}))
         for data in extensions:
@@ -206,8 +212,13 @@ class EventHub:
             transport.abortConnection()
         self._gone(sub)
 
-    def stop(self) -> None:
-        """Stop watching (the last subscriber left, or shutdown): closes every stream."""
+    def stop(self, final: bool = False) -> None:
+        """
+        Stop watching (the last subscriber left, or shutdown): ends every stream. After a
+        C{final} stop the hub takes no more subscribers (L{closed}).
+        """
+        if final:
+            self.closed = True
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None

@@ -468,7 +468,7 @@ class DoormanService(MultiService):
         if self.api_port is not None:
             port, self.api_port = self.api_port, None
             await defer.maybeDeferred(port.stopListening)
-        self.api.events.stop()  # the dashboards' event streams end (their browsers retry)
+        self.api.shutdown()  # event streams and keep-alive connections close too
         self.control.stop()
         if len(self.registry):
             ending = self.registry.hangup_all()
