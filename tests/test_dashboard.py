@@ -263,7 +263,7 @@ async def test_hangup_from_the_page(browser_ok, token, redis_server, tmp_path):
     """
     "Desligar" (after its confirmation) hangs up a call in progress: the server says
     goodbye and closes the call, which leaves the page; its record says the operator
-    ended it.
+    ended it. (Privacy mode, switched on first, hides the caller's details on screen.)
     """
     svc, base, ai = await serve(redis_server, tmp_path)
     pending = Pending()
@@ -275,6 +275,10 @@ async def test_hangup_from_the_page(browser_ok, token, redis_server, tmp_path):
         pending.start(ai, hangup_after=25.0)
         row = page.locator("tr.session")
         expect(row).to_have_count(1)
+        toggle = page.get_by_role("button", name="Modo privacidade")
+        toggle.click()
+        expect(toggle).to_have_attribute("aria-pressed", "true")
+        expect(row.locator(".pii").first).to_have_css("font-size", "0px")
         dialogs = []
         page.on("dialog", lambda d: (dialogs.append(d.message), d.accept()))
         row.get_by_role("button", name="Desligar").click()
@@ -407,3 +411,186 @@ async def test_health_page(browser_ok, token, redis_server, tmp_path):
         await stopped(svc)
     assert violations == []
     assert [t.split()[0] for t in texts] == ["Redis", "Discador", "Provedores", "Ritmo", "Ramais"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_page_recovers_after_a_restart(browser_ok, token, redis_server, tmp_path):
+    """
+    Ao vivo stays open while the server restarts on the same port: its event stream
+    reconnects by itself, the login still holds, and a call placed on the new server
+    appears without reloading the page.
+    """
+    ai, ret, api = free_ports(3)
+    config = config_for(
+        redis_server.path, tmp_path, ai, ret,
+        api={"token_env": TOKEN_ENV, "endpoint": "tcp:{}:interface=127.0.0.1".format(api)},
+    )
+    base = "http://127.0.0.1:{}".format(api)
+    services = [await started(config)]
+    pending = Pending()
+
+    async def restart():
+        await stopped(services.pop())
+        services.append(await started(config))
+
+    def script(page):
+        from playwright.sync_api import expect
+
+        login(page, base)
+        expect(page.locator("#no-calls")).to_be_visible()
+        on_reactor(lambda: defer.Deferred.fromCoroutine(restart()))
+        # Long enough to outlast the event stream's back-off (0.5 s, doubling per failure).
+        pending.start(ai, hangup_after=15.0)
+        expect(page.locator("tr.session")).to_have_count(1, timeout=20000)
+        expect(page.locator("tr.session")).to_have_count(0, timeout=30000)
+        return page.url
+
+    try:
+        url = await browse(script)
+        await pending.wait()
+    finally:
+        for svc in services:
+            await stopped(svc)
+    assert url == base + "/"
+
+
+# ---------------------------------------------------------------- without a browser
+
+
+async def http(method, url, headers=None, data=None):
+    """One request over real TCP (no connection kept); (status, headers, body)."""
+    import treq
+
+    response = await treq.request(
+        method, url, headers=headers or {}, data=data, persistent=False
+    )
+    body = await treq.content(response)
+    return response.code, response.headers, body
+
+
+async def logged_in(base):
+    """Log in with the token; (cookie header value, the page's CSRF token)."""
+    status, headers, _ = await http(
+        "POST", base + "/login", {"Authorization": "Bearer " + TOKEN}
+    )
+    assert status == 204
+    set_cookie = headers.getRawHeaders("set-cookie")[0]
+    cookie = set_cookie.split(";")[0]
+    _, _, page = await http("GET", base + "/", {"Cookie": cookie})
+    csrf = re.search(rb'name="csrf-token" content="([^"]+)"', page).group(1).decode()
+    return set_cookie, cookie, csrf
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_cookie_change_without_csrf_is_403(token, redis_server, tmp_path):
+    """
+    Over real TCP: the login cookie is HttpOnly and SameSite=Strict; with it, a change
+    without the CSRF token (or with a wrong one) is a 403 csrf_token_required, counted;
+    with it the change reaches its route; reading needs no CSRF token.
+    """
+    svc, base, _ = await serve(redis_server, tmp_path)
+    hangup = base + "/api/sessions/00000000-0000-4000-8000-000000000000/hangup"
+    try:
+        set_cookie, cookie, csrf = await logged_in(base)
+        bare = await http("POST", hangup, {"Cookie": cookie})
+        forged = await http("POST", hangup, {"Cookie": cookie, "X-CSRF-Token": "x" * 43})
+        good = await http("POST", hangup, {"Cookie": cookie, "X-CSRF-Token": csrf})
+        read = await http("GET", base + "/api/sessions", {"Cookie": cookie})
+    finally:
+        await stopped(svc)
+    assert "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie
+    assert "Secure" not in set_cookie  # plain HTTP here; Secure under TLS
+    assert (bare[0], json.loads(bare[2])["error"]) == (403, "csrf_token_required")
+    assert forged[0] == 403
+    assert good[0] == 404  # past the guard: no such call
+    assert read[0] == 200
+    assert svc.manager.refused["api_csrf_token_required"] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_cookie_change_with_body_without_csrf_refused_on_head(
+    token, redis_server, tmp_path
+):
+    """
+    Over real TCP: a change with a JSON body, the cookie and no CSRF token is refused on
+    the request's head (403), and nothing is created.
+    """
+    svc, base, _ = await serve(redis_server, tmp_path)
+    ai, ret = free_ports(2)
+    body = json.dumps(
+        {"id": 5, "ai_extension": "5001", "ai_port": ai, "return_extension": "5002",
+         "return_port": ret, "host": "127.0.0.1", "condominium_id": 1}
+    ).encode()
+    try:
+        _, cookie, _ = await logged_in(base)
+        status, _, answer = await http(
+            "POST", base + "/api/extensions",
+            {"Cookie": cookie, "Content-Type": "application/json"}, body,
+        )
+        extensions = sorted(svc.manager.extensions)
+    finally:
+        await stopped(svc)
+    assert (status, json.loads(answer)["error"]) == (403, "csrf_token_required")
+    assert extensions == [1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_login_void_after_logout_or_token_change(
+    token, monkeypatch, redis_server, tmp_path
+):
+    """
+    A login ends with its logout, and every login made with a token is void once the
+    token changes; a wrong token gets no cookie.
+    """
+    svc, base, _ = await serve(redis_server, tmp_path)
+    try:
+        wrong = await http("POST", base + "/login", {"Authorization": "Bearer nope"})
+        _, first, csrf = await logged_in(base)
+        await http("POST", base + "/logout", {"Cookie": first, "X-CSRF-Token": csrf})
+        after_logout = (await http("GET", base + "/api/sessions", {"Cookie": first}))[0]
+        _, second, _ = await logged_in(base)
+        monkeypatch.setenv(TOKEN_ENV, "a-new-token")
+        after_change = (await http("GET", base + "/api/sessions", {"Cookie": second}))[0]
+    finally:
+        await stopped(svc)
+    assert wrong[0] == 401 and wrong[1].getRawHeaders("set-cookie") is None
+    assert after_logout == 401
+    assert after_change == 401
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_pages_need_a_login(token, redis_server, tmp_path):
+    """
+    Without a credential every page and script is a 401 (a page says where to log in);
+    the login page and its two files are open.
+    """
+    svc, base, _ = await serve(redis_server, tmp_path)
+    try:
+        answers = {
+            path: (await http("GET", base + path))[0]
+            for path in ("/", "/ramais", "/chamadas", "/saude", "/parts/live",
+                         "/static/app.js", "/static/htmx.min.js", "/api/events",
+                         "/login", "/static/style.css", "/static/login.js")
+        }
+        page = (await http("GET", base + "/ramais"))[2]
+    finally:
+        await stopped(svc)
+    assert answers == {
+        "/": 401, "/ramais": 401, "/chamadas": 401, "/saude": 401, "/parts/live": 401,
+        "/static/app.js": 401, "/static/htmx.min.js": 401, "/api/events": 401,
+        "/login": 200, "/static/style.css": 200, "/static/login.js": 200,
+    }
+    assert b'href="/login"' in page
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_open_without_a_token(redis_server, tmp_path):
+    """With no token configured (loopback), the dashboard is open like the API."""
+    ai, ret = free_ports(2)
+    svc = await started(config_for(redis_server.path, tmp_path, ai, ret))
+    base = "http://127.0.0.1:{}".format(svc.api_port.getHost().port)
+    try:
+        statuses = [(await http("GET", base + p))[0] for p in ("/", "/ramais", "/saude")]
+    finally:
+        await stopped(svc)
+    assert statuses == [200, 200, 200]

@@ -77,6 +77,14 @@ EXT_STATUS = {
     "draining": "encerrando chamadas",
     "stopped": "parado",
 }
+ENDED_BY = {
+    "visitor": "visitante",
+    "resident": "morador",
+    "operator": "operador (painel ou API)",
+    "max_call": "tempo máximo da chamada",
+    "shutdown": "desligamento do servidor",
+    "server": "servidor",
+}
 HISTORY_LIMIT = 1000
 
 
@@ -152,6 +160,7 @@ class Dashboard:
             state=lambda s: STATES.get(s, s or "—"),
             outcome=lambda s: OUTCOMES.get(s, s or "—"),
             ext_status=lambda s: EXT_STATUS.get(s, s or "—"),
+            ended_by=lambda s: ENDED_BY.get(s, s or "—"),
             elapsed=_elapsed,
             level=_level,
         )
@@ -325,7 +334,7 @@ class Dashboard:
         if self.api._token is None:
             return b""
         login = self.api.logins.create(self.api._token())
-        cookie = SESSION_COOKIE + b"=" + login.id.encode("ascii")
+        cookie = SESSION_COOKIE + b"=" + login.cookie.encode("ascii")
         cookie += b"; Path=/; HttpOnly; SameSite=Strict"
         if request.isSecure():
             cookie += b"; Secure"

@@ -4,19 +4,24 @@ Dashboard logins: the API token, given once on the login page, buys a session co
 
 C{POST /login}, authorized like any request by C{Authorization: Bearer <token>}, answers
 with a cookie (L{SESSION_COOKIE}: C{HttpOnly}, C{SameSite=Strict}, C{Path=/}, C{Secure} when
-the request came over TLS) naming a L{Login}: a random id and a random CSRF token, both
-from the operating system's CSPRNG. The cookie then stands for the token (see
+the request came over TLS). The cookie then stands for the token (see
 L{audiosocket.api.Api.credentials}), but on a state-changing method only together with the
 login's CSRF token in an C{X-CSRF-Token} header, which the pages carry in a C{<meta>} tag
-and a cross-site page cannot read.
+and a page of another site cannot read.
 
-Logins live in memory (a restart logs everyone out), expire after C{ttl} seconds, are at most
-C{cap} (the oldest goes first), and are bound to the token they were made with: when the
-token changes (its environment variable), every login made with the old one is void.
+The cookie is C{<id>.<expiry>.<signature>}: a random id (the operating system's CSPRNG), its
+expiry (Unix seconds, C{ttl} after the login) and an HMAC-SHA256 of both under a key derived
+from the token; the CSRF token is an HMAC of the id under the same key. Nothing is stored
+per login, so a login survives a restart of the server (an open page reconnects its event
+stream and goes on), and every login made with a token is void as soon as the token changes
+(its environment variable). A logout voids its id in memory until its expiry (and the
+browser drops the cookie); that list is bounded (C{max_revoked}, the oldest first) and does
+not survive a restart.
 """
 
 from __future__ import annotations
 
+import base64
 import collections
 import hashlib
 import hmac
@@ -28,19 +33,28 @@ from twisted.web.http_headers import Headers
 SESSION_COOKIE = b"audiosocket_session"
 CSRF_HEADER = b"X-CSRF-Token"
 LOGIN_TTL_S = 12 * 3600
-MAX_LOGINS = 256
+MAX_REVOKED = 4096
+_CONTEXT = b"audiosocket dashboard login v1"
 
 
-def _fingerprint(token: str) -> bytes:
-    return hashlib.sha256(token.encode("utf-8")).digest()
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _key(token: str) -> bytes:
+    return hmac.new(token.encode("utf-8"), _CONTEXT, hashlib.sha256).digest()
+
+
+def _mac(key: bytes, *parts: str) -> str:
+    return _b64(hmac.new(key, "|".join(parts).encode("ascii"), hashlib.sha256).digest())
 
 
 @define
 class Login:
     id: str
     csrf: str
-    token_fingerprint: bytes
-    expires_at: float
+    expires_at: int
+    cookie: str
 
 
 def cookie_value(headers: Headers, name: bytes) -> bytes | None:
@@ -55,46 +69,50 @@ def cookie_value(headers: Headers, name: bytes) -> bytes | None:
 
 
 class BrowserLogins:
-    """The logins in force, by cookie value."""
+    """Makes and checks login cookies (see the module docstring)."""
 
-    def __init__(self, reactor, ttl: float = LOGIN_TTL_S, cap: int = MAX_LOGINS):
+    def __init__(self, reactor, ttl: float = LOGIN_TTL_S, max_revoked: int = MAX_REVOKED):
         self._reactor = reactor
         self.ttl = ttl
-        self.cap = cap
-        self._logins: collections.OrderedDict[str, Login] = collections.OrderedDict()
+        self.max_revoked = max_revoked
+        self._revoked: collections.OrderedDict[str, int] = collections.OrderedDict()
 
-    def __len__(self) -> int:
-        return len(self._logins)
+    def _login(self, key: bytes, login_id: str, expires_at: int) -> Login:
+        expiry = str(expires_at)
+        signature = _mac(key, "cookie", login_id, expiry)
+        return Login(
+            id=login_id,
+            csrf=_mac(key, "csrf", login_id),
+            expires_at=expires_at,
+            cookie="{}.{}.{}".format(login_id, expiry, signature),
+        )
 
     def create(self, token: str) -> Login:
-        while len(self._logins) >= self.cap:
-            self._logins.popitem(last=False)
-        login = Login(
-            id=secrets.token_urlsafe(32),
-            csrf=secrets.token_urlsafe(32),
-            token_fingerprint=_fingerprint(token),
-            expires_at=self._reactor.seconds() + self.ttl,
-        )
-        self._logins[login.id] = login
-        return login
+        expires_at = int(self._reactor.seconds() + self.ttl)
+        return self._login(_key(token), secrets.token_urlsafe(24), expires_at)
 
     def find(self, value: bytes | None, token: str) -> Login | None:
         """The login a cookie value names, if it is in force for C{token}."""
-        if not value:
+        if not value or len(value) > 200:
             return None
         try:
-            key = value.decode("ascii")
-        except UnicodeDecodeError:
+            login_id, expiry, signature = value.decode("ascii").split(".")
+            expires_at = int(expiry)
+        except (UnicodeDecodeError, ValueError):
             return None
-        login = self._logins.get(key)
-        if login is None:
+        login = self._login(_key(token), login_id, expires_at)
+        if not hmac.compare_digest(login.cookie.encode(), value):
             return None
-        if login.expires_at <= self._reactor.seconds() or not hmac.compare_digest(
-            login.token_fingerprint, _fingerprint(token)
-        ):
-            del self._logins[key]
+        if expires_at <= self._reactor.seconds() or login_id in self._revoked:
             return None
         return login
 
     def remove(self, login: Login) -> None:
-        self._logins.pop(login.id, None)
+        """Log out: the login's cookie is refused from now on (until it expires)."""
+        now = self._reactor.seconds()
+        for old, expires_at in list(self._revoked.items()):
+            if expires_at <= now:
+                del self._revoked[old]
+        while len(self._revoked) >= self.max_revoked:
+            self._revoked.popitem(last=False)
+        self._revoked[login.id] = login.expires_at
