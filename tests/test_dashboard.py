@@ -440,7 +440,7 @@ async def test_page_recovers_after_a_restart(browser_ok, token, redis_server, tm
         expect(page.locator("#no-calls")).to_be_visible()
         on_reactor(lambda: defer.Deferred.fromCoroutine(restart()))
         # Long enough to outlast the event stream's back-off (0.5 s, doubling per failure).
-        pending.start(ai, hangup_after=15.0)
+        pending.start(ai, hangup_after=10.0)
         expect(page.locator("tr.session")).to_have_count(1, timeout=20000)
         expect(page.locator("tr.session")).to_have_count(0, timeout=30000)
         return page.url
@@ -594,3 +594,128 @@ async def test_tcp_open_without_a_token(redis_server, tmp_path):
     finally:
         await stopped(svc)
     assert statuses == [200, 200, 200]
+
+
+# ---------------------------------------------------------------- pages, without sockets
+
+
+def page_setup(privacy=None, sessions=(), calls=()):
+    """The API (and its dashboard) on StubTreq with fake sessions and stored calls."""
+    from test_api import Setup, run
+
+    s = Setup(privacy=privacy)
+    for data in sessions:
+        s.sessions.sessions[data["uuid"]] = data
+    for record in calls:
+        run(s.store.append_call(record))
+    return s
+
+
+def live_session(**facts):
+    return {
+        "uuid": "11111111-1111-4111-8111-111111111111",
+        "extension_id": 1,
+        "condominium_id": 1,
+        "state": "collecting",
+        "busy": False,
+        "outcome": None,
+        "started_at": "2026-12-05T10:00:00.000Z",
+        "facts": dict({"intent": None, "visitor_name": None, "apartment": None,
+                       "resident": None}, **facts),
+        "attempts": 0,
+        "legs": {"visitor": {"closed": False, "level_in_dbfs": -30, "level_out_dbfs": -20},
+                 "resident": None},
+        "timings": {"total_s": 65.2},
+        "last_heard": "sou o joão do 101",
+    }
+
+
+def record(uuid, outcome, apartment, started_at):
+    return {
+        "uuid": uuid, "extension_id": 1, "condominium_id": 1, "started_at": started_at,
+        "ended_at": started_at, "outcome": outcome, "ended_by": "visitor",
+        "facts": {"intent": None, "visitor_name": "Ana", "apartment": apartment,
+                  "resident": None},
+        "decision_input": "key:1", "attempts": 1, "resident_leg_uuid": None,
+        "dial_failures": [], "timings": {"to_resident_s": 3.2, "to_decision_s": 9.0,
+                                         "total_s": 12.5},
+    }
+
+
+def test_live_hides_what_was_said_by_default():
+    """
+    Without [privacy] log_speech, Ao vivo shows a placeholder for the latest line, never
+    its text (even if a session carried one); the rest of the call is shown.
+    """
+    s = page_setup(sessions=[live_session(apartment="101", visitor_name="João")])
+    status, _, body = s.request("GET", "/parts/live")
+    assert status == 200
+    assert b"sou o jo" not in body
+    assert "(oculto)".encode() in body
+    assert "ouvindo o visitante".encode() in body and b"1:05" in body
+    assert "João".encode() in body and b"101" in body
+
+
+def test_live_shows_the_latest_line_with_log_speech():
+    """With [privacy] log_speech on, Ao vivo shows the latest line understood."""
+    from audiosocket.config import PrivacyConfig
+
+    s = page_setup(privacy=PrivacyConfig(log_speech=True), sessions=[live_session()])
+    body = s.request("GET", "/parts/live")[2]
+    assert "sou o joão do 101".encode() in body
+
+
+def test_history_filters():
+    """Chamadas filters by outcome, apartment and date; a call's page shows its timeline."""
+    s = page_setup(calls=[
+        record("a0000000-0000-4000-8000-000000000001", "authorized", "101",
+               "2026-12-04T10:00:00.000Z"),
+        record("a0000000-0000-4000-8000-000000000002", "denied", "202",
+               "2026-12-05T10:00:00.000Z"),
+    ])
+
+    def rows(query):
+        body = s.request("GET", "/chamadas" + query)[2].decode()
+        return re.findall(r'<tr data-uuid="a0+-0000-4000-8000-0+(\d)">', body)
+
+    assert sorted(rows("")) == ["1", "2"]
+    assert rows("?outcome=denied") == ["2"]
+    assert rows("?apartment=101") == ["1"]
+    assert rows("?date=2026-12-05") == ["2"]
+    assert rows("?condominium_id=7") == []
+    status, _, body = s.request("GET", "/chamadas/a0000000-0000-4000-8000-000000000001")
+    assert status == 200
+    text = body.decode()
+    assert "morador atendeu" in text and "3,2 s" in text and "key:1" in text
+    assert s.request("GET", "/chamadas/nope")[0] == 404
+
+
+def test_health_turns_red_only_after_two_failures():
+    """A failing check is "atenção" once, "falha" from the second time in a row on."""
+    s = page_setup()
+    s.store.available = False
+    first = s.request("GET", "/parts/saude")[2].decode()
+    second = s.request("GET", "/parts/saude")[2].decode()
+    s.store.available = True
+    third = s.request("GET", "/parts/saude")[2].decode()
+    redis = lambda page: re.search(r'class="check check-(\w+)">.*?<strong>Redis', page, re.S)
+    assert [redis(p).group(1) for p in (first, second, third)] == ["warn", "fail", "ok"]
+
+
+def test_pages_carry_no_framing_or_inline_script():
+    """Pages forbid framing and inline scripts (CSP), and are never cached."""
+    s = page_setup()
+    _, headers, _ = s.request("GET", "/")
+    csp = headers.getRawHeaders("content-security-policy")[0]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert headers.getRawHeaders("x-frame-options") == ["DENY"]
+    assert headers.getRawHeaders("cache-control") == ["no-store"]
+
+
+def test_static_refuses_other_files():
+    """Only files of the static directory are served: no path tricks."""
+    s = page_setup()
+    assert s.request("GET", "/static/app.js")[0] == 200
+    assert s.request("GET", "/static/..%2F__init__.py")[0] == 404
+    assert s.request("GET", "/static/.hidden")[0] == 404
+    assert s.request("GET", "/static/nope.js")[0] == 404

@@ -283,8 +283,8 @@ class EventReader(protocol.Protocol):
 async def test_events_over_tcp_for_a_real_call(redis_server, tmp_path):
     """
     Over real TCP: a stream opened before a call gets session.started with the call's
-    UUID while it is in progress, and session.ended once it is over; the stream is a
-    text/event-stream.
+    UUID (and its legs' audio levels) while it is in progress, and session.ended once it
+    is over; the stream is a text/event-stream.
     """
     ai, ret = free_ports(2)
     svc = await started(config_for(redis_server.path, tmp_path, ai, ret))
@@ -306,6 +306,9 @@ async def test_events_over_tcp_for_a_real_call(redis_server, tmp_path):
             reader.transport.loseConnection()
         await stopped(svc)
     assert started_event["session"]["uuid"] == options.uuid
+    visitor = started_event["session"]["legs"]["visitor"]
+    assert isinstance(visitor["level_in_dbfs"], int)
+    assert LEVEL_FLOOR_DBFS <= visitor["level_out_dbfs"] <= 0
     assert ended_event["session"]["uuid"] == options.uuid
 
 
