@@ -300,7 +300,9 @@ async def test_hangup_from_the_page(browser_ok, token, redis_server, tmp_path):
 async def test_add_extension_through_the_form(browser_ok, token, redis_server, tmp_path):
     """
     The Ramais form adds an extension that is listening when the table shows it; a port
-    another extension holds is refused next to its field, and nothing is added.
+    another extension holds, or an unknown condominium, is refused next to its field, and
+    nothing is added; "Alterar" fills the change form, which saves; "Remover" (forced,
+    confirmed) removes it.
     """
     svc, base, ai = await serve(redis_server, tmp_path)
     new_ai, new_ret = free_ports(2)
@@ -330,22 +332,39 @@ async def test_add_extension_through_the_form(browser_ok, token, redis_server, t
             condominium_id=1,
         )
         error = form.locator('[data-error-for="ai_port"]')
-        expect(error).to_contain_text("is used by another extension")
+        expect(error).to_have_text("A porta {} já é usada por outro ramal.".format(ai))
         expect(form.locator('[name="ai_port"]')).to_have_attribute("aria-invalid", "true")
         shoot(page, "ramais.png")
         form.locator('[name="condominium_id"]').fill("99")
         form.locator('[name="ai_port"]').fill(str(free_ports(1)[0]))
         form.get_by_role("button", name="Adicionar").click()
-        expect(form.locator('[data-error-for="condominium_id"]')).to_contain_text("99")
+        expect(form.locator('[data-error-for="condominium_id"]')).to_have_text(
+            "Não há condomínio 99."
+        )
         violations = axe_violations(page)
+        row.get_by_role("button", name="Alterar").click()
+        edit = page.locator("#edit-form")
+        expect(edit.locator('[name="ai_port"]')).to_have_value(str(new_ai))
+        edit.locator('[name="max_calls"]').fill("3")
+        edit.get_by_role("button", name="Salvar").click()
+        expect(edit.locator("[data-ok]")).to_have_text("Salvo: ramal 2 ouvindo.")
+        expect(row.locator("td").nth(8)).to_have_text("0 / 3")
+        listening.update(on_reactor(lambda: {
+            e: s.bound_ai_port for e, s in svc.manager.extensions.items()}))
+        page.on("dialog", lambda d: d.accept())
+        row.get_by_label("forçar").check()
+        row.get_by_role("button", name="Remover").click()
+        expect(row).to_have_count(0)
         return violations
 
+    listening = {}
     try:
         violations = await browse(script)
-        listening = {e: svc.manager.extensions[e].bound_ai_port for e in svc.manager.extensions}
+        after = sorted(svc.manager.extensions)
     finally:
         await stopped(svc)
     assert listening == {1: ai, 2: new_ai}
+    assert after == [1]
     assert violations == []
 
 

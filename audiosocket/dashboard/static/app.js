@@ -25,9 +25,24 @@
   }
   window.dashboardApi = api;
 
+  // The API speaks English; the messages an operator meets most often, in Portuguese.
+  var MESSAGES = [
+    [/^(?:ai_port|return_port) (\d+) is used by another extension/, "A porta $1 já é usada por outro ramal."],
+    [/^extension id (\d+) already exists/, "O ramal $1 já existe."],
+    [/no condominium (\d+)/, "Não há condomínio $1."],
+    [/port (\d+).*(?:in use|busy)/i, "A porta $1 está ocupada neste servidor."]
+  ];
+
+  function portuguese(detail) {
+    for (var i = 0; i < MESSAGES.length; i++) {
+      if (MESSAGES[i][0].test(detail)) return detail.replace(MESSAGES[i][0], MESSAGES[i][1]).replace(/^.*?(A porta|O ramal|Não há)/, "$1");
+    }
+    return detail;
+  }
+
   function describe(result) {
     var data = result.data || {};
-    return (data.detail || "erro") + " (" + result.status + ")";
+    return portuguese(data.detail || "erro") + " (" + result.status + ")";
   }
 
   // ---------------------------------------------------------------- forms
@@ -74,7 +89,7 @@
         target = field && form.querySelector('[data-error-for="' + field + '"]');
       }
       if (target) {
-        target.textContent = (result.data || {}).detail || "inválido";
+        target.textContent = portuguese((result.data || {}).detail || "inválido");
         var input = form.querySelector('[name="' + field + '"]');
         if (input) { input.setAttribute("aria-invalid", "true"); input.focus(); }
       } else {
