@@ -738,3 +738,28 @@ def test_static_refuses_other_files():
     assert s.request("GET", "/static/..%2F__init__.py")[0] == 404
     assert s.request("GET", "/static/.hidden")[0] == 404
     assert s.request("GET", "/static/nope.js")[0] == 404
+
+
+def test_login_cookie_is_secure_under_tls():
+    """Over TLS the login cookie is also Secure; over plain HTTP (loopback) it cannot be."""
+    from test_api import Setup, _result
+
+    s = Setup(token=lambda: "s3cret")
+    cookies = {}
+    for scheme in ("http", "https"):
+        d = s.treq.request(
+            "POST", scheme + "://api.test/login", headers={"Authorization": "Bearer s3cret"}
+        )
+        cookies[scheme] = _result(s.treq, d).headers.getRawHeaders("set-cookie")[0]
+    assert cookies["https"].endswith("; HttpOnly; SameSite=Strict; Secure")
+    assert "Secure" not in cookies["http"]
+
+
+def test_login_needs_the_token():
+    """POST /login without the token, or with a wrong one, is a 401 and sets no cookie."""
+    from test_api import Setup
+
+    s = Setup(token=lambda: "s3cret")
+    for token in (None, "wrong"):
+        status, headers, _ = s.request("POST", "/login", token=token)
+        assert status == 401 and headers.getRawHeaders("set-cookie") is None
