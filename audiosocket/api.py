@@ -1,7 +1,9 @@
 # -*- test-case-name: tests.test_api,tests.test_admin,tests.test_tls -*-
 """
 The HTTP API: extensions, sessions, finished calls, status, health, metrics and its own
-OpenAPI document, as a Klein app with its dependencies injected.
+OpenAPI document, and C{GET /api/events} (server-sent events for the operator's screen, see
+L{audiosocket.events}), as a Klein app with its dependencies injected; the same site serves
+the dashboard's pages (L{audiosocket.dashboard}) behind the same guard.
 
 Serve it with C{Api(...).site()} (an L{ApiSite}); never C{app.run()}, and never a plain
 C{Site} around C{app.resource()}, which would skip the checks below (L{Api.resource} is the
@@ -29,20 +31,36 @@ in C{refused} as C{api_<error>}):
   - A request with a body must say C{Content-Type: application/json} (a charset, if given,
     must be UTF-8): anything else is a 415 C{unsupported_media_type}. A browser cannot send
     that type cross-site without a CORS preflight, which this API never grants.
-  - A request with a body must carry the token (when one is configured): a 401 before the
-    body is read.
+  - A request with a body must carry a credential (below; when a token is configured): a
+    401, or the 403 of a session cookie without its CSRF token, before the body is read.
 
 Authentication is not something a route does: it is done once, in front of the router, so
 no route can be added without it. L{Api.resource} wraps the Klein resource in a guard that
 calls L{Api.authorize} on every request before any route is looked up, and L{Api.open_routes}
-is the whole list of what passes without a token: C{GET} (and C{HEAD}) C{/healthz}, matched
-on the raw path. Every other request, to a route that exists, to one added later (by a
-subclass, or at run time) or to none, needs C{Authorization: Bearer <token>} when a token is
-configured; a missing or wrong token is a 401 (RFC 6750: C{invalid_token} is a 401, not a
-403), and so is every request while the token's source (an environment variable) is unset.
-An anonymous caller thus learns nothing of which routes exist (401, never 404 or 405).
-C{tests/test_api.py} walks every rule of the URL map to hold this. L{ApiSite} judges the token
-of a request with a body earlier still, on its head (above), since no open route takes one.
+is the whole list of what passes without a token: C{GET} (and C{HEAD}) C{/healthz}, the
+dashboard's login page C{/login} and the two static files it needs (C{/static/style.css},
+C{/static/login.js}), matched on the raw path. Every other request, to a route that exists,
+to one added later (by a subclass, or at run time) or to none, to the JSON API or to the
+dashboard's pages and files (L{audiosocket.dashboard}, served by the same guard for every
+path outside C{/api/}, C{/healthz} and C{/metrics}), needs a credential when a token is
+configured:
+
+  - C{Authorization: Bearer <token>}; or
+  - the dashboard's session cookie, which C{POST /login} gives for the token (HttpOnly,
+    SameSite=Strict, Secure under TLS; see L{audiosocket.dashboard.auth}), and which on a
+    state-changing method counts only together with that login's CSRF token in an
+    C{X-CSRF-Token} header: without it, a 403 C{csrf_token_required}. The cookie never
+    widens what the token allows: it stands for the token, on the same routes.
+
+A missing or wrong credential is a 401 (RFC 6750: C{invalid_token} is a 401, not a 403), and
+so is every request while the token's source (an environment variable) is unset (logins made
+with another token are void). An anonymous caller thus learns nothing of which routes exist
+(401, never 404 or 405); a browser asking for a page gets that 401 as a page pointing to the
+login. C{tests/test_api.py} walks every rule of both URL maps to hold this. L{ApiSite} judges
+the credential of a request with a body earlier still, on its head (above), since no open
+route takes one. A change refused for its missing CSRF token is counted in C{refused} as
+C{api_csrf_token_required} wherever it is judged.
+
 The routes check the content type of the JSON bodies they read.
 """
 
@@ -53,6 +71,7 @@ import hmac
 import io
 import json
 import uuid as _uuid
+import weakref
 from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
@@ -66,6 +85,9 @@ from werkzeug.exceptions import NotFound as RouteNotFound
 
 from .config import LOOPBACK_NAMES, host_name
 from .control import ExtensionControl, StoreUnavailable
+from .dashboard import Dashboard, is_page
+from .dashboard.auth import CSRF_HEADER, SESSION_COOKIE, BrowserLogins, Login, cookie_value
+from .events import EventHub
 from .extension import Conflict, NotFound
 from .model import EXTENSION_FIELDS, InvalidField, Extension
 
@@ -166,8 +188,13 @@ class Api:
 
     app = Klein()
     log = Logger()
-    #: The only requests served without the token, as (method, raw path).
-    open_routes = frozenset({(b"GET", b"/healthz"), (b"HEAD", b"/healthz")})
+    #: The only requests served without the token, as (method, raw path): liveness, and the
+    #: dashboard's login page with the two static files it needs.
+    open_routes = frozenset(
+        (method, path)
+        for method in (b"GET", b"HEAD")
+        for path in (b"/healthz", b"/login", b"/static/style.css", b"/static/login.js")
+    )
 
     def __init__(
         self,
@@ -181,6 +208,9 @@ class Api:
         allowed_hosts: Iterable[str] = LOOPBACK_NAMES,
         max_body: int = MAX_BODY_DEFAULT,
         refused: collections.Counter | None = None,
+        reactor=None,
+        privacy=None,
+        dialer=None,
     ):
         self._control = control
         self._manager = control.manager
@@ -192,10 +222,33 @@ class Api:
         self.allowed_hosts = frozenset(allowed_hosts)
         self.max_body = max_body
         self.refused = refused if refused is not None else collections.Counter()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.logins = BrowserLogins(reactor)
+        self.events = EventHub(
+            sessions, self._describe_all, reactor=reactor, refused=self.refused
+        )
+        if hasattr(sessions, "add_observer"):
+            sessions.add_observer(self.events.session_ended)
+        self.dashboard = Dashboard(self, privacy=privacy, dialer=dialer)
+        self._sites: weakref.WeakSet[ApiSite] = weakref.WeakSet()
 
     def site(self, **kwargs) -> "ApiSite":
         """A C{Site} serving this API behind its request checks (see the module docstring)."""
-        return ApiSite(self, **kwargs)
+        site = ApiSite(self, **kwargs)
+        self._sites.add(site)
+        return site
+
+    def shutdown(self) -> None:
+        """
+        The server stops: end the event streams and close every connection still open to
+        a site of this API (idle keep-alive ones included), so nothing is served by a
+        stopped server and browsers reconnect to the next one. Stop listening first.
+        """
+        self.events.stop(final=True)
+        for site in list(self._sites):
+            site.close_connections()
 
     # ------------------------------------------------------------ before any route
 
@@ -229,7 +282,7 @@ class Api:
             if not json_content_type((headers.getRawHeaders(b"content-type") or [None])[-1]):
                 return self._not_json()
             try:
-                self._check_token((headers.getRawHeaders(b"authorization") or [None])[-1])
+                self.credentials(method, headers)
             except ApiError as e:
                 return e
         return None
@@ -247,11 +300,8 @@ class Api:
             415, "unsupported_media_type", "the body must be sent as Content-Type: application/json"
         )
 
-    def refusal(self, error: ApiError, method: bytes, peer) -> bytes:
-        """
-        A whole HTTP response for a request refused before its body was read (the connection
-        closes after it), counted and logged.
-        """
+    def count_refusal(self, error: ApiError, method: bytes, peer) -> None:
+        """Count and log a refusal (C{refused["api_<error>"]})."""
         reason = "api_" + error.code
         self.refused[reason] += 1
         self.log.info(
@@ -260,6 +310,13 @@ class Api:
             peer=getattr(peer, "host", peer),
             reason=reason,
         )
+
+    def refusal(self, error: ApiError, method: bytes, peer) -> bytes:
+        """
+        A whole HTTP response for a request refused before its body was read (the connection
+        closes after it), counted and logged.
+        """
+        self.count_refusal(error, method, peer)
         body = _error_body(error)
         phrase = http.RESPONSES.get(error.status) or _REASONS.get(error.status, b"Refused")
         headers = dict(
@@ -283,17 +340,57 @@ class Api:
         The app as a resource, every route of it behind L{authorize}: the only way this app
         is served (L{ApiSite} uses it; so do the tests).
         """
-        return _Guarded(self, self.app.resource())
+        return _Guarded(self, self.app.resource(), self.dashboard.app.resource())
 
-    def authorize(self, method: bytes, path: bytes, header: bytes | str | None) -> None:
+    def authorize(self, method: bytes, path: bytes, headers: Headers) -> "Login | None":
         """
-        Let a request through to the routes, or raise the 401: every request needs the token
-        except those in L{open_routes}, matched on the raw method and path (a path spelled
-        any other way, even one the router would map to an open route, needs the token).
+        Let a request through to the routes, or raise the 401 (or the 403 of a browser change
+        without its CSRF token): every request needs a credential (L{credentials}) except
+        those in L{open_routes}, matched on the raw method and path (a path spelled any other
+        way, even one the router would map to an open route, needs the token).
+
+        @return: the dashboard login the request came with, if it came with one.
         """
         if (method.upper(), path) in self.open_routes:
-            return
+            return self._login_of(headers, required=False)
+        return self.credentials(method, headers)
+
+    def credentials(self, method: bytes, headers: Headers) -> "Login | None":
+        """
+        Judge a request's credential: C{Authorization: Bearer <token>}, or else the
+        dashboard's session cookie (L{SESSION_COOKIE}, given by C{POST /login} for the
+        token), which on a state-changing method counts only with the login's CSRF token in
+        an C{X-CSRF-Token} header (a 403 C{csrf_token_required} without it). With no token
+        configured, everything passes.
+
+        @return: the dashboard login the request came with, or L{None}.
+        """
+        if self._token is None:
+            return None
+        header = (headers.getRawHeaders(b"authorization") or [None])[-1]
+        if header is None:
+            login = self._login_of(headers, required=True)
+            if login is not None:
+                if method.upper() not in SAFE_METHODS:
+                    given = (headers.getRawHeaders(CSRF_HEADER) or [b""])[-1]
+                    if not hmac.compare_digest(given, login.csrf.encode("ascii")):
+                        raise ApiError(
+                            403,
+                            "csrf_token_required",
+                            "a change made with the dashboard's session cookie needs its "
+                            "CSRF token in an X-CSRF-Token header",
+                        )
+                return login
         self._check_token(header)
+        return None
+
+    def _login_of(self, headers: Headers, required: bool) -> "Login | None":
+        if self._token is None:
+            return None
+        expected = self._token()
+        if not expected:
+            return None
+        return self.logins.find(cookie_value(headers, SESSION_COOKIE), expected)
 
     def _check_token(self, header: bytes | str | None) -> None:
         if self._token is None:
@@ -511,6 +608,22 @@ class Api:
         )
         return _json(request, {"uuid": sid, "status": "hanging_up"}, 202)
 
+    @app.route("/api/events", methods=["GET"])
+    def events_stream(self, request):
+        """
+        Server-sent events (see L{audiosocket.events}): the stream stays open; it ends when
+        the client goes, the server stops, or the client does not keep up.
+        """
+        if self.events.closed:
+            raise ApiError(503, "shutting_down", "the server is stopping", {"Retry-After": "1"})
+        if self.events.full():
+            raise ApiError(
+                503, "too_many_streams", "too many event streams open", {"Retry-After": "5"}
+            )
+        request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        return self.events.subscribe(request).done
+
     @app.route("/api/calls", methods=["GET"])
     async def list_calls(self, request):
         raw = _arg(request, "limit")
@@ -591,16 +704,25 @@ class _Guarded(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, api: Api, routes: resource.Resource):
+    def __init__(self, api: Api, routes: resource.Resource, pages: resource.Resource):
         super().__init__()
         self._api = api
         self._routes = routes
+        self._pages = pages
 
     def render(self, request):
         try:
-            self._api.authorize(request.method, request.path, request.getHeader("authorization"))
+            request.dashboard_login = self._api.authorize(
+                request.method, request.path, request.requestHeaders
+            )
         except ApiError as e:
+            if e.code == "csrf_token_required":
+                self._api.count_refusal(e, request.method, request.client)
+            if e.status == 401 and is_page(request.path):
+                return self._api.dashboard.unauthorized_page(request, e)
             return self._api.answer_error(request, e)
+        if is_page(request.path):
+            return self._pages.render(request)
         return self._routes.render(request)
 
 
@@ -613,6 +735,21 @@ class ApiSite(server.Site):
     def __init__(self, api: Api, **kwargs):
         super().__init__(api.resource(), **kwargs)
         self.api = api
+        self._channels: weakref.WeakSet = weakref.WeakSet()
+
+    def buildProtocol(self, addr):
+        channel = super().buildProtocol(addr)
+        if channel is not None:
+            self._channels.add(channel)
+        return channel
+
+    def close_connections(self) -> None:
+        """Close every connection of this site (see L{Api.shutdown})."""
+        for channel in list(self._channels):
+            # Twisted's protocol here wraps the HTTPChannel, which holds the transport.
+            transport = getattr(getattr(channel, "_channel", channel), "transport", None)
+            if transport is not None:
+                transport.loseConnection()
 
     def getContentFile(self, length):
         # The body is at most the cap: memory, never a temporary file per request.
@@ -665,7 +802,8 @@ def openapi_document() -> dict:
         "401": _error_response("Missing or wrong bearer token"),
         "403": _error_response(
             "A change from another site: an Origin that is not an allowed host, or "
-            "Sec-Fetch-Site cross-site or same-site"
+            "Sec-Fetch-Site cross-site or same-site; or a change made with the dashboard's "
+            "session cookie without its X-CSRF-Token"
         ),
         "404": _error_response("Unknown extension, session or route"),
         "405": _error_response("Method not allowed on this route"),
@@ -680,7 +818,9 @@ def openapi_document() -> dict:
             "route runs"
         ),
         "422": _error_response("Invalid field; `field` names it"),
-        "503": _error_response("The extension store is unavailable; nothing changed"),
+        "503": _error_response(
+            "The extension store is unavailable (nothing changed), or too many event streams"
+        ),
     }
 
     def pick(*codes):
@@ -888,6 +1028,20 @@ def openapi_document() -> dict:
                     },
                 },
             },
+            "/api/events": {
+                "get": {
+                    "summary": "Server-sent events: session started/changed/ended, "
+                    "extension changed/removed (JSON data)",
+                    "operationId": "events",
+                    "responses": {
+                        "200": {
+                            "description": "An open text/event-stream",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        },
+                        **pick("401", "503"),
+                    },
+                }
+            },
             "/api/calls": {
                 "get": {
                     "summary": "Finished calls, newest first",
@@ -927,6 +1081,9 @@ def openapi_document() -> dict:
                                 "bad_request",
                                 "unauthorized",
                                 "cross_site",
+                                "csrf_token_required",
+                                "too_many_streams",
+                                "shutting_down",
                                 "body_too_large",
                                 "unsupported_media_type",
                                 "host_not_allowed",

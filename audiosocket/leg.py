@@ -174,6 +174,9 @@ class AudioSocketProtocol(Protocol):
         self.stats = FrameStats()
         self.audio_dropped = 0
         self.frames_in = 0
+        #: The last audio frame received and sent (references, kept for the level meter).
+        self.last_in: bytes = b""
+        self.last_out: bytes = b""
         self.closed = False
         self.close_reason: str | None = None
         self.hung_up_by: str | None = None
@@ -362,6 +365,7 @@ class AudioSocketProtocol(Protocol):
                     )
             self.rate = rate
         self.frames_in += 1
+        self.last_in = payload
         now = self.factory.reactor.seconds()
         bucket = self._audio_bucket
         if bucket is None:
@@ -570,7 +574,9 @@ class AudioSocketProtocol(Protocol):
                 item = out[0]
                 start = item.offset
                 end = start + item.size
-                write(item.header + item.pcm[start:end])
+                frame = item.header + item.pcm[start:end]
+                write(frame)
+                self.last_out = frame
                 if end >= len(item.pcm):
                     out.popleft()
                     item.done.callback(True)
@@ -579,7 +585,8 @@ class AudioSocketProtocol(Protocol):
             elif self._hangup_requested:
                 break
             else:
-                write(silence_frame(self.rate))
+                self.last_out = silence = silence_frame(self.rate)
+                write(silence)
             sent += 1
         if sent:
             self.stats.sent(sent, now)

@@ -420,6 +420,9 @@ class DoormanService(MultiService):
             allowed_hosts=api_config.host_names,
             max_body=api_config.max_body,
             refused=self.manager.refused,
+            reactor=self._reactor,
+            privacy=self.config.privacy,
+            dialer=self.dialer,
         )
 
     def site(self, condominium_id: int) -> Site:
@@ -591,6 +594,7 @@ class DoormanService(MultiService):
         if self.api_port is not None:
             port, self.api_port = self.api_port, None
             await defer.maybeDeferred(port.stopListening)
+        self.api.shutdown()  # event streams and keep-alive connections close too
         self.control.stop()
         if not await self._end_calls(self.SHUTDOWN_CALLS_S):
             self.log.warn(

@@ -54,6 +54,8 @@ from attrs import define, field
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from audiosocket import wire
+from audiosocket.events import level_dbfs
 from audiosocket.flow.nlu import Facts
 from audiosocket.leg import RESIDENT, VISITOR, AudioSocketProtocol, Refused
 from audiosocket.model import Extension
@@ -98,6 +100,8 @@ def _leg_info(leg: AudioSocketProtocol | None) -> dict | None:
         "late_ticks": leg.stats.late_ticks,
         "max_gap_ms": round(leg.stats.max_gap_ms, 1),
         "hung_up_by": leg.hung_up_by,
+        "level_in_dbfs": level_dbfs(leg.last_in),
+        "level_out_dbfs": level_dbfs(leg.last_out, wire.HEADER_SIZE),
     }
 
 
@@ -132,6 +136,9 @@ class Session:
     outcome: str | None = None
     ended_by: str | None = None
     decision_input: str | None = None
+    #: The latest line understood, for the operator's screen: set only when
+    #: C{[privacy] log_speech} allows it (never part of the call record).
+    last_heard: str | None = None
     attempts: int = 0
     dial_failures: list = field(factory=list)
     started_at: float = 0.0
@@ -318,6 +325,7 @@ class Session:
             "resident_leg_uuid": _str(self.resident_leg_uuid),
             "legs": {VISITOR: _leg_info(self.visitor), RESIDENT: _leg_info(self.resident)},
             "timings": self.timings(),
+            "last_heard": self.last_heard,
         }
 
     def record(self) -> dict:

@@ -22,6 +22,7 @@ from treq.testing import StubTreq
 
 from audiosocket.api import Api, json_content_type, openapi_document
 from audiosocket.control import ExtensionControl
+from audiosocket.dashboard import Dashboard
 from audiosocket.model import Extension, InvalidField
 from audiosocket.store import MemoryStore
 from extkit import ManagerSetup, ext_fields, run
@@ -579,14 +580,24 @@ def every_request(app):
             yield method, path
 
 
+def every_route(api_class):
+    """Every request to the API's routes and to the dashboard's, which it serves too."""
+    yield from every_request(api_class.app)
+    yield from every_request(Dashboard.app)
+
+
+#: What answers without a token: liveness and the dashboard's login page.
+OPEN = [("GET", "/healthz"), ("GET", "/login"), ("HEAD", "/healthz"), ("HEAD", "/login")]
+
+
 def unprotected(api_class):
     """
-    Every request to a route of C{api_class} answered without a 401 when a token is
-    configured and none is sent, each with a JSON body where it takes one.
+    Every request to a route of C{api_class} (and of the dashboard) answered without a 401
+    when a token is configured and none is sent, each with a JSON body where it takes one.
     """
     s = Setup(token=lambda: "s3cret", api_class=api_class)
     answered = []
-    for method, path in every_request(api_class.app):
+    for method, path in every_route(api_class):
         body = ext_json() if method in ("POST", "PUT") else None
         status = s.request(method, path, body)[0]
         if status != 401:
@@ -596,12 +607,13 @@ def unprotected(api_class):
 
 def test_auth_every_route_needs_the_token():
     """
-    Walking every rule of the URL map, every method of every route is a 401 without the
-    token, except GET and HEAD /healthz.
+    Walking every rule of the URL maps (the API's and the dashboard's), every method of
+    every route is a 401 without the token, except GET and HEAD /healthz and the login page.
     """
     open_ = [(m, p) for m, p, status in unprotected(Api)]
-    assert sorted(open_) == [("GET", "/healthz"), ("HEAD", "/healthz")]
+    assert sorted(open_) == OPEN
     assert len(list(every_request(Api.app))) > 15  # the walk did reach the routes
+    assert len(list(every_request(Dashboard.app))) > 15
 
 
 def test_auth_walk_catches_an_open_route():
@@ -627,30 +639,46 @@ def test_auth_route_added_later_needs_the_token():
         app = Klein()
 
     s = Setup(token=lambda: "s3cret", api_class=Extended)
-    Extended.app.route("/late", methods=["GET"])(lambda self, request: b"late")
-    assert s.request("GET", "/late")[0] == 401
-    assert s.request("GET", "/late", token="s3cret")[2] == b"late"
+    Extended.app.route("/api/late", methods=["GET"])(lambda self, request: b"late")
+    assert s.request("GET", "/api/late")[0] == 401
+    assert s.request("GET", "/api/late", token="s3cret")[2] == b"late"
 
 
 def test_open_routes_exist():
-    """Every open (method, path) names a route the app serves, so the list stays tiny."""
-    served = {(m.encode(), p.encode()) for m, p in every_request(Api.app)}
-    assert Api.open_routes <= served
-    assert Api.open_routes == {(b"GET", b"/healthz"), (b"HEAD", b"/healthz")}
+    """
+    Every open (method, path) is served (200 without a token), so the list stays tiny: the
+    health check, the login page and the two static files the login page needs.
+    """
+    s = Setup(token=lambda: "s3cret")
+    for method, path in Api.open_routes:
+        assert s.request(method.decode(), path.decode())[0] == 200, (method, path)
+    assert {p for _, p in Api.open_routes} == {
+        b"/healthz", b"/login", b"/static/style.css", b"/static/login.js"
+    }
+    assert {m for m, _ in Api.open_routes} == {b"GET", b"HEAD"}
+
+
+def test_static_files_need_the_token():
+    """The dashboard's other static files (its scripts) are behind the token."""
+    s = Setup(token=lambda: "s3cret")
+    assert s.request("GET", "/static/app.js")[0] == 401
+    assert s.request("GET", "/static/htmx.min.js")[0] == 401
+    assert s.request("GET", "/static/app.js", token="s3cret")[0] == 200
 
 
 @pytest_twisted.ensureDeferred
 async def test_tcp_every_route_needs_the_token():
     """
     Over real TCP, through the L{ApiSite}: every method of every route answers 401 to an
-    anonymous request (with a JSON body where it takes one), but GET and HEAD /healthz.
+    anonymous request (with a JSON body where it takes one), but GET and HEAD /healthz and
+    the dashboard's login page.
     """
     setup = Setup(token=lambda: "s3cret")
     factory = Tracking(setup.api.site())
     port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
     answers = {}
     try:
-        for method, path in every_request(Api.app):
+        for method, path in every_route(Api):
             body = json.dumps(ext_json()).encode() if method in ("POST", "PUT") else b""
             extra = {"content_type": "application/json"} if body else {}
             client = await Served(port, setup).send(
@@ -661,7 +689,7 @@ async def test_tcp_every_route_needs_the_token():
         await factory.all_closed().addTimeout(5, reactor)
         await port.stopListening()
     open_ = {key: status for key, status in answers.items() if status != 401}
-    assert open_ == {("GET", "/healthz"): 200, ("HEAD", "/healthz"): 200}
+    assert open_ == {key: 200 for key in OPEN}
     assert created_nothing(setup)
 
 

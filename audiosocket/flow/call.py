@@ -344,6 +344,7 @@ class _Call:
             return text, None
         if self.flow.privacy.log_speech:
             self.log.info("call {uuid}: visitor said {text!r}", **self.fields, text=text)
+            self.session.last_heard = text[:200]
         else:
             self.log.info(
                 "call {uuid}: visitor said {words} word(s)", **self.fields, words=len(text.split())
