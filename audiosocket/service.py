@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_service,tests.test_service_extensions,tests.test_service_reload,tests.test_tap,tests.test_records,tests.test_privacy,tests.test_tls,tests.test_metrics,tests.test_decision_tcp,tests.test_daemon -*-
+# -*- test-case-name: tests.test_service,tests.test_service_extensions,tests.test_reload,tests.test_tap,tests.test_records,tests.test_privacy,tests.test_tls,tests.test_metrics,tests.test_decision_tcp,tests.test_daemon -*-
 """
 The root service: L{makeService} assembles the tree, L{DoormanService} runs it.
 
