@@ -90,6 +90,7 @@ from .dashboard.auth import CSRF_HEADER, SESSION_COOKIE, BrowserLogins, Login, c
 from .events import EventHub
 from .extension import Conflict, NotFound
 from .model import EXTENSION_FIELDS, InvalidField, Extension
+from .reactors import default_reactor
 
 JSON_TYPE = b"application/json; charset=utf-8"
 CALLS_LIMIT_DEFAULT = 50
@@ -222,8 +223,7 @@ class Api:
         self.allowed_hosts = frozenset(allowed_hosts)
         self.max_body = max_body
         self.refused = refused if refused is not None else collections.Counter()
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = default_reactor(reactor)
         self.reactor = reactor
         self.logins = BrowserLogins(reactor)
         self.events = EventHub(

@@ -50,6 +50,7 @@ from twisted.python.failure import Failure
 
 from audiosocket import wire
 from audiosocket.leg import write_now
+from audiosocket.reactors import default_reactor
 
 FRAME_S = wire.FRAME_MS / 1000
 #: Time between the digits of one C{--dtmf} entry.
@@ -67,12 +68,6 @@ HUNG_UP_BY = {
     "client": "hung up by the client",
     "protocol-error": "ended on a protocol error",
 }
-
-
-def _default_reactor(reactor):
-    if reactor is None:
-        from twisted.internet import reactor
-    return reactor
 
 
 # ---------------------------------------------------------------- options
@@ -345,7 +340,7 @@ class Pacer:
     def __init__(self, reactor=None, interval: float = FRAME_S):
         from audiosocket.clock import Histogram
 
-        self._reactor = _default_reactor(reactor)
+        self._reactor = default_reactor(reactor)
         self.interval = interval
         self._calls: dict[int, "CallProtocol"] = {}
         self._loop: LoopingCall | None = None
@@ -424,7 +419,7 @@ class CallProtocol(Protocol):
         self._socket = None
         self._last_audio_kind = -1
         self._last_audio_size = -1
-        self._reactor = _default_reactor(reactor)
+        self._reactor = default_reactor(reactor)
         if outbound is None and options.wav is not None:
             outbound = load_wav(options.wav, options.rate)
         self._outbound = outbound or b""
@@ -728,7 +723,7 @@ async def place_call(
     Connection failures, an unreadable WAV and an unwritable recording end up in
     L{CallReport.error} rather than raised, so a batch of calls always yields reports.
     """
-    reactor = _default_reactor(reactor)
+    reactor = default_reactor(reactor)
     try:
         outbound = load_wav(options.wav, options.rate) if options.wav is not None else None
     except (OSError, ValueError) as e:
@@ -797,7 +792,7 @@ async def place_calls(
     @param pacer: one L{Pacer} for every call's 20 ms tick (what a load run wants: one
         timer for all the calls, and one measure of whether the generator kept up).
     """
-    reactor = _default_reactor(reactor)
+    reactor = default_reactor(reactor)
     options_list = list(options_list)
     loaded: dict[tuple[Path, int], bytes | str] = {}
     for options in options_list:

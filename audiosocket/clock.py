@@ -23,6 +23,8 @@ from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from audiosocket.reactors import default_reactor
+
 TICK_S = 0.020
 
 #: Upper bounds (ms) of the gap / lateness histogram buckets; the last bucket is open.
@@ -114,10 +116,7 @@ class AudioClock(Service):
     name = "clock"
 
     def __init__(self, reactor=None, interval: float = TICK_S, max_catchup: int = 3):
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
+        reactor = default_reactor(reactor)
         self._reactor = reactor
         self.interval = interval
         self.max_catchup = max_catchup

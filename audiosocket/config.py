@@ -29,7 +29,6 @@ from urllib.parse import urlsplit
 
 import attrs
 from attrs import frozen
-from twisted.internet.endpoints import _parse as _parse_endpoint
 
 from audiosocket import peers
 from audiosocket.model import EXTENSION_FIELDS, Extension, InvalidField, valid_host
@@ -254,8 +253,35 @@ _ENDPOINT_OPTIONS = {
 
 
 def _endpoint_parts(description: str) -> tuple[str, list[str], dict[str, str]]:
-    args, options = _parse_endpoint(description)
+    """
+    An endpoint string's kind, positional arguments and options, split the way
+    C{serverFromString} splits it: on C{:}, a part holding C{=} is C{option=value} (a further
+    C{=} belongs to the value), and a backslash makes the next character literal
+    (C{unix:/tmp/a\\:b}).
+    """
+    args: list[str] = []
+    options: dict[str, str] = {}
+    part = [""]  # the current part's strings: [arg] or [option, value]
+    chars = iter(description)
+    for c in chars:
+        if c == ":":
+            _add_part(part, args, options)
+            part = [""]
+        elif c == "=" and len(part) == 1:
+            part.append("")
+        elif c == "\\":
+            part[-1] += next(chars, "")
+        else:
+            part[-1] += c
+    _add_part(part, args, options)
     return args[0].lower(), args[1:], options
+
+
+def _add_part(part: list[str], args: list[str], options: dict[str, str]) -> None:
+    if len(part) == 1:
+        args.append(part[0])
+    else:
+        options[part[0]] = part[1]
 
 
 def _endpoint(value: Any, base: Path) -> str:

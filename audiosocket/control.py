@@ -21,6 +21,7 @@ from twisted.logger import Logger
 
 from .extension import Conflict, ExtensionManager, ExtensionService, NotFound, _locked
 from .model import Extension, InvalidField
+from .reactors import default_reactor
 from .store import DELETE, PUT, StoreUnavailable
 
 
@@ -44,10 +45,7 @@ class ExtensionControl:
         reactor=None,
         retry_s: float = 10.0,
     ):
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
+        reactor = default_reactor(reactor)
         self.manager = manager
         self.store = store
         self._reactor = reactor

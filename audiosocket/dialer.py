@@ -96,6 +96,8 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
 from zope.interface import Attribute, Interface, implementer
 
+from audiosocket.reactors import default_reactor
+
 __all__ = [
     "AmiDialer",
     "AmiProtocol",
@@ -281,8 +283,7 @@ class HttpDialer:
             raise ValueError("dialer url: must be an http or https URL, not {!r}".format(url))
         if not timeout_s > 0:
             raise ValueError("dialer timeout_s: must be positive, not {!r}".format(timeout_s))
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = default_reactor(reactor)
         self._reactor = reactor
         self._url = url
         self._timeout_s = timeout_s
@@ -630,8 +631,7 @@ class AmiDialer(Service):
             raise ValueError(
                 "AMI port must be an integer between 1 and 65535, not {!r}".format(port)
             )
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = default_reactor(reactor)
         self._reactor = reactor
         self.host = host
         self.port = port

@@ -38,6 +38,8 @@ from typing import Any, Callable
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from audiosocket.reactors import default_reactor
+
 #: Audio levels are reported in steps of this many dB (an event only when a step changes).
 LEVEL_STEP_DB = 6
 LEVEL_FLOOR_DBFS = -90
@@ -150,8 +152,7 @@ class EventHub:
         max_subscribers: int = MAX_SUBSCRIBERS,
         refused: collections.Counter | None = None,
     ):
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = default_reactor(reactor)
         self._reactor = reactor
         self._sessions = sessions
         self._extensions = extensions

@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from .clock import AudioClock
 from .leg import RESIDENT, VISITOR, AudioSocketProtocol, LegFactory
 from .model import Extension, InvalidField
+from .reactors import default_reactor
 
 LISTENING = "listening"
 FAILED = "failed"
@@ -330,10 +331,7 @@ class ExtensionManager(MultiService):
         retry_max_s: float = 60.0,
     ):
         super().__init__()
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
+        reactor = default_reactor(reactor)
         self._reactor = reactor
         self._clock = clock
         self._on_leg = on_leg

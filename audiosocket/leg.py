@@ -61,6 +61,7 @@ from zope.interface import implementer
 
 from . import wire
 from .clock import AudioClock, FrameStats
+from .reactors import default_reactor
 
 VISITOR = "visitor"
 RESIDENT = "resident"
@@ -712,10 +713,7 @@ class LegFactory(Factory):
         refused=None,
         peers=None,
     ):
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
+        reactor = default_reactor(reactor)
         self.role = role
         self.clock = clock
         self.on_leg = on_leg

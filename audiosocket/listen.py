@@ -29,6 +29,7 @@ from twisted.logger import Logger
 
 from . import wire
 from .leg import RESIDENT, VISITOR
+from .reactors import default_reactor
 
 __all__ = [
     "Endpointer",
@@ -397,10 +398,7 @@ class Listener:
     _waiters: set = field(factory=set, init=False)
 
     def __attrs_post_init__(self):
-        if self._reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            self._reactor = _reactor
+        self._reactor = default_reactor(self._reactor)
         self.utterances = defer.DeferredQueue(size=self.queue_size)
 
     # ------------------------------------------------------------ control

@@ -35,6 +35,7 @@ from zope.interface import implementer
 
 from audiosocket.clock import GAP_BUCKETS_MS, Histogram
 from audiosocket.extension import DRAINING, FAILED, LISTENING, STOPPED
+from audiosocket.reactors import default_reactor
 
 EXTENSION_STATUSES = (LISTENING, FAILED, DRAINING, STOPPED)
 
@@ -248,10 +249,7 @@ class Metrics:
         self.server = server
         if reactor is None:
             reactor = getattr(server, "_reactor", None)
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
+        reactor = default_reactor(reactor)
         self._reactor = reactor
         self.registry = CollectorRegistry(auto_describe=False)
         self.legs = _LegTotals()

@@ -36,6 +36,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.runner.procmon import ProcessMonitor
 
+from audiosocket.reactors import default_reactor
+
 # sun_path is 108 bytes on Linux, 104 on the BSDs; keep a margin.
 _MAX_SOCKET_PATH = 100
 _NAME = "redis"
@@ -154,8 +156,7 @@ class EmbeddedRedis(MultiService):
         maxmemory_mb: int = 256,
     ):
         super().__init__()
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = default_reactor(reactor)
         self._reactor = reactor
         self.binary = binary or redis_binary()
         self.directory = os.path.abspath(os.path.join(state_dir, "redis"))

@@ -1,26 +1,36 @@
-# -*- test-case-name: tests.test_service,tests.test_service_extensions,tests.test_tap,tests.test_records,tests.test_privacy,tests.test_tls,tests.test_metrics,tests.test_decision_tcp,tests.test_daemon -*-
+# -*- test-case-name: tests.test_service,tests.test_service_extensions,tests.test_reload,tests.test_tap,tests.test_records,tests.test_privacy,tests.test_tls,tests.test_metrics,tests.test_decision_tcp,tests.test_daemon -*-
 """
-The root service: wires config, store, extensions, clock, sessions, flow and API together.
+The root service: L{makeService} assembles the tree, L{DoormanService} runs it.
 
-C{makeService(config)} only builds and connects objects (magic-wormhole's rule). What a start
-can tell at once is checked in C{startService}, before the reactor runs, and raised as
-L{StartupError} (twistd then exits 1, in daemon mode its parent too): the API port is bound
-there (but accepts no connection until the server is ready; the kernel queues them) and the
-embedded Redis locks the state directory. The work that needs a running reactor — waiting for
-Redis, loading extensions — happens in L{DoormanService.startup} after C{callWhenRunning}; a
-fatal error there is logged as one line, sets C{exit_code} and stops the reactor rather than
+L{makeService(config)} builds and connects every part, top to bottom, and does nothing else
+(magic-wormhole's rule); parts passed in (a store, a dialer, speech providers) are used as they
+are, and then nothing of what they replace is built (no worker pool for a given C{tts}).
+L{DoormanService} keeps only the lifecycle, the status and the reload.
+
+What a start can tell at once is checked in C{startService}, before the reactor runs, and
+raised as L{StartupError} (twistd then exits 1, in daemon mode its parent too): the API port is
+bound there (but accepts no connection until the server is ready; the kernel queues them) and
+the embedded Redis locks the state directory. The work that needs a running reactor — waiting
+for Redis, loading extensions — happens in L{DoormanService.startup} after C{callWhenRunning};
+a fatal error there is logged as one line, sets C{exit_code} and stops the reactor rather than
 leaving a half-started server.
 
 An extension that cannot listen is not fatal: it is retried (see
 L{audiosocket.extension.ExtensionManager}), and shown as C{failed} by C{GET /healthz}
 (503 "degraded"), C{/metrics} (C{audiosocket_extension_status}) and the ready line.
 
+SIGHUP (L{DoormanService.reload}) re-reads the config file and validates it whole; then the
+tables in L{NEW_CALL_TABLES} apply to the next call (a call in progress keeps the settings it
+started with), and the log names every changed table of L{RESTART_TABLES}, which only a
+restart applies.
+
 Service tree::
 
     DoormanService (MultiService)
     ├── EmbeddedRedis        (only with [redis] url = "")
     ├── RedisStore
-    ├── the worker pools     (speech synthesis and recognition)
+    ├── CallRecords
+    ├── the worker pools     (speech synthesis and recognition, when built here)
     ├── AudioClock           (20 ms tick for every leg)
     ├── ExtensionManager     (one ExtensionService per extension)
     └── the dialer           (when it is a service: AMI)
@@ -29,19 +39,24 @@ Service tree::
 from __future__ import annotations
 
 import collections
+import functools
 import signal
 import time
 import uuid as _uuid
 from pathlib import Path
 
+import attrs
+from treq.client import HTTPClient
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.python.failure import Failure
 from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from audiosocket import __version__
+from audiosocket.api import Api
 from audiosocket.clock import AudioClock
 from audiosocket.config import Config, ConfigError, load_config
 from audiosocket.control import ExtensionControl
@@ -50,8 +65,20 @@ from audiosocket.extension import ExtensionManager
 from audiosocket.flow.call import DoormanFlow, Site
 from audiosocket.flow.directory import Directory, DirectoryError
 from audiosocket.flow.prompts import Prompts, greeting
+from audiosocket.flow.understand import make_nlu
+from audiosocket.listen import Listener, ListenSettings
+from audiosocket.metrics import Metrics, timed_nlu, timed_stt, timed_tts
+from audiosocket.reactors import default_reactor
+from audiosocket.redisproc import EmbeddedRedis, RedisStartError
 from audiosocket.session import SessionRegistry
+from audiosocket.speech.factory import make_stt, make_tts
 from audiosocket.speech.tts import make_pool
+from audiosocket.store import RedisStore
+
+#: Config tables a reload applies: to the next call (a call in progress keeps its own).
+NEW_CALL_TABLES = ("flow", "audio", "privacy", "condominiums")
+#: Config tables only a restart applies: listeners, connections and providers built at start.
+RESTART_TABLES = ("server", "api", "redis", "limits", "speech", "dialer")
 
 
 class StartupError(Exception):
@@ -188,6 +215,7 @@ def build_sites(config: Config) -> dict[int, Site]:
             prompts=prompts,
             audio=condominium.audio_config(config.audio),
             max_calls=condominium.max_calls,
+            flow=config.flow,
         )
     return sites
 
@@ -203,9 +231,15 @@ def fixed_texts(sites) -> frozenset[str]:
 
 class DoormanService(MultiService):
     """
-    The whole server. Attributes are the parts, for the API, tests and benchmarks:
-    C{store}, C{manager}, C{clock}, C{registry}, C{flow}, C{control}, C{tts}, C{dialer}.
+    The whole server: its lifecycle, status and reload. L{makeService} builds its parts and
+    sets them as attributes (for the API, tests and benchmarks): C{store}, C{records},
+    C{tts}, C{stt}, C{nlu}, C{dialer}, C{metrics}, C{clock}, C{flow}, C{registry},
+    C{manager}, C{control}, C{api}; C{embedded_redis}, C{http_pool} and C{http} (the speech
+    providers' HTTP client) when built.
 
+    @ivar config: the config in effect: the file's last valid reading, with the tables
+        only a restart applies (L{RESTART_TABLES}) as they were at start.
+    @ivar sites: condominium id → L{Site}, swapped whole by a reload.
     @ivar ready: fires once the extensions listen, the API is up and the fixed prompts are
         preloaded (or fails).
     @ivar api_port: the API's C{IListeningPort} once listening.
@@ -213,166 +247,47 @@ class DoormanService(MultiService):
 
     log = Logger()
 
+    store = records = tts = stt = nlu = dialer = metrics = None
+    clock = flow = registry = manager = control = api = None
+    embedded_redis = http_pool = http = None
+
     def __init__(
         self,
         config: Config,
+        sites: dict[int, Site],
         *,
-        reactor=None,
-        store=None,
-        dialer=None,
-        tts=None,
-        stt=None,
-        nlu=None,
+        reactor,
+        node_id: str,
         install_signals: bool = False,
     ):
         super().__init__()
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
         self._reactor = reactor
         self.config = config
-        self.node_id = _uuid.uuid4().hex[:12]
+        self.sites = sites
+        self.node_id = node_id
+        self.state_dir = Path(config.server.state_dir)
         self.started_wall = time.time()
         self._install_signals = install_signals
         self.ready: defer.Deferred = defer.Deferred()
         self.api_port = None
         self._reloading = None
         self._reload_again = False
-        self.sites = build_sites(config)
         self._fixed_for = None
         self._fixed_texts: frozenset[str] = frozenset()
 
-        state_dir = config.server.state_dir
-        self.state_dir = Path(state_dir)
+    # ------------------------------------------------------------ what the parts ask
 
-        # Storage.
-        self.embedded_redis = None
-        if store is None:
-            store = self._make_store(config)
-        self.store = store
-        if IService.providedBy(store):
-            store.setServiceParent(self)
-        self.records = CallRecords(store, reactor=reactor)
-        self.records.setServiceParent(self)
+    def site(self, condominium_id: int) -> Site:
+        return self.sites[condominium_id]
 
-        # Speech. One HTTP connection pool for every provider (keep-alive: no TLS handshake
-        # per utterance), closed at shutdown.
-        from treq.client import HTTPClient
-        from twisted.web.client import Agent, HTTPConnectionPool
+    def has_condominium(self, condominium_id: int) -> bool:
+        return condominium_id in self.sites
 
-        self.http_pool = HTTPConnectionPool(reactor, persistent=True)
-        self.http_pool.maxPersistentPerHost = 8
-        self.http = HTTPClient(Agent(reactor, pool=self.http_pool))
-        self.tts_pool = make_pool("audiosocket-tts", maxthreads=2)
-        PoolService(self.tts_pool, "tts-pool").setServiceParent(self)
-        self.stt_pool = make_pool("audiosocket-stt", maxthreads=2)
-        PoolService(self.stt_pool, "stt-pool").setServiceParent(self)
-        try:
-            self.tts = tts if tts is not None else self._make_tts(config)
-            if stt is None and nlu is None:
-                stt, nlu = self._make_understanding(config)
-            if dialer is None:
-                dialer = make_dialer(config.dialer, config.secret, reactor=reactor)
-        except ValueError as e:
-            # The providers name the setting ("dialer.ami.secret_env: ... is not set").
-            key, _, message = str(e).partition(": ")
-            raise ConfigError(config.path, key if message else None, message or str(e)) from None
-        self.metrics = self._make_metrics()
-        from audiosocket.metrics import timed_nlu, timed_stt, timed_tts
+    def condominium_limit(self, condominium_id: int) -> int | None:
+        site = self.sites.get(condominium_id)
+        return site.max_calls if site is not None else None
 
-        self.tts = timed_tts(self.tts, self.metrics)
-        self.stt = timed_stt(stt, self.metrics)
-        self.nlu = timed_nlu(nlu, self.metrics)
-
-        # Calls.
-        self.clock = AudioClock(reactor=reactor)
-        self.clock.setServiceParent(self)
-        self.dialer = dialer
-        self.flow = DoormanFlow(
-            tts=self.tts,
-            dialer=self.dialer,
-            sites=self.site,
-            flow_config=config.flow,
-            reactor=reactor,
-            stt=self.stt,
-            nlu=self.nlu,
-            listener_for=self._listener_for,
-            privacy=config.privacy,
-        )
-        self.registry = SessionRegistry(
-            reactor=reactor,
-            run_flow=self.flow.run,
-            run_busy=self.flow.run_busy,
-            max_calls=config.server.max_calls,
-            max_call_s=config.flow.max_call_s,
-            max_busy=config.limits.max_busy,
-            busy_max_s=config.limits.busy_max_s,
-            on_end=self._record,
-            condominium_limit=lambda cid: self.sites[cid].max_calls if cid in self.sites else None,
-        )
-        server = config.server
-        self.manager = ExtensionManager(
-            clock=self.clock,
-            on_leg=self.registry.on_leg,
-            reactor=reactor,
-            bind=server.bind,
-            condominium_exists=lambda cid: cid in self.sites,
-            port_fallback_range=server.port_fallback_range if server.port_fallback else None,
-            leg_options={
-                "handshake_timeout": server.handshake_timeout_s,
-                "allowed_peers": server.allowed_networks,
-                **config.limits.leg_options,
-            },
-        )
-        self.manager.setServiceParent(self)
-        if IService.providedBy(dialer):
-            dialer.setServiceParent(self)
-        self.control = ExtensionControl(self.manager, self.store, reactor=reactor)
-        self.api = self._make_api()
-
-    # ------------------------------------------------------------ parts
-
-    def _make_store(self, config: Config):
-        from audiosocket.store import RedisStore
-
-        password = config.secret(config.redis.password_env) if config.redis.password_env else None
-        if config.redis.embedded:
-            from audiosocket.redisproc import EmbeddedRedis
-
-            self.embedded_redis = EmbeddedRedis(
-                self.state_dir,
-                reactor=self._reactor,
-                maxmemory_mb=config.redis.embedded_maxmemory_mb,
-            )
-            self.embedded_redis.setServiceParent(self)
-            address = self.embedded_redis.address
-        else:
-            address = config.redis.url
-        return RedisStore(
-            address,
-            password=password,
-            timeout_s=config.redis.timeout_s,
-            node_id=self.node_id,
-            reactor=self._reactor,
-        )
-
-    def _make_tts(self, config: Config):
-        from audiosocket.speech.factory import make_tts
-
-        # espeak is local and free: a Redis copy of its audio buys nothing.
-        store = self.store if config.speech.tts != "espeak" else None
-        return make_tts(
-            config.speech,
-            config.secret,
-            pool=self.tts_pool,
-            store=store,
-            shared=self._shared_text,
-            reactor=self._reactor,
-            http=self.http,
-        )
-
-    def _shared_text(self, text: str) -> bool:
+    def shared_text(self, text: str) -> bool:
         """
         May the audio of C{text} be kept in Redis? Only a fixed prompt or a greeting of the
         current sites: never a text carrying a caller's data (an announcement naming the visitor).
@@ -383,52 +298,7 @@ class DoormanService(MultiService):
             self._fixed_for = sites
         return text in self._fixed_texts
 
-    def _make_understanding(self, config: Config):
-        from audiosocket.flow.understand import make_nlu
-        from audiosocket.speech.factory import make_stt
-
-        stt = make_stt(
-            config.speech, config.secret, pool=self.stt_pool, reactor=self._reactor, http=self.http
-        )
-        nlu = make_nlu(config.speech, config.secret, reactor=self._reactor, http=self.http)
-        return stt, nlu
-
-    def _listener_for(self, leg, audio_config):
-        from audiosocket.listen import Listener, ListenSettings
-
-        settings = ListenSettings.for_role(audio_config, leg.role)
-        return Listener(leg, settings, reactor=self._reactor)
-
-    def _make_metrics(self):
-        from audiosocket.metrics import Metrics
-
-        # It reads the other parts only when scraped, so it can exist before them.
-        return Metrics(self, reactor=self._reactor)
-
-    def _make_api(self):
-        from audiosocket.api import Api
-
-        api_config = self.config.api
-        token = api_config.bearer_token if api_config.requires_token else None
-        return Api(
-            self.control,
-            self.registry,
-            self.store,
-            token=token,
-            status=self.status,
-            metrics_registry=self.metrics.registry,
-            allowed_hosts=api_config.host_names,
-            max_body=api_config.max_body,
-            refused=self.manager.refused,
-            reactor=self._reactor,
-            privacy=self.config.privacy,
-            dialer=self.dialer,
-        )
-
-    def site(self, condominium_id: int) -> Site:
-        return self.sites[condominium_id]
-
-    def _record(self, session):
+    def record_call(self, session):
         self.metrics.call_ended(session)
         return self.records.add(session.record())
 
@@ -505,8 +375,6 @@ class DoormanService(MultiService):
 
     def _startup_failed(self, failure):
         self.log.error("audiosocket failed to start: {error}", error=_reason(failure))
-        from audiosocket.redisproc import RedisStartError
-
         if not failure.check(StartupError, ConfigError, RedisStartError, defer.TimeoutError):
             # Not a failure we expect: the traceback helps whoever debugs it (-l - --loglevel).
             self.log.failure("start-up failure", failure, level=LogLevel.debug)
@@ -613,7 +481,8 @@ class DoormanService(MultiService):
                     s=self.SHUTDOWN_RECORDS_S,
                 )
         await super().stopService()
-        await self.http_pool.closeCachedConnections()
+        if self.http_pool is not None:
+            await self.http_pool.closeCachedConnections()
 
     async def _end_calls(self, timeout_s: float) -> bool:
         """End every call and wait for their records; C{False} if C{timeout_s} passed first."""
@@ -636,10 +505,15 @@ class DoormanService(MultiService):
 
     def reload(self) -> defer.Deferred:
         """
-        Re-read the config file and apply the condominiums' settings (greeting, directory,
-        prompts). The new file is validated whole before anything is applied: an invalid
-        file changes nothing and says why. Calls in progress keep the settings they started
-        with. Repeated requests while one runs coalesce into one more.
+        Re-read the config file and apply what applies to new calls (L{NEW_CALL_TABLES}: the
+        condominiums' greetings, directories and prompts, C{[flow]}'s timings and limits —
+        C{max_call_s} included —, C{[audio]} and C{[privacy]}); a call in progress keeps the
+        settings it started with. The changed tables only a restart applies
+        (L{RESTART_TABLES}) are named in the log. The new file is validated whole before
+        anything is applied: an invalid file changes nothing and says why. Repeated requests
+        while one runs coalesce into one more.
+
+        @return: a Deferred firing with C{True} when the file was applied.
         """
         if self._reloading is not None:
             self._reload_again = True
@@ -661,7 +535,11 @@ class DoormanService(MultiService):
             config = load_config(path)
             sites = build_sites(config)
         except ConfigError as e:
-            self.log.error("reload of {path} aborted without making any changes: {error}", path=str(path), error=str(e))
+            self.log.error(
+                "reload of {path} aborted without making any changes: {error}",
+                path=str(path),
+                error=str(e),
+            )
             return False
         missing = {s.extension.condominium_id for s in self.manager.extensions.values()} - set(sites)
         if missing:
@@ -672,9 +550,46 @@ class DoormanService(MultiService):
                 ids=sorted(missing),
             )
             return False
+        old = self.config
+        applied = _changed(old, config, NEW_CALL_TABLES)
+        needs_restart = _changed(old, config, RESTART_TABLES)
+        # Each part reads its settings once per call: swapping them here changes the next
+        # call only.
         self.sites = sites
-        self.log.info("reloaded {path}: {n} condominium(s)", path=str(path), n=len(sites))
+        self.flow.privacy = config.privacy
+        dashboard = getattr(self.api, "dashboard", None)
+        if dashboard is not None:  # what the operator's screen may show of what was said
+            dashboard.log_speech = config.privacy.log_speech
+        self.registry.max_call_s = config.flow.max_call_s
+        # In effect: the new file, but what only a restart applies as it started.
+        self.config = attrs.evolve(config, **{name: getattr(old, name) for name in RESTART_TABLES})
+        self.log.info(
+            "reloaded {path}: {n} condominium(s), directories re-read; new calls use the "
+            "changed {applied}",
+            path=str(path),
+            n=len(sites),
+            applied=_tables(applied) or "nothing else (no other table changed)",
+        )
+        if needs_restart:
+            self.log.warn(
+                "reload of {path}: {tables} changed and need(s) a restart to apply; until "
+                "then the server runs with the previous values",
+                path=str(path),
+                tables=_tables(needs_restart),
+            )
+        if config.extensions != old.extensions:
+            self._log_extension_drift()
+        self._preload_prompts()
         return True
+
+
+def _changed(old: Config, new: Config, tables) -> list[str]:
+    return [name for name in tables if getattr(old, name) != getattr(new, name)]
+
+
+def _tables(names) -> str:
+    """C{["flow", "condominiums"]} as C{"[flow], [[condominiums]]"} (as the file writes them)."""
+    return ", ".join("[[{}]]".format(n) if n == "condominiums" else "[{}]".format(n) for n in names)
 
 
 def _reason(failure) -> str:
@@ -684,7 +599,184 @@ def _reason(failure) -> str:
     return "{}".format(error) or type(error).__name__
 
 
-def makeService(config: Config, reactor=None, **parts) -> DoormanService:
-    """The root service for C{config} (see the module docstring for its tree)."""
-    return DoormanService(config, reactor=reactor, **parts)
+def makeService(
+    config: Config,
+    *,
+    reactor=None,
+    store=None,
+    dialer=None,
+    tts=None,
+    stt=None,
+    nlu=None,
+    install_signals: bool = False,
+) -> DoormanService:
+    """
+    The root service for C{config}, its tree assembled top to bottom (see the module
+    docstring). C{store}, C{dialer}, C{tts} and C{stt}/C{nlu} replace what C{config}
+    describes; nothing of what they replace is built.
 
+    @param install_signals: the real server (twistd): SIGHUP reloads, a start-up failure
+        stops the reactor.
+    @raise ConfigError: a setting only the parts can judge (a directory file, a provider's
+        secret), naming it.
+    """
+    reactor = default_reactor(reactor)
+    server = DoormanService(
+        config,
+        build_sites(config),
+        reactor=reactor,
+        node_id=_uuid.uuid4().hex[:12],
+        install_signals=install_signals,
+    )
+
+    # Storage.
+    if store is None:
+        store = _redis_store(server, config, reactor)
+    server.store = store
+    if IService.providedBy(store):
+        store.setServiceParent(server)
+    server.records = CallRecords(store, reactor=reactor)
+    server.records.setServiceParent(server)
+
+    # Speech and the dialer.
+    try:
+        if tts is None:
+            tts = _tts(server, config, reactor)
+        if stt is None and nlu is None:
+            stt, nlu = _understanding(server, config, reactor)
+        if dialer is None:
+            dialer = make_dialer(config.dialer, config.secret, reactor=reactor)
+    except ValueError as e:
+        # The providers name the setting ("dialer.ami.secret_env: ... is not set").
+        key, _, message = str(e).partition(": ")
+        raise ConfigError(config.path, key if message else None, message or str(e)) from None
+    # It reads the other parts only when scraped, so it can exist before them.
+    server.metrics = metrics = Metrics(server, reactor=reactor)
+    server.tts = timed_tts(tts, metrics)
+    server.stt = timed_stt(stt, metrics)
+    server.nlu = timed_nlu(nlu, metrics)
+    server.dialer = dialer
+
+    # Calls.
+    server.clock = AudioClock(reactor=reactor)
+    server.clock.setServiceParent(server)
+    server.flow = DoormanFlow(
+        tts=server.tts,
+        dialer=dialer,
+        sites=server.site,
+        reactor=reactor,
+        stt=server.stt,
+        nlu=server.nlu,
+        listener_for=functools.partial(_listener, reactor=reactor),
+        privacy=config.privacy,
+    )
+    server.registry = SessionRegistry(
+        reactor=reactor,
+        run_flow=server.flow.run,
+        run_busy=server.flow.run_busy,
+        max_calls=config.server.max_calls,
+        max_call_s=config.flow.max_call_s,
+        max_busy=config.limits.max_busy,
+        busy_max_s=config.limits.busy_max_s,
+        on_end=server.record_call,
+        condominium_limit=server.condominium_limit,
+    )
+    settings = config.server
+    server.manager = ExtensionManager(
+        clock=server.clock,
+        on_leg=server.registry.on_leg,
+        reactor=reactor,
+        bind=settings.bind,
+        condominium_exists=server.has_condominium,
+        port_fallback_range=settings.port_fallback_range if settings.port_fallback else None,
+        leg_options={
+            "handshake_timeout": settings.handshake_timeout_s,
+            "allowed_peers": settings.allowed_networks,
+            **config.limits.leg_options,
+        },
+    )
+    server.manager.setServiceParent(server)
+    if IService.providedBy(dialer):
+        dialer.setServiceParent(server)
+    server.control = ExtensionControl(server.manager, store, reactor=reactor)
+
+    # The API.
+    api = config.api
+    server.api = Api(
+        server.control,
+        server.registry,
+        store,
+        token=api.bearer_token if api.requires_token else None,
+        status=server.status,
+        metrics_registry=metrics.registry,
+        allowed_hosts=api.host_names,
+        max_body=api.max_body,
+        refused=server.manager.refused,
+        reactor=reactor,
+        privacy=config.privacy,
+        dialer=dialer,
+    )
+    return server
+
+
+def _listener(leg, audio_config, *, reactor) -> Listener:
+    """What hears a leg when speech recognition is on, with its condominium's C{[audio]}."""
+    return Listener(leg, ListenSettings.for_role(audio_config, leg.role), reactor=reactor)
+
+
+def _redis_store(server: DoormanService, config: Config, reactor) -> RedisStore:
+    """The Redis store, and with C{[redis] url = ""} the embedded redis-server it uses."""
+    redis = config.redis
+    password = config.secret(redis.password_env) if redis.password_env else None
+    if redis.embedded:
+        server.embedded_redis = EmbeddedRedis(
+            server.state_dir, reactor=reactor, maxmemory_mb=redis.embedded_maxmemory_mb
+        )
+        server.embedded_redis.setServiceParent(server)
+        address = server.embedded_redis.address
+    else:
+        address = redis.url
+    return RedisStore(
+        address, password=password, timeout_s=redis.timeout_s, node_id=server.node_id, reactor=reactor
+    )
+
+
+def _http(server: DoormanService, reactor) -> HTTPClient:
+    """
+    The one HTTP connection pool of every speech provider (keep-alive: no TLS handshake per
+    utterance), made on first need and closed at shutdown.
+    """
+    if server.http_pool is None:
+        server.http_pool = HTTPConnectionPool(reactor, persistent=True)
+        server.http_pool.maxPersistentPerHost = 8
+        server.http = HTTPClient(Agent(reactor, pool=server.http_pool))
+    return server.http
+
+
+def _pool(server: DoormanService, name: str):
+    """A bounded worker pool, started and joined with the server."""
+    pool = make_pool("audiosocket-" + name, maxthreads=2)
+    PoolService(pool, name + "-pool").setServiceParent(server)
+    return pool
+
+
+def _tts(server: DoormanService, config: Config, reactor):
+    # espeak is local and free: a Redis copy of its audio buys nothing.
+    store = server.store if config.speech.tts != "espeak" else None
+    return make_tts(
+        config.speech,
+        config.secret,
+        pool=_pool(server, "tts"),
+        store=store,
+        shared=server.shared_text,
+        reactor=reactor,
+        http=_http(server, reactor),
+    )
+
+
+def _understanding(server: DoormanService, config: Config, reactor):
+    http = _http(server, reactor)
+    pool = _pool(server, "stt") if config.speech.stt != "none" else None
+    stt = make_stt(config.speech, config.secret, pool=pool, reactor=reactor, http=http)
+    nlu = make_nlu(config.speech, config.secret, reactor=reactor, http=http)
+    return stt, nlu

@@ -83,6 +83,10 @@ ANNOUNCING = "announcing"
 DECIDING = "deciding"
 FINISHING = "finishing"
 ENDED = "ended"
+STATES = (GREETING, COLLECTING, DIALING, ANNOUNCING, DECIDING, FINISHING, ENDED)
+
+#: The outcomes that are a resident's decision (they set C{decided_at}).
+DECISIONS = ("authorized", "denied")
 
 
 def _leg_info(leg: AudioSocketProtocol | None) -> dict | None:
@@ -120,6 +124,16 @@ class Session:
 
     Times ending in C{_at} are reactor seconds (C{reactor.seconds()}); C{started_wall} is the
     wall-clock start, for the record.
+
+    The session owns the rules of its own state; the flow (and the registry) change it only
+    through these verbs, never by assigning its fields:
+
+      - L{enter}: the flow's state moves forward only (L{STATES} is the order);
+      - L{learn}: what the flow knows of the visitor now;
+      - L{attempt}, L{dial_failed}: the dial attempts;
+      - L{conclude}: how the call ended — the first outcome and the first C{ended_by} told
+        stay (a later writer does not overwrite them), with the evidence of a decision;
+      - L{end}: end it from outside (max call time, operator, shutdown).
     """
 
     uuid: _uuid.UUID
@@ -240,6 +254,45 @@ class Session:
         if waiter is not None:
             waiter.callback(leg)
 
+    # ------------------------------------------------------------ the flow's verbs
+
+    def enter(self, state: str) -> None:
+        """Move the call to C{state}; a state earlier than the current one is ignored."""
+        if STATES.index(state) > STATES.index(self.state):
+            self.state = state
+
+    def learn(self, facts: Facts) -> None:
+        """What the flow now knows of the visitor (it replaces what was known)."""
+        self.facts = facts
+
+    def attempt(self, n: int) -> None:
+        """The flow is making its C{n}th dial attempt."""
+        self.attempts = max(self.attempts, n)
+
+    def dial_failed(self, attempt: int, reason: str) -> None:
+        """Attempt C{attempt} did not reach the resident, for C{reason} (kept in the record)."""
+        self.dial_failures.append({"attempt": attempt, "reason": reason})
+
+    def conclude(self, outcome: str, by: str | None = None, evidence: str | None = None) -> None:
+        """
+        The call's C{outcome}, and who ended it (C{by}: visitor, resident, server, max_call,
+        operator, shutdown). The first writer wins for each: once set, the outcome and
+        C{ended_by} stay. C{evidence} (what the resident typed or said, as the record keeps
+        it) goes with the outcome that it decided, and a decision (L{DECISIONS}) sets
+        C{decided_at}.
+        """
+        if outcome not in OUTCOMES:
+            raise ValueError("unknown outcome {!r}".format(outcome))
+        if by is not None and self.ended_by is None:
+            self.ended_by = by
+        if self.outcome is not None:
+            return
+        self.outcome = outcome
+        if evidence is not None:
+            self.decision_input = evidence
+            if outcome in DECISIONS:
+                self.decided_at = self.reactor.seconds()
+
     # ------------------------------------------------------------ time
 
     def call_later(self, seconds: float, f: Callable, *args) -> Any:
@@ -276,11 +329,10 @@ class Session:
 
     def finished(self) -> None:
         """Called by the registry once the flow is over: release every timer and waiter."""
-        self.state = ENDED
+        self.enter(ENDED)
         self.ended_at = self.reactor.seconds()
         self.ended_wall = time.time()
-        if self.outcome is None:
-            self.outcome = "error"
+        self.conclude("error")  # unless the flow said otherwise
         self.stop_expecting()
         for timer in self._timers:
             if timer.active():
@@ -358,7 +410,8 @@ class SessionRegistry:
     Every session of this process, by UUID.
 
     @param run_flow: C{run_flow(session) -> Deferred} runs the conversation; it fires when
-        the call is over (both legs hung up). It must set C{session.outcome}.
+        the call is over (both legs hung up). It concludes the session
+        (L{Session.conclude}); a flow that does not is concluded as C{error}.
     @param run_busy: the same for a visitor turned away for lack of lines.
     @param max_busy: turned-away calls at once; one more is closed without a word.
     @param busy_max_s: a turned-away call is closed after this long.
@@ -563,8 +616,7 @@ class SessionRegistry:
     # ------------------------------------------------------------ end
 
     def _flow_failed(self, failure, session: Session):
-        if session.outcome is None:
-            session.outcome = "error"
+        session.conclude("error")
         self.log.failure(
             "call {uuid}: the flow failed", failure, uuid=str(session.uuid), ext=session.extension.id
         )

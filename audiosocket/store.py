@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
 from .model import Extension
+from .reactors import default_reactor
 
 PUT = "put"
 DELETE = "delete"
@@ -399,8 +400,7 @@ class RedisStore(Service):
         calls_maxlen: int = DEFAULT_CALLS_MAXLEN,
         reconnect_max_s: float = 2.0,
     ):
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = default_reactor(reactor)
         if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
             raise ValueError("timeout_s must be a positive number, not {!r}".format(timeout_s))
         if not isinstance(calls_maxlen, int) or calls_maxlen < 1:
@@ -753,8 +753,7 @@ class MemoryStore(Service):
         calls_maxlen: int = DEFAULT_CALLS_MAXLEN,
         reactor=None,
     ):
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = default_reactor(reactor)
         self._reactor = reactor
         self.hub = hub if hub is not None else MemoryHub()
         self.hub.stores.append(self)

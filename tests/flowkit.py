@@ -218,14 +218,20 @@ class Bench:
         settings.update(flow_overrides)
         self.config = FlowConfig(**settings)
         self.prompts = Prompts()
-        self.site = Site(1, "Condomínio Apoena", "Condomínio Apoena, em que posso ajudar?", DIRECTORY, self.prompts)
+        self.site = Site(
+            1,
+            "Condomínio Apoena",
+            "Condomínio Apoena, em que posso ajudar?",
+            DIRECTORY,
+            self.prompts,
+            flow=self.config,
+        )
         self.stt = ScriptedSTT() if voice else None
         self.listeners: dict = {}
         self.flow = flow or DoormanFlow(
             tts=self.tts,
             dialer=self.dialer,
             sites=lambda cid: self.site,
-            flow_config=self.config,
             reactor=self.reactor,
             stt=self.stt,
             nlu=RulesNLU() if voice else None,

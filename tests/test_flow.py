@@ -804,3 +804,23 @@ def test_when_started_fires_with_the_next_call(bench):
     for peer in bench.peers:
         peer.drop()
     bench.until(lambda: len(bench.records) == 3)
+
+
+def test_a_call_closed_unfinished_raises_nothing(bench):
+    """
+    A call's coroutine closed while it waits (its Deferred dropped unfired, as at interpreter
+    exit) ends quietly: nothing is awaited any more, so Python does not report "coroutine
+    ignored GeneratorExit".
+    """
+    from twisted.internet import defer
+
+    coroutines = []
+
+    def run_flow(session):
+        coroutines.append(bench.flow._run(session))
+        return defer.Deferred.fromCoroutine(coroutines[-1])
+
+    bench.registry._run_flow = run_flow
+    start_call(bench)
+    bench.until(lambda: bench.dialer.requests)
+    coroutines[0].close()  # raised RuntimeError before

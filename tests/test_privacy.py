@@ -244,14 +244,14 @@ def test_service_shares_only_fixed_prompts_with_redis(tmp_path):
     svc = makeService(config_for("/nonexistent.sock", tmp_path, ai, ret), reactor=reactor)
     site = svc.sites[1]
     prompts = site.prompts
-    assert svc._shared_text(greeting(prompts, site.greeting))
-    assert svc._shared_text(prompts.say("not_understood"))
-    assert svc._shared_text(prompts.say("unknown_apartment"))
-    assert not svc._shared_text(announcement(prompts, "101", "Pedro da Silva", "entrega"))
+    assert svc.shared_text(greeting(prompts, site.greeting))
+    assert svc.shared_text(prompts.say("not_understood"))
+    assert svc.shared_text(prompts.say("unknown_apartment"))
+    assert not svc.shared_text(announcement(prompts, "101", "Pedro da Silva", "entrega"))
     detail = prompts.say(
         "who_detail", visitor="Pedro da Silva", purpose=" para uma visita", resident="Ana Souza"
     )
-    assert not svc._shared_text(detail)
+    assert not svc.shared_text(detail)
 
 
 def test_llm_answer_errors_do_not_quote_the_visitor():

@@ -323,3 +323,67 @@ class _Visitor:
     def __init__(self, leg_uuid):
         self.uuid = leg_uuid
 
+
+
+# ---------------------------------------------------------------- the session's verbs
+
+
+def _session(reactor=None) -> Session:
+    return Session(uuid.uuid4(), EXTENSION, None, reactor or Clock())
+
+
+def test_states_only_move_forward():
+    """enter() moves the state on; a state earlier than the current one is ignored."""
+    session = _session()
+    session.enter("dialing")
+    session.enter("collecting")
+    assert session.state == "dialing"
+    session.enter("finishing")
+    assert session.state == "finishing"
+
+
+def test_first_outcome_and_first_ended_by_stay():
+    """conclude(): the first writer wins, for the outcome and for ended_by each."""
+    session = _session()
+    session.conclude("no_decision", by="resident")
+    session.conclude("authorized", by="server")
+    assert (session.outcome, session.ended_by) == ("no_decision", "resident")
+
+
+def test_ended_by_told_before_the_outcome_stays():
+    """An end from outside (max_call) names who ended it; the flow's outcome comes after."""
+    session = _session()
+    session.end("max_call")
+    session.conclude("abandoned", by="operator")
+    assert (session.outcome, session.ended_by) == ("abandoned", "max_call")
+
+
+def test_a_decision_keeps_its_evidence_and_time():
+    """A resident's decision sets decision_input and decided_at."""
+    reactor = Clock()
+    session = _session(reactor)
+    reactor.advance(12)
+    session.conclude("authorized", evidence="dtmf:1")
+    assert (session.decision_input, session.decided_at) == ("dtmf:1", 12)
+    session.conclude("denied", evidence="dtmf:2")
+    assert (session.outcome, session.decision_input) == ("authorized", "dtmf:1")
+
+
+def test_no_decision_keeps_its_evidence_without_a_decision_time():
+    """Unclear answers: the evidence is kept, but no decision was made (no decided_at)."""
+    session = _session()
+    session.conclude("no_decision", evidence="dtmf:5")
+    assert (session.decision_input, session.decided_at) == ("dtmf:5", None)
+
+
+def test_unknown_outcome_is_refused():
+    """An outcome outside OUTCOMES is a bug, not a record."""
+    with pytest.raises(ValueError):
+        _session().conclude("maybe")
+
+
+def test_a_session_without_outcome_finishes_as_error():
+    """A flow that never concluded the session leaves it as error."""
+    session = _session()
+    session.finished()
+    assert (session.state, session.outcome) == ("ended", "error")

@@ -31,7 +31,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from audiosocket.config import AudioConfig, PrivacyConfig
+from audiosocket.config import AudioConfig, FlowConfig, PrivacyConfig
 from audiosocket.dialer import DialFailed, DialRequest
 from audiosocket.flow.directory import Directory, Match
 from audiosocket.flow.io import LegGone, LegIO
@@ -55,7 +55,11 @@ FIRST_AUDIO_WAIT_S = 0.1
 
 @frozen
 class Site:
-    """What the flow needs of one condominium (swapped whole on a config reload)."""
+    """
+    What a call needs of its condominium, read once at the call's start: a config reload
+    builds new ones and swaps them whole, so the next call gets the new settings and a call
+    in progress keeps its own.
+    """
 
     id: int
     name: str
@@ -66,19 +70,27 @@ class Site:
     audio: AudioConfig = AudioConfig()
     #: Concurrent visitor calls allowed for this condominium (None: only the other limits).
     max_calls: int | None = None
+    #: The conversation's timings and limits (C{[flow]}).
+    flow: FlowConfig = FlowConfig()
 
 
 class DoormanFlow:
     """
     Runs the calls. One instance serves every session; per-call state lives in the session
-    and in the coroutine's locals.
+    and in the coroutine's locals. Its attributes are the collaborators a call uses:
 
-    @param sites: condominium id → L{Site} (looked up at the start of each call, so a
+    @ivar tts: the L{ITTS} every prompt is spoken with.
+    @ivar dialer: the L{IDialer} that rings the resident.
+    @ivar sites: condominium id → L{Site} (looked up at the start of each call, so a
         reload applies to the next call and never changes one in progress).
-    @param stt: an L{ISTT}, or C{None} for keypad-only calls.
-    @param listener_for: C{listener_for(leg, audio_config) -> Listener} when speech is on.
-    @param privacy: whether transcripts may go to the log and the call record (by default
-        neither: they say "voice" and how many words).
+    @ivar reactor: for every timeout of the conversation.
+    @ivar stt: an L{ISTT}, or C{None} for keypad-only calls.
+    @ivar nlu: extracts the visitor's facts from what was said (with C{stt}).
+    @ivar listener_for: C{listener_for(leg, audio_config) -> Listener} when speech is on.
+    @ivar match_threshold: the directory's fuzzy-match score a name must reach.
+    @ivar privacy: whether transcripts may go to the log and the call record (by default
+        neither: they say "voice" and how many words); read at a call's start, swapped whole
+        on a reload.
     """
 
     log = Logger()
@@ -89,7 +101,6 @@ class DoormanFlow:
         tts,
         dialer,
         sites: Callable[[int], Site],
-        flow_config,
         reactor,
         stt=None,
         nlu=None,
@@ -97,24 +108,24 @@ class DoormanFlow:
         match_threshold: float = 80.0,
         privacy: PrivacyConfig = PrivacyConfig(),
     ):
-        self._tts = tts
-        self._dialer = dialer
-        self._sites = sites
-        self._config = flow_config
-        self._reactor = reactor
-        self._stt = stt
-        self._nlu = nlu
-        self._listener_for = listener_for if stt is not None else None
-        self._threshold = match_threshold
+        self.tts = tts
+        self.dialer = dialer
+        self.sites = sites
+        self.reactor = reactor
+        self.stt = stt
+        self.nlu = nlu
+        self.listener_for = listener_for if stt is not None else None
+        self.match_threshold = match_threshold
         self.privacy = privacy
 
     @property
     def voice(self) -> bool:
-        return self._stt is not None
+        return self.stt is not None
 
-    def _io(self, leg, site: Site) -> LegIO:
-        listener = self._listener_for(leg, site.audio) if self._listener_for is not None else None
-        io = LegIO(leg, self._tts, reactor=self._reactor, listener=listener)
+    def io_for(self, leg, site: Site) -> LegIO:
+        """A started L{LegIO} for C{leg}, listening (when speech is on) with C{site}'s settings."""
+        listener = self.listener_for(leg, site.audio) if self.listener_for is not None else None
+        io = LegIO(leg, self.tts, reactor=self.reactor, listener=listener)
         io.start()
         return io
 
@@ -127,15 +138,15 @@ class DoormanFlow:
         return defer.Deferred.fromCoroutine(self._busy(session))
 
     async def _busy(self, session: S.Session) -> None:
-        session.outcome = "busy"
-        session.state = S.FINISHING
-        site = self._sites(session.extension.condominium_id)
-        io = LegIO(session.visitor, self._tts, reactor=self._reactor)
+        session.conclude("busy")
+        session.enter(S.FINISHING)
+        site = self.sites(session.extension.condominium_id)
+        io = LegIO(session.visitor, self.tts, reactor=self.reactor)
         io.start()
         await io.finish(site.prompts.say("busy"))
 
     async def _run(self, session: S.Session) -> None:
-        site = self._sites(session.extension.condominium_id)
+        site = self.sites(session.extension.condominium_id)
         call = _Call(self, session, site)
         await call.run()
 
@@ -150,9 +161,11 @@ class _Call:
         self.session = session
         self.site = site
         self.prompts = site.prompts
-        self.config = flow._config
-        self.reactor = flow._reactor
-        self.visitor = flow._io(session.visitor, site)
+        #: This call's settings, fixed at its start (a reload changes the next call's).
+        self.config = site.flow
+        self.privacy = flow.privacy
+        self.reactor = flow.reactor
+        self.visitor = flow.io_for(session.visitor, site)
         self.resident: LegIO | None = None
         self.apartment = None  # the directory's Apartment once known
         self.keypad_only = not flow.voice
@@ -165,32 +178,38 @@ class _Call:
         session = self.session
         to_visitor: str | None = self.prompts.say("goodbye")
         to_resident: str | None = None
+        closed = False
         try:
             try:
                 outcome = await self._converse()
             except LegGone as e:
                 if e.role == "visitor":
-                    session.ended_by = session.ended_by or "visitor"
-                    session.outcome = session.outcome or "abandoned"
+                    session.conclude("abandoned", by="visitor")
                     to_visitor = None
                     to_resident = self.prompts.say("visitor_left")
                     return
                 raise
-            session.outcome = outcome
-            session.ended_by = session.ended_by or "server"
+            session.conclude(outcome, by="server")
             to_visitor, to_resident = self._farewells(outcome)
         except defer.CancelledError:
-            # Ended from outside: the call's time ran out, an operator, or shutdown.
-            by = session.ended_by or "operator"
-            session.ended_by = by
-            if session.outcome is None:
-                session.outcome = "no_decision" if session.resident is not None else "abandoned"
-            text = self.prompts.say("max_call" if by == "max_call" else "hangup")
+            # Ended from outside: the call's time ran out, an operator, or shutdown
+            # (L{S.Session.end} has said which).
+            session.conclude(
+                "no_decision" if session.resident is not None else "abandoned", by="operator"
+            )
+            text = self.prompts.say("max_call" if session.ended_by == "max_call" else "hangup")
             to_visitor = to_resident = text
+        except GeneratorExit:
+            # The coroutine is being closed unfinished: its Deferred was dropped without
+            # firing (the process is exiting, or a test let a call go). Awaiting now would
+            # make Python raise "coroutine ignored GeneratorExit"; the legs go with it.
+            closed = True
+            raise
         finally:
-            session.state = S.FINISHING
+            session.enter(S.FINISHING)
             session.stop_expecting()
-            await self._finish(to_visitor, to_resident)
+            if not closed:
+                await self._finish(to_visitor, to_resident)
 
     def _farewells(self, outcome: str) -> tuple[str | None, str | None]:
         """What each leg hears last, after the decision has been told."""
@@ -207,7 +226,7 @@ class _Call:
         if self.resident is not None:
             legs.append(self.resident.finish(to_resident))
         elif self.session.resident is not None:
-            self.resident = self.flow._io(self.session.resident, self.site)
+            self.resident = self.flow.io_for(self.session.resident, self.site)
             legs.append(self.resident.finish(to_resident))
         await defer.gatherResults(
             [defer.Deferred.fromCoroutine(c) for c in legs], consumeErrors=True
@@ -215,12 +234,11 @@ class _Call:
 
     async def _converse(self) -> str:
         session = self.session
-        session.state = S.GREETING
         await self._peer_rate(self.session.visitor)
         await self.visitor.say(
             self._greeting(), interruptible=True, barge_in=self.site.audio.barge_in_greeting
         )
-        session.state = S.COLLECTING
+        session.enter(S.COLLECTING)
         found = await self._find_apartment()
         if found is None:
             return "unknown_apartment"
@@ -278,20 +296,20 @@ class _Call:
             if match is not None:
                 self.apartment = match.apartment
                 resident = match.resident or self._resident_for(match.apartment)
-                self.session.facts = Facts(
-                    intent=facts.intent,
-                    visitor_name=facts.visitor_name,
-                    apartment=match.apartment.number,
-                    resident_name=resident,
-                    block=facts.block,
+                self.session.learn(
+                    Facts(
+                        intent=facts.intent,
+                        visitor_name=facts.visitor_name,
+                        apartment=match.apartment.number,
+                        resident_name=resident,
+                        block=facts.block,
+                    )
                 )
                 await self._complete_facts()
                 return match.apartment
             tries += 1
             heard = facts.apartment or ""
-            self.session.facts = Facts(
-                intent=facts.intent, visitor_name=facts.visitor_name
-            )
+            self.session.learn(Facts(intent=facts.intent, visitor_name=facts.visitor_name))
             if tries > self.config.max_retries:
                 await self.visitor.say(self.prompts.say("unknown_apartment_final"))
                 return None
@@ -332,7 +350,7 @@ class _Call:
             _, facts = await self._understand(item)
             if facts is not None:
                 merged = self.session.facts.merge(facts)
-                self.session.facts = merged
+                self.session.learn(merged)
                 if merged.apartment or merged.resident_name:
                     return merged
                 await self._ask_missing()
@@ -342,7 +360,7 @@ class _Call:
         text = await self._transcribe(utterance)
         if text is None or not text.strip():
             return text, None
-        if self.flow.privacy.log_speech:
+        if self.privacy.log_speech:
             self.log.info("call {uuid}: visitor said {text!r}", **self.fields, text=text)
             self.session.last_heard = text[:200]
         else:
@@ -350,7 +368,7 @@ class _Call:
                 "call {uuid}: visitor said {words} word(s)", **self.fields, words=len(text.split())
             )
         try:
-            return text, await self.flow._nlu.extract(text, self.site.directory)
+            return text, await self.flow.nlu.extract(text, self.site.directory)
         except defer.CancelledError:
             raise
         except Exception:
@@ -364,7 +382,7 @@ class _Call:
         by every prompt already).
         """
         try:
-            return await self.flow._stt.transcribe(utterance.pcm, utterance.rate)
+            return await self.flow.stt.transcribe(utterance.pcm, utterance.rate)
         except defer.CancelledError:
             raise
         except Exception as e:
@@ -408,12 +426,12 @@ class _Call:
         if "visitor_name" in missing and said.visitor_name is None and text:
             # "Pedro Santos." answers "qual é o seu nome?" without "sou o".
             said = Facts(intent=said.intent, visitor_name=answer_name(text))
-        self.session.facts = self.session.facts.merge(
-            Facts(intent=said.intent, visitor_name=said.visitor_name)
+        self.session.learn(
+            self.session.facts.merge(Facts(intent=said.intent, visitor_name=said.visitor_name))
         )
 
     def _lookup(self, facts: Facts) -> Match | None:
-        return lookup(self.site.directory, facts, self.flow._threshold)
+        return lookup(self.site.directory, facts, self.flow.match_threshold)
 
     def _resident_for(self, apartment) -> str | None:
         # Nobody named: the apartment's first listed resident is its contact.
@@ -461,13 +479,13 @@ class _Call:
     async def _call_resident(self) -> str:
         """Ring the resident (with retries), then ask for the decision."""
         session = self.session
-        session.state = S.DIALING
+        session.enter(S.DIALING)
         # The phone starts ringing while the visitor hears "aguarde": the resident's time to
         # answer is not added to the prompt's.
         self.visitor.queue(self.prompts.say("calling", apartment=self.apartment.number))
         leg = None
         for attempt in range(1, self.config.attempts + 1):
-            session.attempts = attempt
+            session.attempt(attempt)
             leg = await self._ring(attempt)
             if leg is not None:
                 break
@@ -475,7 +493,7 @@ class _Call:
         if leg is None:
             return "no_answer"
         await self._peer_rate(leg)
-        self.resident = self.flow._io(leg, self.site)
+        self.resident = self.flow.io_for(leg, self.site)
         # The visitor hanging up while the resident decides ends the resident's part too.
         session.visitor.when_closed().addCallback(self._visitor_left)
         return await self._ask_resident()
@@ -509,7 +527,7 @@ class _Call:
         # A bad directory entry (a dial string the request refuses) is a failed attempt.
         race.add(
             "dial",
-            defer.maybeDeferred(lambda: self.flow._dialer.dial(self._dial_request(leg_uuid))),
+            defer.maybeDeferred(lambda: self.flow.dialer.dial(self._dial_request(leg_uuid))),
         )
         race.add("visitor", defer.Deferred.fromCoroutine(self.visitor.next_input(None)))
         now = self.reactor.seconds()
@@ -555,7 +573,7 @@ class _Call:
         stops ringing. Never waited for and never fails the call (a dialer's cancel is
         idempotent and its errors are only logged).
         """
-        cancel = getattr(self.flow._dialer, "cancel", None)
+        cancel = getattr(self.flow.dialer, "cancel", None)
         if cancel is None:
             return
         self.log.info(
@@ -576,7 +594,7 @@ class _Call:
         )
 
     def _dial_failed(self, attempt: int, reason: str, message: str) -> None:
-        self.session.dial_failures.append({"attempt": attempt, "reason": reason})
+        self.session.dial_failed(attempt, reason)
         self.log.info(
             "call {uuid}: attempt {attempt} to reach apartment {apartment} failed: {message}",
             **self.fields,
@@ -591,7 +609,7 @@ class _Call:
         session = self.session
         facts = session.facts
         resident = self.resident
-        session.state = S.ANNOUNCING
+        session.enter(S.ANNOUNCING)
         ask = "ask_decision_keypad" if self.keypad_only_resident else "ask_decision"
         try:
             await self._put_to_resident(
@@ -620,13 +638,13 @@ class _Call:
                     continue
                 unclear += 1
                 if unclear > self.config.max_retries:
-                    session.decision_input = self._kept(evidence)
+                    session.conclude("no_decision", evidence=self._kept(evidence))
                     return "no_decision"
                 await self._put_to_resident(self.prompts.say("decision_again"))
         except LegGone as e:
             if e.role != "resident":
                 raise
-            session.ended_by = "resident"
+            session.conclude("no_decision", by="resident")
             return "no_decision"
 
     async def _put_to_resident(self, *texts: str, deciding: bool = False) -> None:
@@ -639,7 +657,7 @@ class _Call:
         resident = self.resident
         for k, text in enumerate(texts):
             if deciding and k == len(texts) - 1:
-                self.session.state = S.DECIDING
+                self.session.enter(S.DECIDING)
             await resident.say(text, interruptible=False, barge_in=False)
         resident.flush(keys=True)
 
@@ -659,10 +677,8 @@ class _Call:
         )
 
     def _decided(self, outcome: str, evidence: str) -> str:
-        session = self.session
-        session.decided_at = self.reactor.seconds()
-        session.decision_input = self._kept(evidence)
-        logged = evidence if self.flow.privacy.log_speech else _kind(evidence)
+        self.session.conclude(outcome, evidence=self._kept(evidence))
+        logged = evidence if self.privacy.log_speech else _kind(evidence)
         self.log.info(
             "call {uuid}: resident {outcome} ({evidence})",
             **self.fields,
@@ -676,7 +692,7 @@ class _Call:
         The evidence as the call record keeps it: C{"dtmf:1"}, C{"timeout"}, C{"voice"} — the
         resident's words (C{"voice:pode subir"}) only with C{[privacy] record_speech}.
         """
-        return evidence if self.flow.privacy.record_speech else _kind(evidence)
+        return evidence if self.privacy.record_speech else _kind(evidence)
 
     async def _tell_visitor(self, outcome: str) -> None:
         name = {

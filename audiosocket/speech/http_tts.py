@@ -28,12 +28,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from audiosocket import audio
+from audiosocket.reactors import default_reactor
 from audiosocket.speech.stt import (
     HTTPProvider,
     OpenAICompatible,
     ProviderError,
     _check_region,
-    _resolve_reactor,
 )
 from audiosocket.speech.tts import ITTS
 
@@ -236,7 +236,7 @@ class StoreCachedTTS:
         self._shared = shared
         self._ttl_s = math.ceil(ttl_s)  # Redis expiries are whole seconds
         self._timeout_s = timeout_s
-        self._reactor = _resolve_reactor(reactor)
+        self._reactor = default_reactor(reactor)
         self.hits = 0
         self.misses = 0
         self.private = 0

@@ -31,6 +31,7 @@ from twisted.web.http_headers import Headers
 from zope.interface import Attribute, Interface, implementer
 
 from audiosocket import audio
+from audiosocket.reactors import default_reactor
 
 __all__ = [
     "ISTT",
@@ -245,12 +246,6 @@ def _checks_audio(transcribe):
     return checked
 
 
-def _resolve_reactor(reactor):
-    if reactor is None:
-        from twisted.internet import reactor
-    return reactor
-
-
 class HTTPProvider:
     """
     What every remote provider shares: the reactor, the treq client (by default
@@ -267,7 +262,7 @@ class HTTPProvider:
     def __init__(self, *, timeout_s: float, http, reactor):
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
-        self._reactor = _resolve_reactor(reactor)
+        self._reactor = default_reactor(reactor)
         self._http = http if http is not None else default_http(self._reactor)
         self._timeout_s = timeout_s
 
@@ -522,7 +517,7 @@ class VoskSTT:
         self._vosk = vosk
         self._model = vosk.Model(str(model_dir))
         self._pool = pool
-        self._reactor = _resolve_reactor(reactor)
+        self._reactor = default_reactor(reactor)
         self.name = "vosk"
 
     @_checks_audio

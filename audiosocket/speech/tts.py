@@ -32,6 +32,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from audiosocket import audio
 from audiosocket.speech.espeak import EspeakEngine
+from audiosocket.reactors import default_reactor
 
 
 class TextTooLong(ValueError):
@@ -100,8 +101,7 @@ class EspeakTTS:
         speed: int = 165,
         pitch: int = 50,
     ):
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = default_reactor(reactor)
         self._pool = pool
         self._reactor = reactor
         self._engine = EspeakEngine(voice=voice, speed=speed, pitch=pitch)
