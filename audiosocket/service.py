@@ -188,6 +188,8 @@ def build_sites(config: Config) -> dict[int, Site]:
             prompts=prompts,
             audio=condominium.audio_config(config.audio),
             max_calls=condominium.max_calls,
+            strategy=condominium.dial.strategy,
+            operator=condominium.operator,
         )
     return sites
 

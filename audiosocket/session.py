@@ -66,6 +66,8 @@ OUTCOMES = (
     "unknown_apartment",
     "abandoned",
     "busy",
+    "transferred",
+    "transfer_failed",
     "error",
 )
 
@@ -134,6 +136,9 @@ class Session:
     decision_input: str | None = None
     attempts: int = 0
     dial_failures: list = field(factory=list)
+    #: How people were reached (the flow's L{audiosocket.flow.call} writes it): C{strategy},
+    #: C{dials} (every leg tried: attempt, resident, result), C{decided_by}, C{handoff}.
+    reach: dict = field(factory=dict)
     started_at: float = 0.0
     started_wall: float = 0.0
     resident_at: float | None = None
@@ -335,6 +340,7 @@ class Session:
             "attempts": self.attempts,
             "resident_leg_uuid": _str(self.resident_leg_uuid),
             "dial_failures": list(self.dial_failures),
+            "reach": dict(self.reach),
             "timings": self.timings(),
         }
 
