@@ -79,7 +79,8 @@ L{HandoffFailed} otherwise.
   - L{LogDialer} only logs the request, C{leg_uuid} included, so an operator can play the
     resident's leg by hand (C{audiosocket-call --port <return_port> --uuid <leg_uuid>}).
   - L{HttpDialer} POSTs the request as JSON to a webhook; 2xx means accepted; any other status,
-    or no answer within its timeout, is a failed attempt.
+    or no answer within its timeout, is a failed attempt (its reason the answer's
+    C{{"reason": "busy"}}, one of L{REASONS}, when it gives one).
   - L{AmiDialer} is an Asterisk Manager Interface client (L{AmiProtocol}) that logs in once,
     reconnects with backoff and sends C{Originate} with C{Channel=<dial>},
     C{Context=<configured>}, C{Exten=s}, C{Priority=1}, C{Async=true},
@@ -99,6 +100,7 @@ L{HandoffFailed} otherwise.
 from __future__ import annotations
 
 import itertools
+import json
 import uuid as _uuid
 from typing import Callable, Iterable
 from urllib.parse import urlsplit
@@ -501,12 +503,12 @@ class HttpDialer:
 
     async def _post(self, request: DialRequest) -> None:
         response = await self._treq.post(self._url, json=request.to_dict())
-        # Read the body so the connection finishes cleanly; its content is not part of the
-        # contract.
-        await response.content()
+        # Read the body so the connection finishes cleanly; besides a failure's reason, its
+        # content is not part of the contract.
+        content = await response.content()
         if not 200 <= response.code < 300:
             raise DialFailed(
-                "rejected" if 400 <= response.code < 500 else "error",
+                _reason_in(content) or ("rejected" if 400 <= response.code < 500 else "error"),
                 "webhook answered HTTP {}".format(response.code),
             )
         self.log.info(
@@ -539,6 +541,16 @@ class HttpDialer:
             why=exc,
         )
         return Failure(exc)
+
+
+def _reason_in(content: bytes) -> str | None:
+    """A failed dial's C{{"reason": "busy"}} (one of L{REASONS}) in a webhook's answer."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return None
+    reason = body.get("reason") if isinstance(body, dict) else None
+    return reason if reason in REASONS else None
 
 
 # -- AMI -------------------------------------------------------------------------------------
