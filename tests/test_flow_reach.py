@@ -329,6 +329,20 @@ def test_asking_for_a_person_transfers(benches):
     assert record["reach"]["handoff"]["reason"] == "asked"
 
 
+def test_asking_for_a_person_at_a_confirmation_transfers(benches):
+    """Asked "É para ...?", the visitor answers "quero falar com uma pessoa": the operator."""
+    bench = benches(operator=operator(), voice=True)
+    visitor = bench.connect()
+    bench.advance(0.5)
+    bench.say(visitor, "Quero falar com a Ana Sousa")
+    bench.until(lambda: bench.heard(visitor, "confirm_resident", resident="Ana Souza", apartment="101"))
+    bench.say(visitor, "quero falar com uma pessoa")
+    bench.until(bench.ended, max_s=30)
+    record = bench.records[0]
+    assert record["outcome"] == "transferred"
+    assert record["reach"]["handoff"]["reason"] == "asked"
+
+
 def test_recognition_failing_twice_transfers(benches):
     """Two answers without an apartment or a resident → the operator."""
     bench = benches(operator=operator(), voice=True)

@@ -510,6 +510,8 @@ class _Call:
         if isinstance(item, Dtmf):
             return classify_dtmf(item.digit) is Decision.AUTHORIZED
         said = await self._transcribe(item)
+        if said and self.operator and asks_for_person(said):
+            raise _Transfer("asked")
         return said is not None and confirms(said)
 
     # ------------------------------------------------------------ calling the resident
