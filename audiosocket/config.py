@@ -707,6 +707,38 @@ class PrivacyConfig:
     record_speech: bool = _field(False, _bool)  # true: the resident's words go to the record
 
 
+def _dial_string(value: Any, base: Path) -> str:
+    """A dial string, or C{""}: no comma (a C{Dial()} argument separator) and no line break."""
+    text = _str()(value, base)
+    if any(c in text for c in ",\r\n"):
+        raise _Invalid(f"must be a dial string without commas or line breaks, not {_show(text)}")
+    return text.strip()
+
+
+@frozen(kw_only=True)
+class DialStrategyConfig:
+    """
+    C{[condominiums.dial]}: whom a visitor's call rings. C{unit}: the apartment's
+    C{voip_number}; C{sequential}: each distinct phone of the unit in turn (the resident named
+    first), C{ring_timeout_s} each; C{parallel}: all at once, the first to answer decides.
+    """
+
+    strategy: str = _field("unit", _choice("unit", "sequential", "parallel"))
+
+
+@frozen(kw_only=True)
+class OperatorConfig:
+    """
+    C{[condominiums.operator]}: the human the call is handed to (C{dial}, empty: none) when the
+    visitor presses 0 or asks for a person, recognition fails twice, and, as chosen here, when
+    nobody answered or the apartment is unknown.
+    """
+
+    dial: str = _field("", _dial_string)
+    on_no_answer: str = _field("goodbye", _choice("operator", "goodbye"))
+    on_unknown_apartment: str = _field("goodbye", _choice("operator", "goodbye"))
+
+
 @frozen(kw_only=True)
 class Condominium:
     """One C{[[condominiums]]} item: a building, its greeting and its residents directory."""
@@ -722,6 +754,8 @@ class Condominium:
     #: C{[condominiums.audio]}: this building's own [audio] settings (a noisy gate may need a
     #: longer silence); any key of [audio], the others taken from it.
     audio: Mapping[str, Any] = _field({}, lambda value, base: _audio_overrides(value, base))
+    dial: DialStrategyConfig = _table(DialStrategyConfig)
+    operator: OperatorConfig = _table(OperatorConfig)
 
     def audio_config(self, audio: "AudioConfig") -> "AudioConfig":
         """The global C{[audio]} with this condominium's overrides."""
@@ -1008,6 +1042,13 @@ def _check_rules(config: Config) -> None:
                 f"duplicate id {condominium.id} (also {condominium_ids[condominium.id]})", key
             )
         condominium_ids[condominium.id] = key
+        operator = condominium.operator
+        for when in ("on_no_answer", "on_unknown_apartment"):
+            if getattr(operator, when) == "operator" and not operator.dial:
+                raise _Invalid(
+                    f'needs condominiums[{i}].operator.dial: "operator" is nobody without it',
+                    f"condominiums[{i}].operator.{when}",
+                )
 
     kind, args, _ = _endpoint_parts(config.api.endpoint)
     api_port = 0 if kind == "unix" else int(args[0])

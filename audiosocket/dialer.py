@@ -54,10 +54,33 @@ raises, and its Deferred never fails: problems are logged, never raised into the
     seen, is gone: nothing is sent for it. C{Hangup} needs the AMI user's C{write = call}
     (besides C{originate}); a refused one is logged as an error.
 
+Hand-off
+========
+
+C{handoff(uuid, action, argument)} gives the visitor's call back to the PBX with an
+instruction for what its dialplan does after C{AudioSocket()} returns: C{action} is
+C{"transfer"} (C{argument}: the dial string of a human operator) or C{"open"} (C{argument}:
+the DTMF digits that open a gate). C{uuid} is the visitor's call UUID (the one its
+C{AudioSocket()} sent). The flow waits for the hand-off (bounded) before it sends the visitor's
+hangup frame, so the instruction is there when the dialplan reads it. C{argument} may not
+contain a comma (the dialplan splits the instruction on the first one) nor a line break.
+
+  - L{LogDialer} logs C{handoff of call <uuid>: transfer <argument>}.
+  - L{HttpDialer} POSTs C{{"event": "transfer", "uuid": "<call>", "dial": "<argument>"}} (or
+    C{{"event": "open", "uuid": ..., "digits": ...}}); a 2xx status means done.
+  - L{AmiDialer} sends C{DBPut} with C{Family=audiosocket}, C{Key=<uuid>},
+    C{Val=<action>,<argument>}: the shipped visitor context reads it with
+    C{DB_DELETE(audiosocket/${CALL_UUID})}. C{DBPut} needs the AMI user's C{write = system}
+    (with C{originate} alone Asterisk answers "Permission denied").
+
+The Deferred fires L{None} once the PBX (or webhook) has acknowledged it and fails with
+L{HandoffFailed} otherwise.
+
   - L{LogDialer} only logs the request, C{leg_uuid} included, so an operator can play the
     resident's leg by hand (C{audiosocket-call --port <return_port> --uuid <leg_uuid>}).
   - L{HttpDialer} POSTs the request as JSON to a webhook; 2xx means accepted; any other status,
-    or no answer within its timeout, is a failed attempt.
+    or no answer within its timeout, is a failed attempt (its reason the answer's
+    C{{"reason": "busy"}}, one of L{REASONS}, when it gives one).
   - L{AmiDialer} is an Asterisk Manager Interface client (L{AmiProtocol}) that logs in once,
     reconnects with backoff and sends C{Originate} with C{Channel=<dial>},
     C{Context=<configured>}, C{Exten=s}, C{Priority=1}, C{Async=true},
@@ -77,6 +100,7 @@ raises, and its Deferred never fails: problems are logged, never raised into the
 from __future__ import annotations
 
 import itertools
+import json
 import uuid as _uuid
 from typing import Callable, Iterable
 from urllib.parse import urlsplit
@@ -103,6 +127,7 @@ __all__ = [
     "AmiProtocol",
     "DialFailed",
     "DialRequest",
+    "HandoffFailed",
     "HttpDialer",
     "IDialer",
     "LogDialer",
@@ -128,6 +153,28 @@ class DialFailed(Exception):
         super().__init__("{}: {}".format(reason, message))
         self.reason = reason
         self.message = message
+
+
+#: Hand-off actions → the name of their argument in the http dialer's event.
+HANDOFF_ACTIONS = {"transfer": "dial", "open": "digits"}
+
+
+class HandoffFailed(Exception):
+    """The PBX (or webhook) did not take the hand-off; the message says why."""
+
+
+def check_handoff(uuid: str, action: str, argument: str) -> None:
+    """
+    @raise ValueError: C{action} is not one of L{HANDOFF_ACTIONS}, C{uuid} is not a UUID, or
+        C{argument} is empty or holds a comma or a line break.
+    """
+    if action not in HANDOFF_ACTIONS:
+        raise ValueError("unknown hand-off action {!r}".format(action))
+    _uuid.UUID(uuid)
+    if not isinstance(argument, str) or not argument.strip():
+        raise ValueError("hand-off argument must not be empty")
+    if any(c in argument for c in ",\r\n"):
+        raise ValueError("hand-off argument must not contain a comma or a line break")
 
 
 # -- the request ---------------------------------------------------------------------------
@@ -235,6 +282,15 @@ class IDialer(Interface):
         @return: a Deferred firing L{None} once done; it never fails (errors are logged).
         """
 
+    def handoff(uuid: str, action: str, argument: str) -> Deferred:
+        """
+        Leave the instruction C{action,argument} for the dialplan of the visitor's call
+        C{uuid} (see the module docstring).
+
+        @return: a Deferred firing L{None} once acknowledged, failing with L{HandoffFailed}
+            (or C{ValueError} for a bad C{action}/C{argument}) otherwise.
+        """
+
 
 # -- log -------------------------------------------------------------------------------------
 
@@ -259,6 +315,19 @@ class LogDialer:
         self.log.info(
             "cancel dial: leg {leg_uuid} is no longer expected (stop its call, if any)",
             leg_uuid=leg_uuid,
+        )
+        return succeed(None)
+
+    def handoff(self, uuid: str, action: str, argument: str) -> Deferred:
+        try:
+            check_handoff(uuid, action, argument)
+        except ValueError as e:
+            return fail(e)
+        self.log.info(
+            "handoff of call {uuid}: {action} {argument}",
+            uuid=uuid,
+            action=action,
+            argument=argument,
         )
         return succeed(None)
 
@@ -344,6 +413,53 @@ class HttpDialer:
 
         return inner.addBoth(settle)
 
+    def handoff(self, uuid: str, action: str, argument: str) -> Deferred:
+        try:
+            check_handoff(uuid, action, argument)
+        except ValueError as e:
+            return fail(e)
+        body = {"event": action, "uuid": uuid, HANDOFF_ACTIONS[action]: argument}
+        timed_out = []
+        inner = Deferred.fromCoroutine(self._post_event(body))
+
+        def expire():
+            timed_out.append(True)
+            inner.cancel()
+
+        timer = self._reactor.callLater(self._timeout_s, expire)
+
+        def settle(result):
+            if timer.active():
+                timer.cancel()
+            if isinstance(result, Failure):
+                why = (
+                    "no answer within {} s".format(self._timeout_s)
+                    if timed_out
+                    else result.getErrorMessage() or repr(result.value)
+                )
+                self.log.warn(
+                    "webhook {action} of call {uuid} failed: {why}",
+                    action=action,
+                    uuid=uuid,
+                    why=why,
+                )
+                return Failure(HandoffFailed("webhook: {}".format(why)))
+            return None
+
+        return inner.addBoth(settle)
+
+    async def _post_event(self, body: dict) -> None:
+        response = await self._treq.post(self._url, json=body)
+        await response.content()
+        if not 200 <= response.code < 300:
+            raise HandoffFailed("webhook answered HTTP {}".format(response.code))
+        self.log.info(
+            "webhook took the {event} of call {uuid} (HTTP {code})",
+            event=body["event"],
+            uuid=body["uuid"],
+            code=response.code,
+        )
+
     async def _post_cancel(self, body: dict) -> None:
         response = await self._treq.post(self._url, json=body)
         await response.content()
@@ -388,12 +504,12 @@ class HttpDialer:
 
     async def _post(self, request: DialRequest) -> None:
         response = await self._treq.post(self._url, json=request.to_dict())
-        # Read the body so the connection finishes cleanly; its content is not part of the
-        # contract.
-        await response.content()
+        # Read the body so the connection finishes cleanly; besides a failure's reason, its
+        # content is not part of the contract.
+        content = await response.content()
         if not 200 <= response.code < 300:
             raise DialFailed(
-                "rejected" if 400 <= response.code < 500 else "error",
+                _reason_in(content) or ("rejected" if 400 <= response.code < 500 else "error"),
                 "webhook answered HTTP {}".format(response.code),
             )
         self.log.info(
@@ -426,6 +542,16 @@ class HttpDialer:
             why=exc,
         )
         return Failure(exc)
+
+
+def _reason_in(content: bytes) -> str | None:
+    """A failed dial's C{{"reason": "busy"}} (one of L{REASONS}) in a webhook's answer."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return None
+    reason = body.get("reason") if isinstance(body, dict) else None
+    return reason if reason in REASONS else None
 
 
 # -- AMI -------------------------------------------------------------------------------------
@@ -957,6 +1083,50 @@ class AmiDialer(Service):
             self._drop(channel)
 
         return d.addCallbacks(answered, failed)
+
+    # -- hand-off ----------------------------------------------------------------------------
+
+    def handoff(self, uuid: str, action: str, argument: str) -> Deferred:
+        """
+        C{DBPut} of C{action,argument} under C{audiosocket/<uuid>} (see the module
+        docstring). Cancelling the Deferred forgets the action.
+        """
+        try:
+            check_handoff(uuid, action, argument)
+        except ValueError as e:
+            return fail(e)
+        protocol = self._protocol
+        if protocol is None:
+            return fail(HandoffFailed(
+                "not connected to the Asterisk Manager at {}:{}".format(self.host, self.port)
+            ))
+        value = "{},{}".format(action, argument)
+        d = protocol.send_action(
+            "DBPut", [("Family", "audiosocket"), ("Key", uuid), ("Val", value)]
+        )
+
+        def answered(message: dict) -> None:
+            if message.get("response", "").lower() != "success":
+                text = message.get("message", "no message")
+                self.log.error(
+                    "AMI refused DBPut for call {uuid}: {message} (the AMI user needs "
+                    "write = system)",
+                    uuid=uuid,
+                    message=text,
+                )
+                raise HandoffFailed("Asterisk refused DBPut: {}".format(text))
+            self.log.info(
+                "AMI stored {action} for call {uuid}", action=action, uuid=uuid
+            )
+
+        def lost(failure: Failure) -> Failure:
+            if failure.check(defer.CancelledError, HandoffFailed):
+                return failure
+            return Failure(HandoffFailed(
+                "AMI connection lost: {}".format(failure.getErrorMessage())
+            ))
+
+        return d.addCallback(answered).addErrback(lost)
 
     def _remember(self, channel: _Channel) -> None:
         self._channels[channel.leg_uuid] = channel

@@ -14,7 +14,20 @@ server no longer expects that leg: the visitor hung up, the ring window passed):
 ringing is not answered, a leg already connected is hung up. A cancel for a leg it does not
 know is answered 200 all the same (cancel is idempotent).
 
+Several residents, each their own phone: C{--phone DIAL=SPEC} (repeatable) says what the
+phone rung with that dial string does; SPEC is comma-separated items: C{busy} (the webhook
+answers HTTP 486 C{{"reason": "busy"}}, a failed dial), C{noanswer} (it rings until the
+request's C{timeout_s} or a cancel), C{ring:S} (answers after S seconds), C{dtmf:S:DIGITS}
+(presses DIGITS S seconds after answering), C{seconds:S} (hangs up after S seconds). Phones
+not listed do what the global options say.
+
+The operator: the server's hand-off (C{{"event": "transfer", "uuid", "dial"}}, or C{"open"}
+with C{"digits"}) is answered 200 and printed ("transferring call ... to the operator at
+..."), as Asterisk would store it for the dialplan; C{--refuse-handoff} answers 403 instead
+(Asterisk's "Permission denied").
+
     audiosocket-fake-pbx --listen 9000 --dtmf 2:1
+    audiosocket-fake-pbx --phone SIP/ana=busy --phone SIP/carlos=ring:3,dtmf:2:1
 """
 
 from __future__ import annotations
@@ -23,12 +36,49 @@ import argparse
 import json
 import sys
 
+import attrs
+
 from twisted.internet import defer, task
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web import resource, server
 
 from audiosocket.callclient import CallOptions, CallTracker, place_call
+
+
+@attrs.frozen
+class PhoneSpec:
+    """What one resident's phone does when rung (see the module docstring)."""
+
+    busy: bool = False
+    answer: bool = True
+    ring_s: float = 0.0
+    dtmf: tuple = ()
+    seconds: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "PhoneSpec":
+        """C{"busy"}, C{"noanswer"}, C{"ring:3,dtmf:2:1,seconds:20"}. @raise ValueError"""
+        values: dict = {}
+        dtmf = []
+        for item in text.split(","):
+            name, _, rest = item.strip().partition(":")
+            if name == "busy" and not rest:
+                values["busy"] = True
+            elif name == "noanswer" and not rest:
+                values["answer"] = False
+            elif name == "ring":
+                values["ring_s"] = float(rest)
+            elif name == "seconds":
+                values["seconds"] = float(rest)
+            elif name == "dtmf":
+                at, _, digits = rest.partition(":")
+                if not digits:
+                    raise ValueError("dtmf:SECONDS:DIGITS, not {!r}".format(item))
+                dtmf.append((float(at), digits))
+            else:
+                raise ValueError("unknown phone behaviour {!r}".format(item))
+        return cls(dtmf=tuple(dtmf), **values)
 
 
 class Webhook(resource.Resource):
@@ -39,7 +89,7 @@ class Webhook(resource.Resource):
 
     def __init__(
         self, reactor, *, dtmf=(), wav=None, wav_at=0.0, seconds=60.0, ring_s=0.0,
-        out=sys.stdout,
+        out=sys.stdout, phones=None, refuse_handoff=False,
     ):
         super().__init__()
         self._reactor = reactor
@@ -57,26 +107,48 @@ class Webhook(resource.Resource):
         self.cancels: list[dict] = []
         #: leg_uuid → (the ringing timer's Deferred, the call's tracker), while it lasts.
         self._live: dict[str, tuple[defer.Deferred, CallTracker]] = {}
+        #: dial string → L{PhoneSpec}: the residents' phones (others: the options above).
+        self._phones: dict[str, PhoneSpec] = dict(phones or {})
+        #: The hand-offs received (transfer to the operator, open the gate).
+        self.handoffs: list[dict] = []
+        self._refuse_handoff = refuse_handoff
 
     def render_POST(self, request):
         try:
             body = json.loads(request.content.read())
             if isinstance(body, dict) and body.get("event") == "cancel":
                 return self._cancel(request, body)
+            if isinstance(body, dict) and body.get("event") in ("transfer", "open"):
+                return self._handoff(request, body)
             host, port = body["audiosocket"].rsplit(":", 1)
+            phone = self._phones.get(body.get("dial"))
             options = CallOptions(
                 host=host,
                 port=int(port),
                 uuid=body["leg_uuid"],
-                dtmf=self._dtmf,
-                wav=self._wav,
+                dtmf=phone.dtmf if phone is not None else self._dtmf,
+                wav=self._wav if phone is None else None,
                 wav_at=self._wav_at,
-                hangup_after=self._seconds,
+                hangup_after=(
+                    phone.seconds
+                    if phone is not None and phone.seconds is not None
+                    else self._seconds
+                ),
             )
+            ring_s = phone.ring_s if phone is not None else self._ring_s
+            if phone is not None and not phone.answer:
+                ring_s = float(body.get("timeout_s", 30.0))
         except (ValueError, KeyError, TypeError) as e:
             request.setResponseCode(400)
             return json.dumps({"error": "bad_request", "detail": str(e)}).encode()
         self.requests.append(body)
+        if phone is not None and phone.busy:
+            print("{} is busy (apartment {}, {})".format(
+                body.get("dial"), body.get("apartment"), body.get("resident")),
+                file=self._out, flush=True)
+            request.setResponseCode(486)
+            request.setHeader(b"content-type", b"application/json")
+            return b'{"error": "busy", "reason": "busy"}'
         print(
             "ringing {} for apartment {} ({}) → {} with leg UUID {}".format(
                 body.get("dial"),
@@ -89,10 +161,14 @@ class Webhook(resource.Resource):
             flush=True,
         )
         tracker = CallTracker()
-        ringing = task.deferLater(self._reactor, self._ring_s, lambda: None)
+        ringing = task.deferLater(self._reactor, ring_s, lambda: None)
         self._live[options.uuid] = (ringing, tracker)
 
         def answered(_):
+            if phone is not None and not phone.answer:
+                print("{} rang unanswered: leg {}".format(body.get("dial"), options.uuid),
+                      file=self._out, flush=True)
+                return None
             return defer.Deferred.fromCoroutine(
                 place_call(options, self._reactor, tracker=tracker)
             ).addCallback(self._done)
@@ -132,6 +208,26 @@ class Webhook(resource.Resource):
         return b'{"cancelled": true}'
 
 
+    def _handoff(self, request, body):
+        action = body["event"]
+        argument = body.get("dial" if action == "transfer" else "digits")
+        if not isinstance(body.get("uuid"), str) or not isinstance(argument, str):
+            raise KeyError("uuid" if not isinstance(body.get("uuid"), str) else "argument")
+        request.setHeader(b"content-type", b"application/json")
+        if self._refuse_handoff:
+            print("refusing the {} of call {}".format(action, body["uuid"]), file=self._out,
+                  flush=True)
+            request.setResponseCode(403)
+            return b'{"error": "permission_denied"}'
+        self.handoffs.append(body)
+        what = (
+            "transferring call {} to the operator at {}"
+            if action == "transfer"
+            else "call {}: sending {} to open the gate"
+        )
+        print(what.format(body["uuid"], argument), file=self._out, flush=True)
+        return b'{"accepted": true}'
+
     def _done(self, report):
         print(report.summary(), file=self._out, flush=True)
         return report
@@ -145,6 +241,16 @@ def _dtmf(text: str):
         raise argparse.ArgumentTypeError("expected SECONDS:DIGITS, e.g. 2:1") from None
 
 
+def _phone(text: str):
+    dial, sep, spec = text.rpartition("=")
+    if not sep or not dial:
+        raise argparse.ArgumentTypeError("expected DIAL=SPEC, e.g. SIP/ana=busy")
+    try:
+        return dial, PhoneSpec.parse(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="audiosocket-fake-pbx", description=__doc__.split("\n\n")[1])
     parser.add_argument("--listen", default="tcp:9000:interface=127.0.0.1", help="endpoint or port")
@@ -152,12 +258,20 @@ def main(argv=None) -> int:
     parser.add_argument("--wav", help="a WAV the resident says (e.g. 'sim')")
     parser.add_argument("--seconds", type=float, default=60.0, help="hang up after N seconds")
     parser.add_argument("--ring", type=float, default=0.0, help="answer after N seconds")
+    parser.add_argument(
+        "--phone", type=_phone, action="append", default=[], metavar="DIAL=SPEC",
+        help="what the phone rung with DIAL does: busy, noanswer, ring:S, dtmf:S:DIGITS, "
+        "seconds:S (comma-separated)",
+    )
+    parser.add_argument("--refuse-handoff", action="store_true",
+                        help="answer the operator hand-off with 403")
     args = parser.parse_args(argv)
     listen = args.listen if ":" in args.listen else "tcp:{}:interface=127.0.0.1".format(args.listen)
 
     async def run(reactor):
         site = server.Site(Webhook(
-            reactor, dtmf=args.dtmf, wav=args.wav, seconds=args.seconds, ring_s=args.ring))
+            reactor, dtmf=args.dtmf, wav=args.wav, seconds=args.seconds, ring_s=args.ring,
+            phones=dict(args.phone), refuse_handoff=args.refuse_handoff))
         port = await serverFromString(reactor, listen).listen(site)
         print("fake PBX webhook on http://127.0.0.1:{}/".format(port.getHost().port), flush=True)
         await defer.Deferred()  # until interrupted

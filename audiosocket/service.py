@@ -216,6 +216,8 @@ def build_sites(config: Config) -> dict[int, Site]:
             audio=condominium.audio_config(config.audio),
             max_calls=condominium.max_calls,
             flow=config.flow,
+            strategy=condominium.dial.strategy,
+            operator=condominium.operator,
         )
     return sites
 

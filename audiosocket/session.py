@@ -68,6 +68,8 @@ OUTCOMES = (
     "unknown_apartment",
     "abandoned",
     "busy",
+    "transferred",
+    "transfer_failed",
     "error",
 )
 
@@ -155,6 +157,9 @@ class Session:
     last_heard: str | None = None
     attempts: int = 0
     dial_failures: list = field(factory=list)
+    #: How people were reached (the flow's L{audiosocket.flow.call} writes it): C{strategy},
+    #: C{dials} (every leg tried: attempt, resident, result), C{decided_by}, C{handoff}.
+    reach: dict = field(factory=dict)
     started_at: float = 0.0
     started_wall: float = 0.0
     resident_at: float | None = None
@@ -268,6 +273,20 @@ class Session:
     def attempt(self, n: int) -> None:
         """The flow is making its C{n}th dial attempt."""
         self.attempts = max(self.attempts, n)
+
+    def heard(self, text: str) -> None:
+        """The latest line understood, for the operator's screen (only when speech may be shown)."""
+        self.last_heard = text[:200]
+
+    def note_reach(self, **values) -> None:
+        """Facts of how people were reached (strategy, hand-off, who decided), for the record."""
+        self.reach.update(values)
+
+    def tried(self, attempt: int, resident: str | None, dial: str, result: str) -> None:
+        """One leg tried in attempt C{attempt}, with its C{result} (the record's C{reach.dials})."""
+        self.reach.setdefault("dials", []).append(
+            {"attempt": attempt, "resident": resident, "dial": dial, "result": result}
+        )
 
     def dial_failed(self, attempt: int, reason: str) -> None:
         """Attempt C{attempt} did not reach the resident, for C{reason} (kept in the record)."""
@@ -395,6 +414,7 @@ class Session:
             "attempts": self.attempts,
             "resident_leg_uuid": _str(self.resident_leg_uuid),
             "dial_failures": list(self.dial_failures),
+            "reach": dict(self.reach),
             "timings": self.timings(),
         }
 

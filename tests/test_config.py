@@ -254,6 +254,32 @@ def test_prompts_are_a_read_only_mapping(tmp_path):
         prompts["greeting"] = "x"
 
 
+def test_dial_and_operator_defaults(tmp_path):
+    """
+    Without [condominiums.dial] and [condominiums.operator]: the unit's voip_number is rung,
+    there is no operator, and nobody answering or an unknown apartment ends in goodbye.
+    """
+    (condominium,) = load(tmp_path).condominiums
+    assert condominium.dial.strategy == "unit"
+    assert condominium.operator.dial == ""
+    assert condominium.operator.on_no_answer == "goodbye"
+    assert condominium.operator.on_unknown_apartment == "goodbye"
+
+
+def test_dial_and_operator_set(tmp_path):
+    """A condominium's strategy and operator are read from its own sub-tables."""
+    text = CONDOMINIUM + (
+        '[condominiums.dial]\nstrategy = "parallel"\n'
+        '[condominiums.operator]\ndial = "PJSIP/portaria"\non_no_answer = "operator"\n'
+        'on_unknown_apartment = "operator"\n'
+    )
+    (condominium,) = load(tmp_path, text).condominiums
+    assert condominium.dial.strategy == "parallel"
+    assert condominium.operator.dial == "PJSIP/portaria"
+    assert condominium.operator.on_no_answer == "operator"
+    assert condominium.operator.on_unknown_apartment == "operator"
+
+
 def test_condominium_lookup(tmp_path):
     """Config.condominium(id) finds a condominium by id and raises KeyError for others."""
     config = load(tmp_path)
@@ -778,6 +804,26 @@ MISTAKES = {
         '[[condominiums]]\nid = 1\nname = "A"\ndirectory = "missing.json"\n',
         "condominiums[0].directory",
         "no such file: {dir}/missing.json",
+    ),
+    "unknown dial strategy": (
+        CONDOMINIUM + '[condominiums.dial]\nstrategy = "all"\n',
+        "condominiums[0].dial.strategy",
+        'must be one of "unit", "sequential", "parallel", not "all"',
+    ),
+    "operator dial with a comma": (
+        CONDOMINIUM + '[condominiums.operator]\ndial = "PJSIP/op,30"\n',
+        "condominiums[0].operator.dial",
+        'must be a dial string without commas or line breaks, not "PJSIP/op,30"',
+    ),
+    "operator on no answer without a dial": (
+        CONDOMINIUM + '[condominiums.operator]\non_no_answer = "operator"\n',
+        "condominiums[0].operator.on_no_answer",
+        'needs condominiums[0].operator.dial: "operator" is nobody without it',
+    ),
+    "operator choice unknown": (
+        CONDOMINIUM + '[condominiums.operator]\non_unknown_apartment = "human"\n',
+        "condominiums[0].operator.on_unknown_apartment",
+        'must be one of "operator", "goodbye", not "human"',
     ),
     "duplicate condominium id": (
         CONDOMINIUM + SECOND_CONDOMINIUM,

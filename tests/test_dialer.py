@@ -29,6 +29,7 @@ from audiosocket.dialer import (
     AmiProtocol,
     DialFailed,
     DialRequest,
+    HandoffFailed,
     HttpDialer,
     IDialer,
     LogDialer,
@@ -1032,3 +1033,97 @@ def test_ami_dialer_hangup_refused_is_logged_as_an_error():
     assert "AMI refused to hang up channel {}".format(originate["ChannelId"]) in text
     assert "write = call" in text
     assert [e for e in events if e["log_level"].name == "error"]
+
+
+# -- hand-off ----------------------------------------------------------------------------------
+
+
+def test_log_dialer_logs_the_handoff():
+    """The log dialer's hand-off logs the call and the instruction, and fires None."""
+    with capturedLogs() as events:
+        d = LogDialer().handoff(UUID, "transfer", "PJSIP/portaria")
+    assert d.called and d.result is None
+    assert "handoff of call {}: transfer PJSIP/portaria".format(UUID) in log_text(events)
+
+
+@pytest.mark.parametrize(
+    "action, argument, match",
+    [
+        ("dial", "PJSIP/x", "unknown hand-off action"),
+        ("transfer", "PJSIP/x,30", "comma"),
+        ("open", "1\r\nAction: Hangup", "line break"),
+        ("transfer", "", "empty"),
+    ],
+)
+def test_handoff_refuses_a_bad_instruction(action, argument, match):
+    """A hand-off whose action is unknown or whose argument holds a comma or a line break is
+    refused before anything is sent."""
+    d = LogDialer().handoff(UUID, action, argument)
+    failure = []
+    d.addErrback(failure.append)
+    assert failure and failure[0].check(ValueError)
+    assert match in str(failure[0].value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_dialer_posts_the_transfer_event(webhook_server):
+    """The http dialer POSTs C{{"event": "transfer", "uuid", "dial"}} ("open": "digits")."""
+    webhook = Webhook(code=200)
+    site, url = await webhook_server(webhook)
+    dialer = HttpDialer(url)
+    assert await dialer.handoff(UUID, "transfer", "PJSIP/portaria").addTimeout(
+        TIMEOUT_S, reactor
+    ) is None
+    assert await dialer.handoff(UUID, "open", "1234").addTimeout(TIMEOUT_S, reactor) is None
+    transfer, opening = [json.loads(b) for b in webhook.bodies]
+    assert transfer == {"event": "transfer", "uuid": UUID, "dial": "PJSIP/portaria"}
+    assert opening == {"event": "open", "uuid": UUID, "digits": "1234"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_dialer_handoff_failure_fails(webhook_server):
+    """A webhook answering the hand-off with HTTP 500 fails it with HandoffFailed."""
+    site, url = await webhook_server(Webhook(code=500))
+    with pytest.raises(HandoffFailed, match="HTTP 500"):
+        await HttpDialer(url).handoff(UUID, "transfer", "PJSIP/p").addTimeout(TIMEOUT_S, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ami_dialer_handoff_is_a_dbput(asterisk):
+    """
+    The AMI dialer's hand-off is C{DBPut} of C{transfer,<dial>} under family audiosocket, key
+    the call's UUID; Asterisk's Success fires it None.
+    """
+    server, dialer = await ready(asterisk)
+    d = dialer.handoff(UUID, "transfer", "PJSIP/portaria")
+    peer, action = await get(server.actions)
+    fields = dict(action)
+    assert [(k, v) for k, v in action if k not in ("Action", "ActionID")] == [
+        ("Family", "audiosocket"),
+        ("Key", UUID),
+        ("Val", "transfer,PJSIP/portaria"),
+    ]
+    assert fields["Action"] == "DBPut"
+    peer.send(Response="Success", ActionID=fields["ActionID"], Message="Updated database successfully")
+    assert await d.addTimeout(TIMEOUT_S, reactor) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_ami_dialer_handoff_permission_denied_fails(asterisk):
+    """Without write = system Asterisk answers Permission denied: the hand-off fails, naming
+    it."""
+    server, dialer = await ready(asterisk)
+    d = dialer.handoff(UUID, "open", "1234")
+    peer, action = await get(server.actions)
+    assert dict(action)["Val"] == "open,1234"
+    peer.send(Response="Error", ActionID=dict(action)["ActionID"], Message="Permission denied")
+    with pytest.raises(HandoffFailed, match="Permission denied"):
+        await d.addTimeout(TIMEOUT_S, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ami_dialer_handoff_not_connected_fails_at_once():
+    """Not logged in: the hand-off fails at once."""
+    dialer = AmiDialer("127.0.0.1", 1, "audiosocket", SECRET)
+    with pytest.raises(HandoffFailed, match="not connected"):
+        await dialer.handoff(UUID, "transfer", "PJSIP/p")

@@ -19,6 +19,31 @@ asked. Keys 1/2 after the question are the sure path; by voice only a plain yes 
 
 Everything the flow waits for has a timeout, and every path ends in L{_finish}, which is the
 only place legs are hung up.
+
+Reaching a person
+=================
+
+A condominium's C{[condominiums.dial] strategy} says whom the call rings (L{Site.strategy}):
+C{unit} the apartment's C{voip_number}; C{sequential} each distinct phone of the unit in turn,
+the resident the visitor named first, C{ring_timeout_s} each (busy, no answer or a failure
+moves on at once, and the visitor hears "chamando outro morador"); C{parallel} all of them at
+once, each dial with its own fresh leg UUID. The first leg to join is announced and decides;
+joining revokes every other leg UUID of the call at once (the session does), so a phone
+answered after that reaches a return port that refuses it, and the dialer is told to cancel
+the others' dials at once (their phones stop ringing). The call record's C{reach} lists every
+leg tried with its result (C{answered}, C{busy}, C{no_answer}, ..., C{cancelled}) and who
+decided (C{decided_by}).
+
+With an operator (C{[condominiums.operator] dial}), the visitor is handed to a human when
+they press 0 (alone, at any question or while it rings) or ask for a person ("quero falar
+com o porteiro": L{audiosocket.flow.nlu.asks_for_person}), when recognition fails twice, and
+as configured when nobody answered or the apartment is unknown: "vou transferir para a
+portaria" plays while the dialer's C{handoff(uuid, "transfer", dial)} leaves the instruction
+for the dialplan; once it is acknowledged (within L{HANDOFF_TIMEOUT_S}) the visitor's leg gets
+its hangup frame and the PBX dials the operator. Outcome C{transferred}, the reason
+(C{keypad_0}, C{asked}, C{recognition_failed}, C{no_answer}, C{unknown_apartment}) in the
+record's C{reach.handoff}; a hand-off that fails or times out is told to the visitor
+("não consegui transferir") and the outcome is C{transfer_failed}.
 """
 
 from __future__ import annotations
@@ -31,14 +56,15 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from audiosocket.config import AudioConfig, FlowConfig, PrivacyConfig
-from audiosocket.dialer import DialFailed, DialRequest
+from audiosocket.config import AudioConfig, FlowConfig, OperatorConfig, PrivacyConfig
+from audiosocket.dialer import DialFailed, DialRequest, HandoffFailed
 from audiosocket.flow.directory import Directory, Match
 from audiosocket.flow.io import LegGone, LegIO
 from audiosocket.flow.nlu import (
     Decision,
     Facts,
     answer_name,
+    asks_for_person,
     classify_decision,
     classify_dtmf,
     confirms,
@@ -51,6 +77,10 @@ from audiosocket import session as S
 ANSWER_TIMEOUT_S = 8.0
 #: How long a new leg may take to send its first audio frame (which tells its sample rate).
 FIRST_AUDIO_WAIT_S = 0.1
+#: How long the PBX may take to acknowledge a hand-off (the visitor hears a goodbye after).
+HANDOFF_TIMEOUT_S = 3.0
+#: Utterances or entries not understood before the call goes to the operator (if any).
+RECOGNITION_FAILURES = 2
 
 
 @frozen
@@ -72,6 +102,25 @@ class Site:
     max_calls: int | None = None
     #: The conversation's timings and limits (C{[flow]}).
     flow: FlowConfig = FlowConfig()
+    #: C{[condominiums.dial] strategy}: "unit", "sequential" or "parallel".
+    strategy: str = "unit"
+    #: C{[condominiums.operator]}: the human operator (C{dial} empty: none).
+    operator: OperatorConfig = OperatorConfig()
+
+
+class _Transfer(Exception):
+    """The call goes to the human operator, for C{reason}."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _handoff(dialer, uuid: str, action: str, argument: str):
+    handoff = getattr(dialer, "handoff", None)
+    if handoff is None:
+        raise HandoffFailed("the {} dialer cannot hand calls off".format(dialer.name))
+    return handoff(uuid, action, argument)
 
 
 class DoormanFlow:
@@ -169,6 +218,12 @@ class _Call:
         self.resident: LegIO | None = None
         self.apartment = None  # the directory's Apartment once known
         self.keypad_only = not flow.voice
+        #: The operator's dial string, or None when this condominium has none.
+        self.operator = site.operator.dial or None
+        #: Visitor utterances or entries not understood so far.
+        self.unrecognized = 0
+        #: The resident whose leg joined (the one who decides), once known.
+        self.answered_by: str | None = None
         #: Every log event of this call carries its UUID and extension (structured logs).
         self.fields = {"uuid": str(session.uuid), "ext": session.extension.id}
 
@@ -214,6 +269,8 @@ class _Call:
     def _farewells(self, outcome: str) -> tuple[str | None, str | None]:
         """What each leg hears last, after the decision has been told."""
         p = self.prompts
+        if outcome in ("transferred", "transfer_failed"):
+            return None, None  # the visitor has heard it already; no resident
         resident = {
             "authorized": p.say("resident_authorized"),
             "denied": p.say("resident_denied"),
@@ -233,6 +290,12 @@ class _Call:
         )
 
     async def _converse(self) -> str:
+        try:
+            return await self._conversation()
+        except _Transfer as t:
+            return await self._transfer(t.reason)
+
+    async def _conversation(self) -> str:
         session = self.session
         await self._peer_rate(self.session.visitor)
         await self.visitor.say(
@@ -243,6 +306,8 @@ class _Call:
         if found is None:
             return "unknown_apartment"
         outcome = await self._call_resident()
+        if outcome == "no_answer" and self._operator_on("on_no_answer"):
+            raise _Transfer("no_answer")
         await self._tell_visitor(outcome)
         return outcome
 
@@ -283,8 +348,7 @@ class _Call:
             if facts is None:
                 # Nothing said or typed in time.
                 if asked > self.config.max_retries + 1:
-                    await self.visitor.say(self.prompts.say("unknown_apartment_final"))
-                    return None
+                    return await self._not_found()
                 await self._ask_missing()
                 continue
             match = self._lookup(facts)
@@ -310,9 +374,10 @@ class _Call:
             tries += 1
             heard = facts.apartment or ""
             self.session.learn(Facts(intent=facts.intent, visitor_name=facts.visitor_name))
+            if not heard and not rejected:
+                self._unrecognized()
             if tries > self.config.max_retries:
-                await self.visitor.say(self.prompts.say("unknown_apartment_final"))
-                return None
+                return await self._not_found()
             if rejected:
                 pass  # "É para Fernanda, do 201?" "Não.": only the apartment is asked
             elif heard:
@@ -346,6 +411,8 @@ class _Call:
                     return Facts(intent=known.intent, visitor_name=known.visitor_name)
                 if not typed:
                     return None
+                if typed == "0" and self.operator:
+                    raise _Transfer("keypad_0")
                 return self.session.facts.merge(Facts(apartment=typed))
             _, facts = await self._understand(item)
             if facts is not None:
@@ -353,6 +420,7 @@ class _Call:
                 self.session.learn(merged)
                 if merged.apartment or merged.resident_name:
                     return merged
+                self._unrecognized()
                 await self._ask_missing()
 
     async def _understand(self, utterance) -> tuple[str | None, Facts | None]:
@@ -362,11 +430,13 @@ class _Call:
             return text, None
         if self.privacy.log_speech:
             self.log.info("call {uuid}: visitor said {text!r}", **self.fields, text=text)
-            self.session.last_heard = text[:200]
+            self.session.heard(text)
         else:
             self.log.info(
                 "call {uuid}: visitor said {words} word(s)", **self.fields, words=len(text.split())
             )
+        if self.operator and asks_for_person(text):
+            raise _Transfer("asked")
         try:
             return text, await self.flow.nlu.extract(text, self.site.directory)
         except defer.CancelledError:
@@ -419,6 +489,7 @@ class _Call:
         self.visitor.flush()
         await self.visitor.say(self.prompts.say(prompt))
         item = await self.visitor.next_input(ANSWER_TIMEOUT_S)
+        self._keypad_0(item)
         if item is None or isinstance(item, Dtmf):
             return
         text, said = await self._understand(item)
@@ -454,39 +525,60 @@ class _Call:
         item = await self.visitor.next_input(ANSWER_TIMEOUT_S)
         if item is None:
             return False
+        self._keypad_0(item)
         if isinstance(item, Dtmf):
             return classify_dtmf(item.digit) is Decision.AUTHORIZED
         said = await self._transcribe(item)
+        if said and self.operator and asks_for_person(said):
+            raise _Transfer("asked")
         return said is not None and confirms(said)
 
     # ------------------------------------------------------------ calling the resident
 
-    def _dial_request(self, leg_uuid: _uuid.UUID) -> DialRequest:
+    def _dial_request(self, leg_uuid: _uuid.UUID, resident: str | None, dial: str) -> DialRequest:
         session = self.session
         ext = session.extension
         return DialRequest(
             uuid=str(session.uuid),
             leg_uuid=str(leg_uuid),
-            dial=self.apartment.dial,
+            dial=dial,
             apartment=self.apartment.number,
-            resident=session.facts.resident_name or "",
+            resident=resident or "",
             extension_id=ext.id,
             return_extension=ext.return_extension,
             audiosocket=session.return_address,
             timeout_s=float(self.config.ring_timeout_s),
         )
 
+    def _targets(self) -> list[tuple[str | None, str]]:
+        """C{(resident, dial string)} to ring, by the condominium's strategy."""
+        named = self.session.facts.resident_name
+        if self.site.strategy == "unit":
+            return [(named, self.apartment.dial)]
+        return self.apartment.targets(named)
+
     async def _call_resident(self) -> str:
-        """Ring the resident (with retries), then ask for the decision."""
+        """Ring the resident(s) (with retries, by the strategy), then ask for the decision."""
         session = self.session
         session.enter(S.DIALING)
+        strategy = self.site.strategy
+        self._note(strategy=strategy)
+        targets = self._targets()
         # The phone starts ringing while the visitor hears "aguarde": the resident's time to
         # answer is not added to the prompt's.
         self.visitor.queue(self.prompts.say("calling", apartment=self.apartment.number))
         leg = None
         for attempt in range(1, self.config.attempts + 1):
             session.attempt(attempt)
-            leg = await self._ring(attempt)
+            if strategy == "parallel":
+                leg = await self._ring(attempt, targets)
+            else:
+                for k, target in enumerate(targets):
+                    if k > 0:
+                        self.visitor.queue(self.prompts.say("calling_next"))
+                    leg = await self._ring(attempt, [target])
+                    if leg is not None:
+                        break
             if leg is not None:
                 break
         session.stop_expecting()
@@ -502,34 +594,44 @@ class _Call:
         if self.session.state != S.FINISHING and self.resident is not None:
             self.resident.interrupt(LegGone("visitor"))
 
-    async def _ring(self, attempt: int):
+    async def _ring(self, attempt: int, targets: list[tuple[str | None, str]]):
         """
-        One attempt: a fresh leg UUID is made and admitted for this attempt's ring window
-        only, the dialer is asked to call with it, and the visitor hears a wait message every
-        C{wait_message_interval_s} until the resident's leg joins, the dialer reports a
-        failure, or the ring window (C{ring_timeout_s} plus L{S.RESIDENT_GRACE_S} for the
-        connect and handshake) passes. However the attempt ends, its leg UUID is revoked: a
-        late answer to it is refused (see L{audiosocket.session}); and unless its leg joined,
-        the dialer is told to cancel that dial (the phone stops ringing) — also when the
-        attempt ends because the visitor hung up or the call was ended from outside.
+        One attempt at C{targets} (C{(resident, dial string)}, rung at once): each dial gets
+        a fresh leg UUID, admitted for this attempt's ring window only; the dialer is asked
+        to call with it, and the visitor hears a wait message every
+        C{wait_message_interval_s} until a resident's leg joins, every dial has failed, or
+        the ring window (C{ring_timeout_s} plus L{S.RESIDENT_GRACE_S} for the connect and
+        handshake) passes. However the attempt ends, its leg UUIDs are revoked: a late
+        answer is refused (see L{audiosocket.session}); and every dial whose leg did not
+        join is cancelled (the phone stops ringing) — also when the attempt ends because the
+        visitor hung up, asked for the operator, or the call was ended from outside.
 
         @return: the resident's leg, or C{None}.
         @raise LegGone: the visitor hung up meanwhile.
+        @raise _Transfer: the visitor asked for the operator meanwhile.
         """
         session = self.session
-        # uuid4 reads os.urandom: not guessable from anything the visitor sees or chooses.
-        leg_uuid = _uuid.uuid4()
         ring_s = self.config.ring_timeout_s
         window_s = ring_s + S.RESIDENT_GRACE_S
-        joined = session.expect_resident(leg_uuid, window_s)
         race = _Race(self.reactor)
+        legs: dict[_uuid.UUID, tuple[str | None, str]] = {}
+        joined = None
+        for resident, dial in targets:
+            # uuid4 reads os.urandom: not guessable from anything the visitor sees or chooses.
+            leg_uuid = _uuid.uuid4()
+            legs[leg_uuid] = (resident, dial)
+            # One wait for the call: whichever of its leg UUIDs joins fires the latest.
+            joined = session.expect_resident(leg_uuid, window_s)
         race.add("joined", joined)
-        # A bad directory entry (a dial string the request refuses) is a failed attempt.
-        race.add(
-            "dial",
-            defer.maybeDeferred(lambda: self.flow.dialer.dial(self._dial_request(leg_uuid))),
-        )
+        for leg_uuid, (resident, dial) in legs.items():
+
+            def start(leg_uuid=leg_uuid, resident=resident, dial=dial):
+                return self.flow.dialer.dial(self._dial_request(leg_uuid, resident, dial))
+
+            # A bad directory entry (a dial string the request refuses) is a failed dial.
+            race.add(("dial", leg_uuid), defer.maybeDeferred(start))
         race.add("visitor", defer.Deferred.fromCoroutine(self.visitor.next_input(None)))
+        ringing = set(legs)
         now = self.reactor.seconds()
         ring_deadline = now + ring_s
         deadline = now + window_s
@@ -537,35 +639,53 @@ class _Call:
             while True:
                 remaining = deadline - self.reactor.seconds()
                 if remaining <= 1e-6:
-                    self._dial_failed(attempt, "no_answer", "rang for {} s".format(ring_s))
+                    for leg_uuid in sorted(ringing, key=list(legs).index):
+                        self._dial_failed(
+                            attempt, "no_answer", "rang for {} s".format(ring_s), legs[leg_uuid]
+                        )
+                    ringing.clear()
                     return None
                 which, result = await race.next(
                     min(remaining, self.config.wait_message_interval_s)
                 )
                 if which == "joined":
+                    answered = legs.get(result.uuid, (None, ""))
+                    ringing.discard(result.uuid)
+                    self.answered_by = answered[0]
+                    self._note_dial(attempt, answered, "answered")
                     return result
-                if which == "dial":
+                if isinstance(which, tuple):
+                    leg_uuid = which[1]
                     if isinstance(result, DialFailed):
-                        self._dial_failed(attempt, result.reason, str(result))
+                        reason, message = result.reason, str(result)
+                    elif isinstance(result, Exception):
+                        reason, message = "error", repr(result)
+                    else:
+                        continue  # accepted: the phone is ringing
+                    ringing.discard(leg_uuid)
+                    session.stop_expecting(leg_uuid)
+                    self._dial_failed(attempt, reason, message, legs[leg_uuid])
+                    if not ringing:
                         return None
-                    if isinstance(result, Exception):
-                        self._dial_failed(attempt, "error", repr(result))
-                        return None
-                    continue  # accepted: the phone is ringing
+                    continue
                 if which == "visitor":
                     if isinstance(result, Exception):
                         raise result
-                    # A key or a word while it rings: nothing to do but keep listening.
+                    # A key or a word while it rings: only the operator is listened for.
+                    await self._operator_asked(result)
                     race.add("visitor", defer.Deferred.fromCoroutine(self.visitor.next_input(None)))
                     continue
                 if ring_deadline - self.reactor.seconds() > 1e-6:
                     self.visitor.queue(self.prompts.say("still_calling"))
         finally:
             race.cancel()
-            # Strict: this attempt's leg UUID is good for this attempt only.
-            session.stop_expecting(leg_uuid)
-            if session.resident_leg_uuid != leg_uuid:
-                self._cancel_dial(attempt, leg_uuid)
+            for leg_uuid in legs:
+                # Strict: this attempt's leg UUIDs are good for this attempt only.
+                session.stop_expecting(leg_uuid)
+                if session.resident_leg_uuid != leg_uuid:
+                    if leg_uuid in ringing:
+                        self._note_dial(attempt, legs[leg_uuid], "cancelled")
+                    self._cancel_dial(attempt, leg_uuid)
 
     def _cancel_dial(self, attempt: int, leg_uuid: _uuid.UUID) -> None:
         """
@@ -577,7 +697,7 @@ class _Call:
         if cancel is None:
             return
         self.log.info(
-            "call {uuid}: attempt {attempt} over without the resident; cancelling the dial "
+            "call {uuid}: attempt {attempt} over without this leg; cancelling the dial "
             "of leg {leg_uuid}",
             **self.fields,
             attempt=attempt,
@@ -593,8 +713,11 @@ class _Call:
             )
         )
 
-    def _dial_failed(self, attempt: int, reason: str, message: str) -> None:
+    def _dial_failed(
+        self, attempt: int, reason: str, message: str, target: tuple[str | None, str]
+    ) -> None:
         self.session.dial_failed(attempt, reason)
+        self._note_dial(attempt, target, reason)
         self.log.info(
             "call {uuid}: attempt {attempt} to reach apartment {apartment} failed: {message}",
             **self.fields,
@@ -602,6 +725,97 @@ class _Call:
             apartment=self.apartment.number,
             message=message,
         )
+
+    # ------------------------------------------------------------ the record's "reach"
+
+    def _note(self, **values) -> None:
+        """Set keys of the record's C{reach}."""
+        self.session.note_reach(**values)
+
+    def _note_dial(self, attempt: int, target: tuple[str | None, str], result: str) -> None:
+        """One leg tried, with its result, in the record's C{reach.dials}."""
+        resident, dial = target
+        self.session.tried(attempt, resident, dial, result)
+
+    # ------------------------------------------------------------ the operator
+
+    def _operator_on(self, when: str) -> bool:
+        """Does C{[condominiums.operator] <when>} send the call to the operator?"""
+        return bool(self.operator) and getattr(self.site.operator, when) == "operator"
+
+    def _keypad_0(self, item) -> None:
+        """A 0 alone, with an operator: the call goes to them."""
+        if self.operator and isinstance(item, Dtmf) and item.digit == "0":
+            raise _Transfer("keypad_0")
+
+    def _unrecognized(self) -> None:
+        """One more answer not understood; the second, with an operator, goes to them."""
+        self.unrecognized += 1
+        if self.operator and self.unrecognized >= RECOGNITION_FAILURES:
+            raise _Transfer("recognition_failed")
+
+    async def _operator_asked(self, item) -> None:
+        """While it rings: a 0, or asking for a person, goes to the operator (if any)."""
+        if not self.operator:
+            return
+        self._keypad_0(item)
+        if not isinstance(item, Dtmf):
+            text = await self._transcribe(item, offer_keypad=False)
+            if text and asks_for_person(text):
+                raise _Transfer("asked")
+
+    async def _not_found(self) -> None:
+        """The apartment could not be found: the operator (if so configured), or goodbye."""
+        if self._operator_on("on_unknown_apartment"):
+            raise _Transfer("unknown_apartment")
+        await self.visitor.say(self.prompts.say("unknown_apartment_final"))
+        return None
+
+    async def _transfer(self, reason: str) -> str:
+        """
+        Hand the visitor to the operator: "vou transferir" plays while the dialer leaves the
+        instruction for the dialplan; the visitor's hangup frame follows (in L{_finish}) only
+        once it is acknowledged, within L{HANDOFF_TIMEOUT_S}.
+        """
+        session = self.session
+        self.visitor.flush(keys=True)
+        handoff = {"action": "transfer", "reason": reason}
+        self._note(handoff=handoff)
+        self.log.info(
+            "call {uuid}: transferring to the operator ({reason})", **self.fields, reason=reason
+        )
+        started = self.reactor.seconds()
+        d = defer.maybeDeferred(
+            _handoff, self.flow.dialer, str(session.uuid), "transfer", self.operator
+        )
+        d.addTimeout(HANDOFF_TIMEOUT_S, self.reactor)
+        # Every result becomes a value: it is read after the prompt has played.
+        d.addBoth(lambda r: r.value if isinstance(r, Failure) else r)
+        try:
+            await self.visitor.say(self.prompts.say("transferring"))
+            result = await d
+        finally:
+            if not d.called:
+                d.cancel()
+        if isinstance(result, defer.CancelledError):
+            raise result
+        handoff["handoff_s"] = round(self.reactor.seconds() - started, 3)
+        if isinstance(result, Exception):
+            handoff["result"] = "failed"
+            handoff["error"] = (
+                "no answer within {} s".format(HANDOFF_TIMEOUT_S)
+                if isinstance(result, defer.TimeoutError)
+                else str(result) or type(result).__name__
+            )
+            self.log.warn(
+                "call {uuid}: the hand-off to the operator failed: {error}",
+                **self.fields,
+                error=handoff["error"],
+            )
+            await self.visitor.say(self.prompts.say("transfer_failed"))
+            return "transfer_failed"
+        handoff["result"] = "ok"
+        return "transferred"
 
     # ------------------------------------------------------------ the resident's decision
 
@@ -677,6 +891,7 @@ class _Call:
         )
 
     def _decided(self, outcome: str, evidence: str) -> str:
+        self._note(decided_by=self.answered_by)
         self.session.conclude(outcome, evidence=self._kept(evidence))
         logged = evidence if self.privacy.log_speech else _kind(evidence)
         self.log.info(

@@ -5,6 +5,13 @@ The file format is the original system's: a JSON list of
 C{{"apartment_number": "101", "residents": ["Ana Souza"], "voip_number": "SIP/1101"}}, or an
 object C{{"apartments": [...]}} holding that list. Residents may be a single string.
 
+A resident may also have a phone of their own: an item of C{residents} is a name (reached at
+the apartment's C{voip_number}) or C{{"name": "Ana Souza", "phone": "PJSIP/ana"}}. Dial strings
+(C{voip_number} and C{phone}) may not contain a comma, a CR or a LF: they end up in an AMI
+header and in the dialplan's C{Dial()} arguments, where a comma would start another argument
+and a line break another header. L{Apartment.targets} lists the distinct phones of a unit, the
+named resident's first, for the C{sequential} and C{parallel} dial strategies.
+
 Apartments are found by number, exactly (after normalising "0101", "ap 101", "apto. 101" to
 "101") or "near" (one digit off, one digit extra or missing: a likely mishearing, which the flow
 confirms back). A condominium with blocks or towers writes the block into the number ("B101" or
@@ -112,6 +119,32 @@ class Apartment:
     number: str
     residents: tuple[str, ...] = field(converter=tuple)
     dial: str
+    #: C{(name, dial string)} for each resident with a phone of their own.
+    phones: tuple[tuple[str, str], ...] = field(default=(), converter=tuple)
+
+    def phone_of(self, resident: str | None) -> str:
+        """Where C{resident} is reached: their own phone, else the apartment's C{dial}."""
+        for name, phone in self.phones:
+            if name == resident:
+                return phone
+        return self.dial
+
+    def targets(self, first: str | None = None) -> list[tuple[str | None, str]]:
+        """
+        Every distinct phone of the unit as C{(resident, dial string)}, C{first}'s phone (the
+        resident the visitor named) first, then in the directory's order; the apartment's
+        C{dial} is named by the first resident reached there (C{None} when nobody is listed).
+        """
+        order = list(self.residents)
+        if first in order:
+            order.remove(first)
+            order.insert(0, first)
+        seen: dict[str, str | None] = {}
+        for name in order:
+            seen.setdefault(self.phone_of(name), name)
+        if not seen:
+            seen[self.dial] = None
+        return [(name, dial) for dial, name in seen.items()]
 
 
 @frozen
@@ -423,17 +456,45 @@ def _parse_entry(entry: Any, path: str | None, index: int) -> Apartment:
             "residents",
         )
     residents = []
+    phones = []
     for position, resident in enumerate(raw_residents):
+        phone = None
+        if isinstance(resident, dict):
+            unknown = sorted(set(resident) - {"name", "phone"})
+            if unknown:
+                raise DirectoryError(
+                    f"item {position}: unknown key {unknown[0]!r} (known: name, phone)",
+                    path,
+                    index,
+                    "residents",
+                )
+            phone = _dial_string(
+                resident.get("phone"), path, index, f"residents[{position}].phone"
+            )
+            resident = resident.get("name")
         if not isinstance(resident, str) or not resident.strip():
             raise DirectoryError(
                 f"item {position} must be a non-empty name", path, index, "residents"
             )
-        residents.append(" ".join(resident.split()))
+        name = " ".join(resident.split())
+        residents.append(name)
+        if phone is not None:
+            phones.append((name, phone))
 
-    dial = need("voip_number")
-    if isinstance(dial, int) and not isinstance(dial, bool):
-        dial = str(dial)  # a bare extension number
-    if not isinstance(dial, str) or not dial.strip():
-        raise DirectoryError("must be a non-empty dial string", path, index, "voip_number")
+    dial = _dial_string(need("voip_number"), path, index, "voip_number")
+    return Apartment(
+        number=number, residents=tuple(residents), dial=dial, phones=tuple(phones)
+    )
 
-    return Apartment(number=number, residents=tuple(residents), dial=dial.strip())
+
+def _dial_string(value: Any, path: str | None, index: int, name: str) -> str:
+    """A dial string: non-empty, with no comma, CR or LF (see the module docstring)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # a bare extension number
+    if not isinstance(value, str) or not value.strip():
+        raise DirectoryError("must be a non-empty dial string", path, index, name)
+    if any(c in value for c in ",\r\n"):
+        raise DirectoryError(
+            "a dial string must not contain a comma or a line break", path, index, name
+        )
+    return value.strip()

@@ -991,6 +991,31 @@ def extract_facts(text: str, directory: Directory | None = None) -> Facts:
     return _with_directory(facts, tokens, visitor, directory)
 
 
+# -- asking for a person ---------------------------------------------------------------------
+
+#: What a visitor says to reach a human instead of the machine: "quero falar com o porteiro",
+#: "tem um atendente?", "uma pessoa, por favor". Plain "portaria" is not one ("estou na
+#: portaria"); "falar com a portaria" is.
+_PERSON_CUES = _Cues((p, None) for p in _phrases(
+    "porteiro", "porteira", "porteiros", "atendente", "atendentes", "operador", "operadora",
+    "recepcionista", "zelador", "zeladora", "uma pessoa", "alguma pessoa", "um humano",
+    "uma humana", "ser humano", "pessoa de verdade", "pessoa real", "falar com alguem",
+    "falar com a portaria", "chama a portaria", "chamar a portaria", "chame a portaria",
+))  # fmt: skip
+
+
+def asks_for_person(text: str) -> bool:
+    """
+    Whether the visitor asks for a human ("quero falar com o porteiro", "atendente", "uma
+    pessoa"), not denied just before ("não quero atendente" is not).
+    """
+    tokens = _tokenize(text or "")
+    for i in range(len(tokens)):
+        if tokens[i].is_word and _PERSON_CUES.at(tokens, i) and not _negated(tokens, i):
+            return True
+    return False
+
+
 def _with_directory(
     facts: Facts, tokens: Sequence[_Token], visitor: _Name | None, directory: Directory
 ) -> Facts:

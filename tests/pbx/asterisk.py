@@ -54,6 +54,7 @@ MODULES = [
     "codec_ulaw.so",
     "func_uuid.so",
     "func_db.so",
+    "func_cut.so",  # the visitor context reads the hand-off with CUT()
     "func_logic.so",
     "func_strings.so",
     "func_channel.so",

@@ -187,11 +187,22 @@ class Rig:
 
             self.server_problems.append("{}: {}".format(level.name, formatEvent(event)))
 
-    async def start(self, extensions: list[dict], **flow) -> None:
+    async def start(
+        self,
+        extensions: list[dict],
+        *,
+        rows: list[dict] | None = None,
+        condominium: dict | None = None,
+        **flow,
+    ) -> None:
+        """
+        Start the server: C{rows} replace the directory's apartments, C{condominium} adds
+        keys to the condominium's table (C{dial}, C{operator}), C{flow} to C{[flow]}.
+        """
         self.ami = await connect_ami(reactor, self.asterisk)
         self.ami.listeners.append(self._event)
         path = self.tmp_path / "apartments.json"
-        path.write_text(json.dumps(directory()))
+        path.write_text(json.dumps(directory() if rows is None else rows))
         data = {
             "server": {"bind": "127.0.0.1", "state_dir": str(self.tmp_path / "var")},
             "api": {"endpoint": "tcp:0:interface=127.0.0.1"},
@@ -215,7 +226,13 @@ class Rig:
                 **flow,
             },
             "condominiums": [
-                {"id": 1, "name": "Teste", "greeting": "Portaria.", "directory": str(path)}
+                {
+                    "id": 1,
+                    "name": "Teste",
+                    "greeting": "Portaria.",
+                    "directory": str(path),
+                    **(condominium or {}),
+                }
             ],
             "extensions": extensions,
         }
