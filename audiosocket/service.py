@@ -268,6 +268,8 @@ class DoormanService(MultiService):
             busy_max_s=config.limits.busy_max_s,
             on_end=self._record,
             condominium_limit=lambda cid: self.sites[cid].max_calls if cid in self.sites else None,
+            return_host=config.server.return_host,
+            node=config.server.node_name,
         )
         server = config.server
         self.manager = ExtensionManager(
@@ -394,6 +396,7 @@ class DoormanService(MultiService):
         return {
             "version": __version__,
             "node_id": self.node_id,
+            "node": self.config.server.node_name,
             "uptime_s": round(time.time() - self.started_wall, 1),
             "sessions": {
                 "active": self.registry.active(),
