@@ -90,3 +90,66 @@ async def test_embedded_redis_killed_during_calls(tmp_path):
         assert {r.uuid for r in reports} <= saved
     finally:
         await stopped(svc)
+
+
+# -- the AMI connection lost while a resident's phone rings (unit; the real PBX: tests/pbx) ----
+
+
+def _login_again(dialer):
+    """A new AMI connection for C{dialer}, logged in; returns its protocol and transport."""
+    from twisted.internet.testing import StringTransport
+
+    from test_dialer import action_ids
+
+    protocol = dialer.factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"Asterisk Call Manager/5.0.4\r\n")
+    [login_id] = action_ids(transport)
+    transport.clear()
+    protocol.dataReceived(b"Response: Success\r\nActionID: " + login_id + b"\r\n\r\n")
+    return protocol, transport
+
+
+def test_ami_cancel_while_disconnected_hangs_up_once_reconnected():
+    """
+    The AMI connection drops while the resident's phone rings and the flow cancels the dial:
+    Asterisk keeps ringing a call it originated, so once the dialer has logged in again it
+    sends the C{Hangup} for that channel (the phone stops ringing), once.
+    """
+    from twisted.python.failure import Failure
+    from twisted.internet.error import ConnectionDone
+
+    from test_dialer import LEG_UUID, answer, originated_on_clock, written_actions
+
+    clock, dialer, protocol, transport, originate = originated_on_clock()
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert dialer.cancel(LEG_UUID).called
+    protocol2, transport2 = _login_again(dialer)
+    [hangup] = written_actions(transport2)
+    assert (hangup["Action"], hangup["Channel"]) == ("Hangup", originate["ChannelId"])
+    answer(protocol2, Response="Success", ActionID=hangup["ActionID"], Message="Channel Hungup")
+    transport2.clear()
+    dialer.cancel(LEG_UUID)
+    _login_again(dialer)
+    assert transport2.value() == b""
+
+
+def test_ami_hangup_lost_with_the_connection_is_sent_again():
+    """
+    The connection drops after a C{Hangup} was sent but before Asterisk answered it: the
+    next login sends it again.
+    """
+    from twisted.python.failure import Failure
+    from twisted.internet.error import ConnectionLost
+
+    from test_dialer import LEG_UUID, answer, originated_on_clock, written_actions
+
+    clock, dialer, protocol, transport, originate = originated_on_clock()
+    answer(protocol, Event="Newchannel", Uniqueid=originate["ChannelId"])
+    dialer.cancel(LEG_UUID)
+    [hangup] = written_actions(transport)
+    protocol.connectionLost(Failure(ConnectionLost()))
+    protocol2, transport2 = _login_again(dialer)
+    [again] = written_actions(transport2)
+    assert (again["Action"], again["Channel"]) == ("Hangup", originate["ChannelId"])
