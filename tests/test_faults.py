@@ -8,15 +8,20 @@ lost, and that the server recovers on its own.
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 
+import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import deferLater
+from twisted.web import server
 
 from audiosocket.callclient import CallOptions, place_call
-from test_service import config_for, free_ports, started, stopped
+from audiosocket.fakepbx import Webhook
+from test_service import PRESSES_1, config_for, free_ports, spoken_wav, started, stopped
 from test_service_extensions import api_url, extension, request
 
 
@@ -153,3 +158,103 @@ def test_ami_hangup_lost_with_the_connection_is_sent_again():
     protocol2, transport2 = _login_again(dialer)
     [again] = written_actions(transport2)
     assert (again["Action"], again["Channel"]) == ("Hangup", originate["ChannelId"])
+
+
+# -- a speech provider that hangs, resets the connection or answers garbage ------------------
+
+
+class BrokenProvider(protocol.Protocol):
+    """
+    A speech provider's endpoint gone wrong, on real TCP: on the request's first bytes it
+    C{hang}s (reads on, never answers), C{reset}s the connection (RST) or answers
+    C{garbage} (bytes that are not HTTP) and closes.
+    """
+
+    def connectionMade(self):
+        self.factory.open.add(self)
+        self.seen = False
+
+    def dataReceived(self, data):
+        if self.seen:
+            return
+        self.seen = True
+        self.factory.requests += 1
+        if self.factory.mode == "reset":
+            self.transport.abortConnection()
+        elif self.factory.mode == "garbage":
+            self.transport.write(b"\x00\xffnot http at all\r\n\r\n{{{")
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        self.factory.open.discard(self)
+        if not self.factory.open:
+            waiters, self.factory.idle = self.factory.idle, []
+            for d in waiters:
+                d.callback(None)
+
+
+class BrokenProviderFactory(protocol.Factory):
+    protocol = BrokenProvider
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.requests = 0
+        self.open: set = set()
+        self.idle: list = []
+
+    def when_idle(self):
+        if not self.open:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self.idle.append(d)
+        return d
+
+
+@pytest.mark.parametrize("mode", ["hang", "reset", "garbage"])
+@pytest_twisted.ensureDeferred
+async def test_stt_provider_broken_call_goes_on_by_keypad(redis_server, tmp_path, mode):
+    """
+    The whisper-compatible provider hangs (timeout_s 1 s), resets the connection or answers
+    garbage when the visitor speaks: the call turns to the keypad, the visitor types 101#, the
+    resident presses 1 and the call ends authorized by dtmf:1 — nothing waits on the provider,
+    whose connection is closed by the client (no request left hanging).
+    """
+    provider = BrokenProviderFactory(mode)
+    stt_port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(provider)
+    phone = Webhook(reactor, dtmf=PRESSES_1, seconds=40, out=io.StringIO())
+    web = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server.Site(phone))
+    ai, ret = free_ports(2)
+    config = config_for(
+        redis_server.path,
+        tmp_path,
+        ai,
+        ret,
+        dialer={"kind": "http", "url": "http://127.0.0.1:{}/".format(web.getHost().port)},
+        speech={
+            "stt": "whisper",
+            "whisper": {
+                "url": "http://127.0.0.1:{}/v1".format(stt_port.getHost().port),
+                "timeout_s": 1.0,
+            },
+        },
+    )
+    sentence = "Oi, sou o Pedro, vim visitar a Ana"
+    svc = await started(config)
+    try:
+        visitor = await call(
+            ai, 60, wav=spoken_wav(tmp_path / "visitor.wav", sentence), wav_at=3.0,
+            dtmf=[(16.0, "101#")],
+        ).addTimeout(70, reactor)
+        (resident,) = await defer.gatherResults(phone.calls).addTimeout(30, reactor)
+        (record,) = await svc.store.recent_calls(1)
+        await provider.when_idle().addTimeout(10, reactor)
+    finally:
+        await stopped(svc)
+        await stt_port.stopListening()
+        await web.stopListening()
+    assert provider.requests >= 1
+    assert record["outcome"] == "authorized", record
+    assert record["facts"]["apartment"] == "101"
+    assert record["decision_input"] == "dtmf:1"
+    assert visitor.hung_up_by == "server" and resident.hung_up_by == "server"
+    assert visitor.frames_owed <= 1
