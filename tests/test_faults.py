@@ -258,3 +258,54 @@ async def test_stt_provider_broken_call_goes_on_by_keypad(redis_server, tmp_path
     assert record["decision_input"] == "dtmf:1"
     assert visitor.hung_up_by == "server" and resident.hung_up_by == "server"
     assert visitor.frames_owed <= 1
+
+
+# -- the webhook (http dialer) down or slow --------------------------------------------------
+
+
+@pytest.mark.parametrize("mode, reason", [("down", "unreachable"), ("hang", "timeout")])
+@pytest_twisted.ensureDeferred
+async def test_webhook_down_or_slow_each_attempt_fails_within_its_timeout(
+    redis_server, tmp_path, mode, reason
+):
+    """
+    The http dialer's webhook refuses connections (down) or never answers (hang; [dialer]
+    timeout_s 1 s) while the ring timeout is 30 s: each of the two attempts fails on its own
+    (unreachable / timeout) without waiting for the ring, the visitor hears the no-answer
+    prompt and the hangup, and the record reads no_answer with both failures.
+    """
+    webhook = BrokenProviderFactory("hang")
+    if mode == "down":
+        (port,) = free_ports(1)
+        listening = None
+    else:
+        listening = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(webhook)
+        port = listening.getHost().port
+    ai, ret = free_ports(2)
+    config = config_for(
+        redis_server.path,
+        tmp_path,
+        ai,
+        ret,
+        dialer={"kind": "http", "url": "http://127.0.0.1:{}/dial".format(port), "timeout_s": 1.0},
+        flow={"ring_timeout_s": 30, "attempts": 2},
+    )
+    svc = await started(config)
+    try:
+        visitor = await call(ai, 120, dtmf=[(1.0, "101#")]).addTimeout(100, reactor)
+        (record,) = await svc.store.recent_calls(1)
+        await webhook.when_idle().addTimeout(10, reactor)
+    finally:
+        await stopped(svc)
+        if listening is not None:
+            await listening.stopListening()
+    assert record["outcome"] == "no_answer"
+    assert record["dial_failures"] == [
+        {"attempt": 1, "reason": reason},
+        {"attempt": 2, "reason": reason},
+    ]
+    assert visitor.hung_up_by == "server" and visitor.speech_seconds > 0
+    # Far less than one ring timeout: no attempt waited for the ring.
+    assert visitor.duration < 30
+    if mode == "hang":
+        assert webhook.requests >= 2
