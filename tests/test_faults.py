@@ -309,3 +309,109 @@ async def test_webhook_down_or_slow_each_attempt_fails_within_its_timeout(
     assert visitor.duration < 30
     if mode == "hang":
         assert webhook.requests >= 2
+
+
+# -- SIGTERM with many calls in progress, on the real twistd process ---------------------------
+
+
+def _loud_after(report, t: float) -> bool:
+    """Did the call hear speech in audio frames that arrived C{t} seconds after it connected?"""
+    import numpy as np
+
+    pcm = np.frombuffer(report.received_pcm, dtype="<i2")
+    per_frame = len(pcm) // max(1, len(report.arrivals_s))
+    for i, at in enumerate(report.arrivals_s):
+        if at > t and np.abs(pcm[i * per_frame:(i + 1) * per_frame].astype(np.int32)).max(initial=0) > 1000:
+            return True
+    return False
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_with_twenty_calls_each_hears_goodbye(tmp_path):
+    """
+    The real C{twistd audiosocket} process with 20 calls in progress (each past its greeting,
+    waiting for the apartment) gets SIGTERM: every call hears speech after the signal (the
+    goodbye) and then the hangup frame, every record is saved, and the process exits by
+    itself without cutting any call ("still open at shutdown" never logged).
+    """
+    import subprocess
+
+    import treq
+
+    from audiosocket.callclient import place_calls
+    from test_daemon import TWISTD, wait_for_text, write_config
+
+    path, api = write_config(tmp_path, "Bom dia.")
+    ai = int(path.read_text().split("ai_port = ")[1].split()[0])
+    log = tmp_path / "out.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            TWISTD + ["-n", "audiosocket", "--config", str(path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=str(tmp_path),
+        )
+
+    async def sessions():
+        response = await treq.get(
+            "http://127.0.0.1:{}/api/sessions".format(api), persistent=False
+        ).addTimeout(10, reactor)
+        return (await response.json())["sessions"]
+
+    try:
+        wait_for_text(log, "ready:")
+        started_at = reactor.seconds()
+        calls = defer.Deferred.fromCoroutine(
+            place_calls(
+                [CallOptions(host="127.0.0.1", port=ai, hangup_after=120) for _ in range(20)],
+                reactor=reactor,
+            )
+        )
+        for _ in range(600):
+            live = await sessions()
+            if len(live) == 20 and all(s["state"] == "collecting" for s in live):
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        else:
+            raise AssertionError("20 calls past their greeting not reached: {}".format(live))
+        uuids = {s["uuid"] for s in live}
+        signalled = reactor.seconds() - started_at
+        process.send_signal(signal.SIGTERM)
+        reports = await calls.addTimeout(60, reactor)
+        for _ in range(600):
+            if process.poll() is not None:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        code = process.wait(1)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert code == -signal.SIGTERM
+    assert {r.uuid for r in reports} == uuids
+    assert [r.hung_up_by for r in reports] == ["server"] * 20
+    assert all(_loud_after(r, signalled) for r in reports)
+    content = log.read_text()
+    assert "still open at shutdown" not in content
+    assert "could not be saved" not in content
+    assert "Traceback" not in content
+    # Every record is in the embedded Redis the process left behind.
+    from audiosocket.redisproc import EmbeddedRedis
+    from audiosocket.store import RedisStore
+
+    redis = EmbeddedRedis(str(tmp_path / "var"))
+    redis.startService()
+    store = None
+    try:
+        await redis.whenReady().addTimeout(20, reactor)
+        store = RedisStore(redis.address, timeout_s=2.0, reconnect_max_s=0.2)
+        store.startService()
+        await store.whenSubscribed().addTimeout(10, reactor)
+        records = await store.recent_calls(50)
+    finally:
+        if store is not None:
+            await store.stopService()
+        await redis.stopService()
+        await deferLater(reactor, 0.05, lambda: None)
+    assert {r["uuid"] for r in records} == uuids
+    assert {r["ended_by"] for r in records} == {"shutdown"}
