@@ -40,6 +40,7 @@ from audiosocket.extension import ExtensionManager
 from audiosocket.flow.call import DoormanFlow, Site
 from audiosocket.flow.directory import Directory, DirectoryError
 from audiosocket.flow.prompts import Prompts, greeting
+from audiosocket.resources import process_figures
 from audiosocket.session import SessionRegistry
 from audiosocket.speech.tts import make_pool
 
@@ -418,6 +419,7 @@ class DoormanService(MultiService):
                 "nlu": self.config.speech.nlu,
             },
             "dialer": self.config.dialer.kind,
+            "process": process_figures(self._reactor, self.registry, self.records),
         }
 
     # ------------------------------------------------------------ life

@@ -415,3 +415,47 @@ async def test_sigterm_with_twenty_calls_each_hears_goodbye(tmp_path):
         await deferLater(reactor, 0.05, lambda: None)
     assert {r["uuid"] for r in records} == uuids
     assert {r["ended_by"] for r in records} == {"shutdown"}
+
+
+# -- leak accounting ---------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_process_figures_come_back_after_calls(redis_server, tmp_path):
+    """
+    GET /api/status's "process" section: after three two-leg calls (the webhook connects the
+    resident, who presses 1) are over and their records written, the reactor holds as many
+    timers as before them, no leg route, nothing settling or unsaved, and as many open file
+    descriptors as before.
+    """
+    from test_service_extensions import api_url, request
+
+    phone = Webhook(reactor, dtmf=PRESSES_1, seconds=40, out=io.StringIO())
+    web = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server.Site(phone))
+    ai, ret = free_ports(2)
+    config = config_for(
+        redis_server.path, tmp_path, ai, ret,
+        dialer={"kind": "http", "url": "http://127.0.0.1:{}/".format(web.getHost().port)},
+    )
+    svc = await started(config)
+    try:
+        code, before = await request("GET", api_url(svc, "/api/status"))
+        assert code == 200
+        reports = await defer.gatherResults(
+            [call(ai, 60, dtmf=[(1.0, "101#")]) for _ in range(3)]
+        ).addTimeout(90, reactor)
+        await defer.gatherResults(phone.calls).addTimeout(30, reactor)
+        await until(lambda: len(svc.registry) == 0 and not svc.registry._settling)
+        # Let the closed connections finish closing.
+        await deferLater(reactor, 0.2, lambda: None)
+        code, after = await request("GET", api_url(svc, "/api/status"))
+    finally:
+        await stopped(svc)
+        await web.stopListening()
+    assert [r.hung_up_by for r in reports] == ["server"] * 3
+    assert after["sessions"]["finished"] == 3
+    b, a = before["process"], after["process"]
+    assert (a["leg_routes"], a["settling"], a["records_unsaved"]) == (0, 0, 0)
+    assert a["delayed_calls"] == b["delayed_calls"], (b, a)
+    assert a["open_fds"] == b["open_fds"], (b, a)
+    assert a["rss_kb"] > 0
