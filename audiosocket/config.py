@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import socket
 import tomllib
 from pathlib import Path
 from types import MappingProxyType
@@ -385,6 +386,22 @@ def _table(cls: type) -> Any:
 _ms = _int(0, 60000)
 
 
+def _advertise(value: Any, base: Path) -> str:
+    if not isinstance(value, str) or (value and not valid_host(value)):
+        raise _Invalid(
+            f"must be an IP address or a host name, without a port, or empty, not {_show(value)}"
+        )
+    return value
+
+
+def _node_name(value: Any, base: Path) -> str:
+    if not isinstance(value, str) or (value and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value)):
+        raise _Invalid(
+            f"must be 1 to 64 of A-Z a-z 0-9 . _ - (or empty: the host name), not {_show(value)}"
+        )
+    return value
+
+
 @frozen(kw_only=True)
 class ServerConfig:
     """C{[server]}: the AudioSocket listeners and the process."""
@@ -397,6 +414,29 @@ class ServerConfig:
     port_fallback: bool = _field(False, _bool)
     port_fallback_range: tuple[int, int] = _field([20000, 20999], _port_range)
     handshake_timeout_s: float = _field(5.0, _positive)
+    #: The host Asterisk connects resident calls to (the dial request's C{audiosocket},
+    #: AMI's C{AUDIOSOCKET_HOST}): this node's own address. Empty: see L{return_host}.
+    advertise: str = _field("", _advertise)
+    #: This node's name in call records and C{/api/sessions}; empty: the host name.
+    node: str = _field("", _node_name)
+
+    def return_host(self, extension_host: str) -> str:
+        """
+        The host the PBX must connect a resident's call to, so that it comes back to this
+        node (the one holding the visitor's session): C{advertise} when set; else C{bind}
+        when it is a specific address (not C{0.0.0.0} / C{::}); else the extension's C{host},
+        as when every node shared one address.
+        """
+        if self.advertise:
+            return self.advertise
+        if not ipaddress.ip_address(self.bind).is_unspecified:
+            return self.bind
+        return extension_host
+
+    @property
+    def node_name(self) -> str:
+        """C{node}, or this machine's host name when it is empty."""
+        return self.node or socket.gethostname()
 
     @property
     def allowed_networks(self) -> tuple[peers.Network, ...]:

@@ -862,9 +862,20 @@ class AmiDialer(Service):
             port=self.port,
             banner=protocol.banner,
         )
+        self._hangup_cancelled()
         waiters, self._ready_waiters = self._ready_waiters, []
         for w in waiters:
             w.callback(None)
+
+    def _hangup_cancelled(self) -> None:
+        """
+        Logged in (again): hang up every channel cancelled while the connection was down or
+        whose hangup the lost connection left unanswered (the Newchannel events it missed
+        included). A channel already gone answers "No such channel": nothing more is done.
+        """
+        self._forget_old(self._reactor.seconds())
+        for channel in [c for c in self._channels.values() if c.cancelled]:
+            self._hangup(channel)
 
     def _lost(self, protocol: AmiProtocol, reason: Failure) -> None:
         if protocol is self._protocol:
@@ -1032,15 +1043,17 @@ class AmiDialer(Service):
     def _hangup(self, channel: _Channel) -> Deferred:
         protocol = self._protocol
         if protocol is None:
+            # Asterisk keeps ringing a call it originated whatever happens to the AMI
+            # connection: the Hangup goes out once logged in again (L{_hangup_cancelled}),
+            # unless the channel's ring window has passed by then.
             self.log.warn(
-                "cannot hang up channel {channel_id} (leg {leg_uuid}): not connected to the "
-                "Asterisk Manager at {host}:{port}; it rings until its timeout",
+                "cannot hang up channel {channel_id} (leg {leg_uuid}) now: not connected to "
+                "the Asterisk Manager at {host}:{port}; hanging it up once reconnected",
                 channel_id=channel.channel_id,
                 leg_uuid=channel.leg_uuid,
                 host=self.host,
                 port=self.port,
             )
-            self._drop(channel)
             return succeed(None)
         d = protocol.send_action("Hangup", [("Channel", channel.channel_id)])
 
@@ -1074,6 +1087,14 @@ class AmiDialer(Service):
                 )
 
         def failed(failure: Failure) -> None:
+            if failure.check(error.ConnectionDone, error.ConnectionLost) and not self._stopping:
+                self.log.warn(
+                    "AMI connection lost before Asterisk answered the hangup of channel "
+                    "{channel_id} (leg {leg_uuid}); sending it again once reconnected",
+                    channel_id=channel.channel_id,
+                    leg_uuid=channel.leg_uuid,
+                )
+                return
             self.log.warn(
                 "AMI hangup of channel {channel_id} (leg {leg_uuid}) failed: {why}",
                 channel_id=channel.channel_id,

@@ -70,6 +70,7 @@ from audiosocket.listen import Listener, ListenSettings
 from audiosocket.metrics import Metrics, timed_nlu, timed_stt, timed_tts
 from audiosocket.reactors import default_reactor
 from audiosocket.redisproc import EmbeddedRedis, RedisStartError
+from audiosocket.resources import process_figures
 from audiosocket.session import SessionRegistry
 from audiosocket.speech.factory import make_stt, make_tts
 from audiosocket.speech.tts import make_pool
@@ -311,6 +312,7 @@ class DoormanService(MultiService):
         return {
             "version": __version__,
             "node_id": self.node_id,
+            "node": self.config.server.node_name,
             "uptime_s": round(time.time() - self.started_wall, 1),
             "sessions": {
                 "active": self.registry.active(),
@@ -332,6 +334,7 @@ class DoormanService(MultiService):
                 "nlu": self.config.speech.nlu,
             },
             "dialer": self.config.dialer.kind,
+            "process": process_figures(self._reactor, self.registry, self.records),
         }
 
     # ------------------------------------------------------------ life
@@ -682,6 +685,8 @@ def makeService(
         busy_max_s=config.limits.busy_max_s,
         on_end=server.record_call,
         condominium_limit=server.condominium_limit,
+        return_host=config.server.return_host,
+        node=config.server.node_name,
     )
     settings = config.server
     server.manager = ExtensionManager(

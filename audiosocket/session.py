@@ -146,6 +146,8 @@ class Session:
     #: "host:port" where Asterisk must connect the resident's call (the dial request's
     #: C{audiosocket}): the extension's host and the return port actually bound.
     return_address: str = ""
+    #: The node (C{[server] node}) serving this call, for the record and the API.
+    node: str = ""
     resident: AudioSocketProtocol | None = None
     facts: Facts = field(factory=Facts)
     state: str = GREETING
@@ -385,6 +387,7 @@ class Session:
         """The session as the API shows it."""
         return {
             "uuid": str(self.uuid),
+            "node": self.node,
             "extension_id": self.extension.id,
             "condominium_id": self.extension.condominium_id,
             "state": self.state,
@@ -403,6 +406,7 @@ class Session:
         """The call record kept once the session has ended."""
         return {
             "uuid": str(self.uuid),
+            "node": self.node,
             "extension_id": self.extension.id,
             "condominium_id": self.extension.condominium_id,
             "started_at": _iso(self.started_wall),
@@ -417,6 +421,11 @@ class Session:
             "reach": dict(self.reach),
             "timings": self.timings(),
         }
+
+
+def _host_port(host: str, port: int) -> str:
+    """C{host:port} as Asterisk's C{AudioSocket()} parses it: an IPv6 host in brackets."""
+    return "[{}]:{}".format(host, port) if ":" in host else "{}:{}".format(host, port)
 
 
 def _iso(wall: float) -> str:
@@ -437,6 +446,10 @@ class SessionRegistry:
     @param busy_max_s: a turned-away call is closed after this long.
     @param on_end: called with each finished session (call records, metrics); errors are
         logged, never raised into the call.
+    @param return_host: C{return_host(extension_host) -> host}: where the PBX must connect
+        a resident's call for it to come back to this node (see
+        L{audiosocket.config.ServerConfig.return_host}); by default the extension's C{host}.
+    @param node: this node's name, written into each session's record.
     """
 
     log = Logger()
@@ -453,7 +466,11 @@ class SessionRegistry:
         busy_max_s: float = 15.0,
         on_end: Callable[[Session], Any] | None = None,
         condominium_limit: Callable[[int], int | None] = lambda condominium_id: None,
+        return_host: Callable[[str], str] | None = None,
+        node: str = "",
     ):
+        self._return_host = return_host or (lambda host: host)
+        self.node = node
         self._reactor = reactor
         self._run_flow = run_flow
         self._run_busy = run_busy
@@ -553,7 +570,8 @@ class SessionRegistry:
             leg,
             self._reactor,
             busy=busy,
-            return_address=extension.address(port),
+            return_address=_host_port(self._return_host(extension.host), port),
+            node=self.node,
             routes=self.leg_uuids,
         )
         self.sessions[leg.uuid] = session

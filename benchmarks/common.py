@@ -192,6 +192,59 @@ class Server:
                 self.proc.wait()
 
 
+class FakeWhisper:
+    """
+    A local OpenAI-compatible transcription endpoint (C{POST {url}/audio/transcriptions}) in
+    a thread of the benchmark's own process, so a server configured with
+    C{speech.stt = "whisper"} can run without a provider: it reads the upload and answers
+    C{{"text": <text>}}. It counts the requests; it recognises nothing.
+    """
+
+    def __init__(self, text: str = "sim"):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        fake = self
+        self.requests = 0
+        body = json.dumps({"text": text}).encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                fake.requests += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = "http://127.0.0.1:{}/v1".format(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def speech_sections(stt: str) -> tuple[dict, "FakeWhisper | None"]:
+    """
+    The config sections for C{speech.stt = stt} (C{"none"}: keypad only) and, for
+    C{"whisper"}, the L{FakeWhisper} started for it (stop it after the run).
+    """
+    if stt == "none":
+        return {}, None
+    if stt == "whisper":
+        fake = FakeWhisper()
+        return {"speech": {"stt": "whisper", "whisper": {"url": fake.url}}}, fake
+    return {"speech": {"stt": stt}}, None
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of C{pid} so far (its threads included)."""
     fields = Path("/proc/{}/stat".format(pid)).read_text().rsplit(")", 1)[1].split()

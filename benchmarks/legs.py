@@ -42,6 +42,7 @@ from benchmarks.common import (  # noqa: E402
     pinned,
     rss_kb,
     run_client,
+    speech_sections,
     table,
     write_config,
     write_json,
@@ -55,9 +56,9 @@ class Ours:
 
     def __init__(self, tmp: Path, extensions: int, cpu: int, stt: str, nice: int = 0):
         api_port = free_ports(1)[0]
-        sections = {}
-        if stt != "none":
-            sections["speech"] = {"stt": stt}
+        # With "whisper", a local fake answers (the legs stream silence: the VAD runs on
+        # every frame, the provider is asked only if it hears speech).
+        sections, self.fake_stt = speech_sections(stt)
         self.ports = write_config(
             tmp / "legs.toml", extensions=extensions, api_port=api_port, **sections
         )["ai_ports"]
@@ -86,6 +87,8 @@ class Ours:
 
     def stop(self) -> None:
         self.server.stop()
+        if self.fake_stt is not None:
+            self.fake_stt.stop()
 
 
 class Baseline:
@@ -234,7 +237,10 @@ def main(argv=None) -> int:
     parser.add_argument("--window", type=float, default=6.0, help="steady window, seconds")
     parser.add_argument("--extensions", type=int, default=10)
     parser.add_argument(
-        "--stt", default="none", help="speech.stt of the server (none: keypad only)"
+        "--stt",
+        default="none",
+        help="speech.stt of the server (none: keypad only; whisper: against a local fake "
+        "Whisper server the benchmark starts)",
     )
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--only-baseline", action="store_true")

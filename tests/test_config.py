@@ -976,3 +976,44 @@ def test_secrets_are_not_echoed_in_errors(tmp_path):
         ("[api]\ntoken = 123456\n", "123456"),
     ]:
         assert leaked not in str(error(write(tmp_path, text)))
+
+
+# --- several nodes: the return address and the node name ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "server, want",
+    [
+        ('bind = "127.0.0.2"', "127.0.0.2"),
+        ('bind = "0.0.0.0"\nallowed_peers = ["10.0.0.5"]', "10.0.0.9"),
+        ('bind = "::"\nallowed_peers = ["10.0.0.5"]', "10.0.0.9"),
+        ('bind = "0.0.0.0"\nallowed_peers = ["10.0.0.5"]\nadvertise = "node-b.lan"', "node-b.lan"),
+        ('bind = "127.0.0.2"\nadvertise = "fd00::2"', "fd00::2"),
+    ],
+)
+def test_return_host_rule(tmp_path, server, want):
+    """
+    [server] advertise is where the PBX connects resident calls; empty, it is the bind when
+    that is a specific address, else the extension's host (here 10.0.0.9).
+    """
+    assert load(tmp_path, "[server]\n" + server + "\n").server.return_host("10.0.0.9") == want
+
+
+def test_advertise_and_node_defaults(tmp_path):
+    """By default nothing is advertised and the node is named after the host."""
+    import socket
+
+    server = load(tmp_path).server
+    assert (server.advertise, server.node) == ("", "")
+    assert server.node_name == socket.gethostname()
+    assert load(tmp_path, '[server]\nnode = "portaria-b"\n').server.node_name == "portaria-b"
+
+
+@pytest.mark.parametrize(
+    "line", ['advertise = "10.0.0.2:8081"', 'advertise = "a,b"', 'advertise = 3', 'node = "a b"']
+)
+def test_advertise_and_node_invalid(tmp_path, line):
+    """An advertised host with a port or separator, or a node name with a space, is refused."""
+    e = error(write(tmp_path, "[server]\n" + line + "\n"))
+    key = line.split(" ")[0]
+    assert "server." + key in str(e)

@@ -245,6 +245,23 @@ class Asterisk:
             self.stop()
             raise RuntimeError("asterisk did not load {}".format(", ".join(missing)))
 
+    def kick_manager(self, username: str) -> int:
+        """
+        Close every AMI session of C{username} from Asterisk's side (CLI C{manager kick
+        session <fd>}, the file descriptors read from C{manager show connected}); returns how
+        many were kicked.
+        """
+        lines = [line.split() for line in self.rx("manager show connected").splitlines()]
+        header = next((l for l in lines if "FileDes" in l), None)
+        if header is None:
+            raise RuntimeError("no 'manager show connected' table: {}".format(lines))
+        # Counted from the end: the header's "IP Address" is two words.
+        column = header.index("FileDes") - len(header)
+        fds = [l[column] for l in lines if l and l[0] == username and len(l) >= -column]
+        for fd in fds:
+            self.rx("manager kick session {}".format(fd))
+        return len(fds)
+
     def stop(self) -> None:
         process, self.process = self.process, None
         if process is not None and process.poll() is None:

@@ -190,21 +190,26 @@ class Rig:
     async def start(
         self,
         extensions: list[dict],
+        server: dict | None = None,
         *,
         rows: list[dict] | None = None,
         condominium: dict | None = None,
         **flow,
     ) -> None:
         """
-        Start the server: C{rows} replace the directory's apartments, C{condominium} adds
-        keys to the condominium's table (C{dial}, C{operator}), C{flow} to C{[flow]}.
+        Start the server with these extensions: C{server} adds to its C{[server]} table (e.g.
+        C{bind}, C{node}); C{rows} replace the directory's apartments, C{condominium} adds
+        keys to the condominium's table (C{dial}, C{operator}), C{flow} to C{[flow]}. Each
+        extension is routed to C{bind}.
         """
         self.ami = await connect_ami(reactor, self.asterisk)
         self.ami.listeners.append(self._event)
         path = self.tmp_path / "apartments.json"
         path.write_text(json.dumps(directory() if rows is None else rows))
         data = {
-            "server": {"bind": "127.0.0.1", "state_dir": str(self.tmp_path / "var")},
+            "server": {
+                "bind": "127.0.0.1", "state_dir": str(self.tmp_path / "var"), **(server or {})
+            },
             "api": {"endpoint": "tcp:0:interface=127.0.0.1"},
             "redis": {"url": "unix://" + self.redis_path},
             "dialer": {
@@ -243,13 +248,13 @@ class Rig:
         await self.svc.ready.addTimeout(30, reactor)
         await self.svc.dialer.when_ready().addTimeout(10, reactor)
         for ext in extensions:
-            await self.route(ext["ai_extension"], ext["ai_port"])
+            await self.route(ext["ai_extension"], ext["ai_port"], config.server.bind)
 
-    async def route(self, ai_extension: str, port: int) -> None:
+    async def route(self, ai_extension: str, port: int, host: str = "127.0.0.1") -> None:
         """Point the dialplan's AUDIOSOCKET_AI_<extension> global at the server."""
         await self.ami.checked(
             "Setvar", Variable="AUDIOSOCKET_AI_{}".format(ai_extension),
-            Value="127.0.0.1:{}".format(port),
+            Value="{}:{}".format(host, port),
         )
 
     def _event(self, message: dict) -> None:
