@@ -33,7 +33,7 @@ of the same attempt answered in the race (after another joined, before its cance
 effect) is admitted into the late path only (see L{audiosocket.session}): it hears "outro
 morador já atendeu" (C{late_answer}) and the hangup frame, nothing else, and its keys go
 nowhere; the record lists its dial as C{late}. The call record's C{reach} lists every
-leg tried with its result (C{answered}, C{busy}, C{no_answer}, ..., C{cancelled}) and who
+leg tried with its result (C{answered}, C{busy}, C{no_answer}, ..., C{cancelled}, C{late}) and who
 decided (C{decided_by}).
 
 With an operator (C{[condominiums.operator] dial}), the visitor is handed to a human when
