@@ -28,9 +28,24 @@ such): it is not the credential.
 
 A late answer to an earlier attempt is refused. The flow revokes an attempt's leg UUID as
 soon as that attempt is over (its ring window passed, or the dialer reported it failed), so
-at most one leg UUID of a session is valid at any time, and the windows of two attempts
-never overlap. (The PBX rings for the ring timeout only; the grace covers a call answered
+only the leg UUIDs of one attempt (one per phone rung) are valid at any time, and the
+windows of two attempts never overlap. (The PBX rings for the ring timeout only; the grace covers a call answered
 at its last moment.)
+
+A late answer in the same parallel attempt
+==========================================
+
+With the C{parallel} strategy every phone of the unit rings at once, each dial with its own
+leg UUID, expected with an C{on_late} handler (L{Session.expect_resident}). When one of them
+joins as the resident, the others are not dropped: they become I{late} leg UUIDs, admitted on
+the same terms (the same return port, the same peers, the rest of the same ring window, once)
+but only into the late path. A leg presenting one is handed to C{on_late} (the flow says
+"outro morador já atendeu" and hangs it up): it is never the session's resident, never hears
+the announcement and never decides. A second presentation, any other UUID, or any leg once
+the flow is finishing (L{Session.stop_late}) or the session has ended is C{unknown_uuid}, as
+before. A late leg is no refusal (not counted as one); the record lists its dial as C{late}.
+The late legs still open when the session ends are closed with it (L{LATE_MAX_S} bounds each
+one's time in any case).
 
 The L{SessionRegistry} is the only place keyed by call: it admits or turns away visitors
 (C{max_calls}, per-extension limits), routes resident legs by leg UUID, and when a session's
@@ -72,6 +87,10 @@ OUTCOMES = (
     "transfer_failed",
     "error",
 )
+
+#: The longest a late answer (a parallel dial answered after another resident joined) stays
+#: connected: time to hear "outro morador já atendeu" and the hangup frame, then it is closed.
+LATE_MAX_S = 8.0
 
 #: How long after an attempt's ring timeout its leg UUID is still accepted: a call answered
 #: at the last moment still has to connect to the return port and send its UUID frame.
@@ -174,9 +193,15 @@ class Session:
     #: leg UUID → (session, expiry in reactor seconds): the registry's routing table, shared
     #: by every session of a registry (a session on its own gets a table of its own).
     routes: dict = field(factory=dict)
+    #: The legs admitted into the late path (parallel dials answered after the resident).
+    late_legs: list = field(factory=list)
     _resident_waiter: defer.Deferred | None = None
     #: This session's leg UUIDs still admitted → the DelayedCall expiring each.
     _expected: dict = field(factory=dict)
+    #: Expected leg UUIDs that turn late when another joins → their C{on_late} handler.
+    _on_late: dict = field(factory=dict)
+    #: Late leg UUIDs (admitted for the late path only) → (C{on_late}, their DelayedCall).
+    _late: dict = field(factory=dict)
     _timers: list = field(factory=list)
     _end_waiters: list = field(factory=list)
 
@@ -193,10 +218,16 @@ class Session:
         """Is a leg UUID of this session admitted right now?"""
         return bool(self._expected)
 
-    def expect_resident(self, leg_uuid: _uuid.UUID, window_s: float) -> defer.Deferred:
+    def expect_resident(
+        self, leg_uuid: _uuid.UUID, window_s: float, on_late: Callable | None = None
+    ) -> defer.Deferred:
         """
         From now on, for C{window_s} seconds, a resident leg presenting C{leg_uuid} on this
         session's return port is admitted, once.
+
+        With C{on_late} (a parallel dial), if another leg UUID of this session joins first,
+        C{leg_uuid} stays admitted for the rest of its window, once, but only into the late
+        path: a leg presenting it is given to C{on_late(leg)}, never joined.
 
         @return: a Deferred firing with the leg when it joins; cancelling it stops waiting
             (the leg UUID stays admitted until L{stop_expecting} or the window's end).
@@ -207,6 +238,8 @@ class Session:
         expiry = self.reactor.seconds() + window_s
         self.routes[leg_uuid] = (self, expiry)
         self._expected[leg_uuid] = self.call_later(window_s, self._expire, leg_uuid)
+        if on_late is not None:
+            self._on_late[leg_uuid] = on_late
         waiter = defer.Deferred(self._cancel_waiter)
         self._resident_waiter = waiter
         return waiter
@@ -225,7 +258,10 @@ class Session:
             )
 
     def _revoke(self, leg_uuid: _uuid.UUID) -> bool:
+        self._on_late.pop(leg_uuid, None)
         timer = self._expected.pop(leg_uuid, None)
+        if timer is None and leg_uuid in self._late:
+            timer = self._late.pop(leg_uuid)[1]
         if timer is not None and timer.active():
             timer.cancel()
         entry = self.routes.get(leg_uuid)
@@ -236,10 +272,12 @@ class Session:
     def stop_expecting(self, leg_uuid: _uuid.UUID | None = None) -> None:
         """
         Revoke C{leg_uuid} (the attempt is over), or with no argument every leg UUID of this
-        session and the wait for the resident (the flow has stopped waiting).
+        session still expected and the wait for the resident (the flow has stopped waiting).
+        Late leg UUIDs stay (L{stop_late} revokes them).
         """
         if leg_uuid is not None:
-            self._revoke(leg_uuid)
+            if leg_uuid in self._expected:
+                self._revoke(leg_uuid)
             return
         for pending in list(self._expected):
             self._revoke(pending)
@@ -247,19 +285,61 @@ class Session:
         if waiter is not None and not waiter.called:
             waiter.cancel()
 
+    def revoke(self, leg_uuid: _uuid.UUID) -> None:
+        """C{leg_uuid} admits nothing any more, expected or late (its window has passed)."""
+        self._revoke(leg_uuid)
+
+    def stop_late(self) -> None:
+        """Revoke every late leg UUID: no late answer is admitted from now on."""
+        for pending in list(self._late):
+            self._revoke(pending)
+
+    def is_late(self, leg_uuid: _uuid.UUID) -> bool:
+        """Does C{leg_uuid} admit a leg into the late path (and only there)?"""
+        return leg_uuid in self._late
+
     def resident_joined(self, leg: AudioSocketProtocol) -> None:
         """
         The resident's leg presented one of this session's leg UUIDs (the registry checked
-        it): it is consumed, and every other one of this session revoked.
+        it): it is consumed, every other one of this session with an C{on_late} handler
+        turns late (same window), and every other one revoked.
         """
         self.resident = leg
         self.resident_leg_uuid = leg.uuid
         self.resident_at = self.reactor.seconds()
         for pending in list(self._expected):
-            self._revoke(pending)
+            on_late = self._on_late.pop(pending, None)
+            if on_late is not None and pending != leg.uuid:
+                self._late[pending] = (on_late, self._expected.pop(pending))
+            else:
+                self._revoke(pending)
         waiter, self._resident_waiter = self._resident_waiter, None
         if waiter is not None:
             waiter.callback(leg)
+
+    def late_joined(self, leg: AudioSocketProtocol) -> None:
+        """
+        A leg presented a late leg UUID of this session (the registry checked it): it is
+        consumed, and the leg handed to its C{on_late} handler. It is closed after
+        L{LATE_MAX_S} whatever it is doing, and with the session at the latest.
+        """
+        on_late, timer = self._late.pop(leg.uuid)
+        if timer.active():
+            timer.cancel()
+        entry = self.routes.get(leg.uuid)
+        if entry is not None and entry[0] is self:
+            del self.routes[leg.uuid]
+        self.late_legs.append(leg)
+        self.call_later(LATE_MAX_S, self._close_late, leg)
+        try:
+            on_late(leg)
+        except Exception:
+            self.log.failure("call {uuid}: the late path failed", uuid=str(self.uuid))
+            self._close_late(leg)
+
+    def _close_late(self, leg: AudioSocketProtocol) -> None:
+        if not leg.closed:
+            leg.transport.abortConnection()
 
     # ------------------------------------------------------------ the flow's verbs
 
@@ -289,6 +369,17 @@ class Session:
         self.reach.setdefault("dials", []).append(
             {"attempt": attempt, "resident": resident, "dial": dial, "result": result}
         )
+
+    def tried_late(self, attempt: int, resident: str | None, dial: str) -> None:
+        """
+        The phone of C{dial} in attempt C{attempt} answered after another resident had
+        joined: its C{reach.dials} entry's result becomes C{late}.
+        """
+        for entry in self.reach.setdefault("dials", []):
+            if entry["attempt"] == attempt and entry["dial"] == dial and entry["result"] == "cancelled":
+                entry["result"] = "late"
+                return
+        self.tried(attempt, resident, dial, "late")
 
     def dial_failed(self, attempt: int, reason: str) -> None:
         """Attempt C{attempt} did not reach the resident, for C{reason} (kept in the record)."""
@@ -355,6 +446,9 @@ class Session:
         self.ended_wall = time.time()
         self.conclude("error")  # unless the flow said otherwise
         self.stop_expecting()
+        self.stop_late()
+        for leg in self.late_legs:
+            self._close_late(leg)
         for timer in self._timers:
             if timer.active():
                 timer.cancel()
@@ -616,7 +710,7 @@ class SessionRegistry:
         entry = self.leg_uuids.get(leg.uuid)
         if entry is not None and entry[1] <= self._reactor.seconds():
             # Past its window (its DelayedCall has not run yet): as good as removed.
-            entry[0].stop_expecting(leg.uuid)
+            entry[0].revoke(leg.uuid)
             entry = None
         if entry is None:
             if leg.uuid in self.sessions:
@@ -640,6 +734,17 @@ class SessionRegistry:
                     leg.uuid, session.extension.id, extension.id
                 ),
             )
+        if session.is_late(leg.uuid):
+            # Another resident has joined this parallel attempt: this phone hears that and
+            # is hung up, and is never joined (consumed: a second presentation finds nothing).
+            self.log.info(
+                "call {uuid}: late answer with leg UUID {leg_uuid}; another resident joined",
+                uuid=str(session.uuid),
+                leg_uuid=str(leg.uuid),
+                ext=extension.id,
+            )
+            session.late_joined(leg)
+            return
         if session.resident is not None and not session.resident.closed:
             raise Refused("uuid_in_use", "call {} already has a resident leg".format(session.uuid))
         self.log.info(

@@ -15,6 +15,7 @@ from twisted.internet import defer
 
 from audiosocket.config import OperatorConfig
 from audiosocket.dialer import DialFailed, HandoffFailed
+from audiosocket import session as S
 from audiosocket.flow import call as flow_call
 from audiosocket.flow.directory import Apartment, Directory, DirectoryError
 from audiosocket.flow.nlu import asks_for_person
@@ -221,8 +222,7 @@ def test_sequential_named_resident_first(benches):
 def test_parallel_first_to_answer_decides_others_cancelled(benches):
     """
     parallel: every phone rings at once, each with its own leg UUID; the second answers first
-    and decides; the others are cancelled at that moment, and their leg UUIDs no longer
-    admit a leg (a late answer is refused).
+    and decides; the others are cancelled at that moment.
     """
     bench = benches("parallel")
     start_call(bench)
@@ -233,14 +233,142 @@ def test_parallel_first_to_answer_decides_others_cancelled(benches):
     resident = join(bench, requests[1])
     bench.advance(0.02)
     assert set(bench.dialer.cancels) == {requests[0].leg_uuid, requests[2].leg_uuid}
-    late = join(bench, requests[0])
-    bench.advance(0.1)
-    assert late.lost and late.frames == 0
     record = decide(bench, resident)
     assert record["outcome"] == "authorized"
     assert record["reach"]["decided_by"] == "Carlos Souza"
     results = {d["resident"]: d["result"] for d in record["reach"]["dials"]}
     assert results == {"Carlos Souza": "answered", "Ana Souza": "cancelled", "Bia Souza": "cancelled"}
+
+
+# --- a late answer in parallel ----------------------------------------------------------------
+
+
+def parallel_answered(bench):
+    """A parallel call whose second phone (Carlos) answered; returns (requests, resident)."""
+    before = len(bench.dialer.requests)
+    start_call(bench)
+    bench.until(lambda: len(bench.dialer.requests) == before + 3, max_s=5)
+    requests = bench.dialer.requests[before:]
+    resident = join(bench, requests[1])
+    bench.advance(0.02)
+    return requests, resident
+
+
+def test_parallel_late_answer_is_told_and_hung_up(benches):
+    """
+    parallel: Carlos answers first; Ana's phone, answered in the race, connects with its own
+    leg UUID: it hears "outro morador já atendeu" once and then the hangup frame, within
+    LATE_MAX_S, and nothing else (no announcement, no question). It is not refused (no
+    refusal counted), and the record lists Ana's dial as late.
+    """
+    bench = benches("parallel")
+    requests, resident = parallel_answered(bench)
+    late = join(bench, requests[0])
+    assert not late.leg.closed
+    session = next(iter(bench.registry.sessions.values()))
+    assert session.resident is resident.leg and session.late_legs == [late.leg]
+    bench.until(lambda: late.lost, max_s=S.LATE_MAX_S)
+    assert late.heard == [bench.text("late_answer")]
+    assert late.hangup_after_audio is True
+    assert not bench.heard(late, "ask_decision_keypad")
+    assert sum(bench.ret.refused.values()) == 0
+    record = decide(bench, resident)
+    assert record["outcome"] == "authorized"
+    assert record["reach"]["decided_by"] == "Carlos Souza"
+    results = {d["resident"]: d["result"] for d in record["reach"]["dials"]}
+    assert results == {"Carlos Souza": "answered", "Ana Souza": "late", "Bia Souza": "cancelled"}
+    assert sum(bench.ret.refused.values()) == 0
+
+
+def test_parallel_late_answer_cannot_decide(benches):
+    """
+    A late leg's keys go nowhere: Ana presses 1 while and after hearing "outro morador já
+    atendeu"; the call's decision is Carlos's (2: denied), and only Carlos was asked.
+    """
+    bench = benches("parallel")
+    requests, resident = parallel_answered(bench)
+    late = join(bench, requests[0])
+    late.press("1")
+    bench.until(lambda: bench.asked(resident, "ask_decision_keypad"))
+    late.press("1#")
+    resident.press("2")
+    bench.until(bench.ended)
+    record = bench.records[0]
+    assert record["outcome"] == "denied"
+    assert record["decision_input"] == "dtmf:2"
+    assert record["resident_leg_uuid"] == requests[1].leg_uuid
+    assert late.heard == [bench.text("late_answer")]
+
+
+def test_parallel_late_leg_uuid_is_single_use(benches):
+    """
+    The same late leg UUID presented twice: the first hears late_answer, the second leg
+    (once the first is gone) is refused (unknown_uuid) and hears nothing.
+    """
+    bench = benches("parallel")
+    requests, resident = parallel_answered(bench)
+    first = join(bench, requests[0])
+    bench.until(lambda: first.lost, max_s=S.LATE_MAX_S)
+    assert first.heard == [bench.text("late_answer")] and first.leg.close_reason is None
+    again = join(bench, requests[0])
+    assert again.leg.closed and again.leg.close_reason == "unknown_uuid"
+    assert bench.ret.refused["unknown_uuid"] == 1
+    decide(bench, resident)
+
+
+def test_parallel_late_path_admits_no_other_uuid(benches):
+    """
+    While a call has late leg UUIDs, a leg UUID of another call that has ended and a UUID
+    never issued are refused (unknown_uuid), as is the visitor's session UUID.
+    """
+    bench = benches("parallel")
+    visitor = start_call(bench)
+    bench.until(lambda: len(bench.dialer.requests) == 3, max_s=5)
+    old = list(bench.dialer.requests)
+    visitor.drop()
+    bench.until(bench.ended)
+    requests, resident = parallel_answered(bench)
+    assert not {r.leg_uuid for r in requests} & {r.leg_uuid for r in old}
+    session = next(iter(bench.registry.sessions.values()))
+    for leg_uuid in [uuid.UUID(old[0].leg_uuid), uuid.uuid4(), session.uuid]:
+        refused = bench.connect(RESIDENT, leg_uuid)
+        assert refused.leg.closed and refused.leg.close_reason == "unknown_uuid"
+    assert bench.ret.refused["unknown_uuid"] == 3
+    assert session.late_legs == []
+    resident.press("2")
+    bench.until(lambda: len(bench.records) == 2)
+
+
+def test_parallel_late_answer_after_the_call_is_refused(benches):
+    """
+    Once the call is over, its late leg UUIDs are gone with it: Bia's phone connecting
+    then is refused (unknown_uuid), and no route or DelayedCall is left.
+    """
+    bench = benches("parallel")
+    requests, resident = parallel_answered(bench)
+    record = decide(bench, resident)
+    assert record["outcome"] == "authorized"
+    assert bench.registry.leg_uuids == {}
+    assert bench.leftovers() == []
+    late = join(bench, requests[2])
+    assert late.leg.closed and late.leg.close_reason == "unknown_uuid"
+
+
+def test_parallel_late_answer_still_open_closes_with_the_call(benches):
+    """
+    A late leg joining as the call ends (the resident decides at once) is closed with the
+    call at the latest: no leg, route or DelayedCall is left.
+    """
+    bench = benches("parallel")
+    requests, resident = parallel_answered(bench)
+    bench.until(lambda: bench.asked(resident, "ask_decision_keypad"))
+    late = join(bench, requests[0])
+    resident.press("1")
+    bench.until(bench.ended)
+    assert late.lost
+    assert bench.records[0]["outcome"] == "authorized"
+    assert bench.registry.leg_uuids == {}
+    assert bench.leftovers() == []
 
 
 def test_parallel_all_fail_ends_the_attempt_at_once(benches):

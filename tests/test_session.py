@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 
 from audiosocket.leg import RESIDENT, VISITOR, Refused
 from audiosocket.model import Extension
-from audiosocket.session import RESIDENT_GRACE_S, Session, SessionRegistry
+from audiosocket.session import LATE_MAX_S, RESIDENT_GRACE_S, Session, SessionRegistry
 from flowkit import EXTENSION, Bench, FakeExtensionService
 
 
@@ -271,6 +271,100 @@ def test_finished_session_leaves_no_leg_uuid_or_timer():
     assert registry.leg_uuids == {}
     assert clock.getDelayedCalls() == []
     assert joined.called
+
+
+class _LateLeg(_Leg):
+    """A leg whose connection can be aborted (what the session does to a late leg at the end)."""
+
+    def __init__(self, leg_uuid):
+        super().__init__(leg_uuid)
+        self.transport = self
+
+    def abortConnection(self):
+        self.closed = True
+
+
+def test_a_parallel_sibling_turns_late_when_another_joins():
+    """
+    Leg UUIDs expected with on_late stay routed, for the rest of their window, once another
+    joins; one without on_late is revoked as before. A leg presenting a late one goes to
+    on_late, is never the resident, and consumes it (a second presentation: unknown_uuid).
+    """
+    clock = Clock()
+    registry, session = _registry_and_session(clock)
+    late_legs = []
+    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    session.expect_resident(a, 32.0, late_legs.append)
+    session.expect_resident(b, 32.0, late_legs.append)
+    joined = session.expect_resident(c, 32.0)
+    service = FakeExtensionService(EXTENSION)
+    resident = _Leg(a)
+    registry.on_leg(service, resident)
+    assert joined.result is resident
+    assert registry.leg_uuids == {b: (session, 32.0)}
+    assert session.is_late(b) and not session.expecting_resident
+    with pytest.raises(Refused) as refused:
+        registry.on_leg(service, _Leg(c))
+    assert refused.value.reason == "unknown_uuid"
+    late = _LateLeg(b)
+    registry.on_leg(service, late)
+    assert late_legs == [late] and session.late_legs == [late]
+    assert session.resident is resident and session.resident_leg_uuid == a
+    assert registry.leg_uuids == {}
+    late.closed = True
+    with pytest.raises(Refused) as refused:
+        registry.on_leg(service, _Leg(b))
+    assert refused.value.reason == "unknown_uuid"
+    session.finished()
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_late_leg_uuid_expires_with_its_ring_window():
+    """A late leg UUID is admitted within its dial's ring window only, then unknown_uuid."""
+    clock = Clock()
+    registry, session = _registry_and_session(clock)
+    late_legs = []
+    a, b = uuid.uuid4(), uuid.uuid4()
+    session.expect_resident(a, 32.0, late_legs.append)
+    session.expect_resident(b, 32.0, late_legs.append)
+    service = FakeExtensionService(EXTENSION)
+    clock.advance(10.0)
+    registry.on_leg(service, _Leg(a))
+    clock.advance(22.0)
+    assert registry.leg_uuids == {}
+    with pytest.raises(Refused) as refused:
+        registry.on_leg(service, _Leg(b))
+    assert refused.value.reason == "unknown_uuid"
+    assert late_legs == []
+    session.finished()
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_late_leg_is_closed_after_late_max_s_and_with_the_session():
+    """
+    A late leg still open LATE_MAX_S after it joined is aborted; stop_late revokes the late
+    leg UUIDs left; a session ending closes its late legs and leaves no timer.
+    """
+    clock = Clock()
+    registry, session = _registry_and_session(clock)
+    ids = [uuid.uuid4() for _ in range(4)]
+    for leg_uuid in ids:
+        session.expect_resident(leg_uuid, 32.0, lambda leg: None)
+    service = FakeExtensionService(EXTENSION)
+    registry.on_leg(service, _Leg(ids[0]))
+    slow = _LateLeg(ids[1])
+    registry.on_leg(service, slow)
+    clock.advance(LATE_MAX_S - 0.01)
+    assert not slow.closed
+    clock.advance(0.01)
+    assert slow.closed
+    last = _LateLeg(ids[2])
+    registry.on_leg(service, last)
+    session.stop_late()
+    assert registry.leg_uuids == {}
+    session.finished()
+    assert last.closed
+    assert clock.getDelayedCalls() == []
 
 
 def test_the_dial_names_an_ipv6_host_in_brackets(bench):

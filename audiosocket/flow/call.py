@@ -28,10 +28,12 @@ C{unit} the apartment's C{voip_number}; C{sequential} each distinct phone of the
 the resident the visitor named first, C{ring_timeout_s} each (busy, no answer or a failure
 moves on at once, and the visitor hears "chamando outro morador"); C{parallel} all of them at
 once, each dial with its own fresh leg UUID. The first leg to join is announced and decides;
-joining revokes every other leg UUID of the call at once (the session does), so a phone
-answered after that reaches a return port that refuses it, and the dialer is told to cancel
-the others' dials at once (their phones stop ringing). The call record's C{reach} lists every
-leg tried with its result (C{answered}, C{busy}, C{no_answer}, ..., C{cancelled}) and who
+the dialer is told at once to cancel the others' dials (their phones stop ringing). A phone
+of the same attempt answered in the race (after another joined, before its cancel took
+effect) is admitted into the late path only (see L{audiosocket.session}): it hears "outro
+morador já atendeu" (C{late_answer}) and the hangup frame, nothing else, and its keys go
+nowhere; the record lists its dial as C{late}. The call record's C{reach} lists every
+leg tried with its result (C{answered}, C{busy}, C{no_answer}, ..., C{cancelled}, C{late}) and who
 decided (C{decided_by}).
 
 With an operator (C{[condominiums.operator] dial}), the visitor is handed to a human when
@@ -224,6 +226,8 @@ class _Call:
         self.unrecognized = 0
         #: The resident whose leg joined (the one who decides), once known.
         self.answered_by: str | None = None
+        #: The late answers' mini-flows still running (awaited before the call is over).
+        self.late: list[defer.Deferred] = []
         #: Every log event of this call carries its UUID and extension (structured logs).
         self.fields = {"uuid": str(session.uuid), "ext": session.extension.id}
 
@@ -263,6 +267,7 @@ class _Call:
         finally:
             session.enter(S.FINISHING)
             session.stop_expecting()
+            session.stop_late()
             if not closed:
                 await self._finish(to_visitor, to_resident)
 
@@ -286,7 +291,7 @@ class _Call:
             self.resident = self.flow.io_for(self.session.resident, self.site)
             legs.append(self.resident.finish(to_resident))
         await defer.gatherResults(
-            [defer.Deferred.fromCoroutine(c) for c in legs], consumeErrors=True
+            [defer.Deferred.fromCoroutine(c) for c in legs] + self.late, consumeErrors=True
         )
 
     async def _converse(self) -> str:
@@ -620,8 +625,15 @@ class _Call:
             # uuid4 reads os.urandom: not guessable from anything the visitor sees or chooses.
             leg_uuid = _uuid.uuid4()
             legs[leg_uuid] = (resident, dial)
-            # One wait for the call: whichever of its leg UUIDs joins fires the latest.
-            joined = session.expect_resident(leg_uuid, window_s)
+            # One wait for the call: whichever of its leg UUIDs joins fires the latest. In a
+            # parallel attempt the others then admit only a late answer.
+            on_late = None
+            if len(targets) > 1:
+
+                def on_late(leg, target=(resident, dial)):
+                    self.late.append(defer.Deferred.fromCoroutine(self._late(attempt, target, leg)))
+
+            joined = session.expect_resident(leg_uuid, window_s, on_late)
         race.add("joined", joined)
         for leg_uuid, (resident, dial) in legs.items():
 
@@ -686,6 +698,19 @@ class _Call:
                     if leg_uuid in ringing:
                         self._note_dial(attempt, legs[leg_uuid], "cancelled")
                     self._cancel_dial(attempt, leg_uuid)
+
+    async def _late(self, attempt: int, target: tuple[str | None, str], leg) -> None:
+        """
+        A phone of a parallel attempt answered after another resident joined: it hears
+        C{late_answer} once, then the hangup frame. No listener: its keys and words go
+        nowhere (the session closes it after L{S.LATE_MAX_S} in any case).
+        """
+        resident, dial = target
+        self.session.tried_late(attempt, resident, dial)
+        await self._peer_rate(leg)
+        io = LegIO(leg, self.flow.tts, reactor=self.reactor)
+        io.start()
+        await io.finish(self.prompts.say("late_answer"), grace_s=S.LATE_MAX_S)
 
     def _cancel_dial(self, attempt: int, leg_uuid: _uuid.UUID) -> None:
         """

@@ -62,6 +62,8 @@ DEFAULTS: dict[str, str] = {
     "resident_authorized": "Obrigado. A entrada foi autorizada. Até logo.",
     "resident_denied": "Obrigado. A entrada não foi autorizada. Até logo.",
     "resident_no_decision": "Não recebi a sua resposta. A entrada não foi autorizada. Até logo.",
+    # A parallel dial answered after another resident did (never joined to the call).
+    "late_answer": "Outro morador já atendeu. Obrigado.",
 }
 
 #: A visitor's name longer than this is not spoken (no real name is; a transcript may be).

@@ -10,7 +10,7 @@ operator's phone ringing, a cancelled phone's hangup) are printed, never asserte
 from __future__ import annotations
 
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 
 from pbx.conftest import PROMPTS, extension, free_ports
@@ -22,6 +22,7 @@ REACH_PROMPTS = {
     "calling_next": "Outro morador.",
     "transferring": "Transferindo.",
     "transfer_failed": "Falhou. Até logo.",
+    "late_answer": "Outro já atendeu.",
 }
 OPERATOR = "Local/777@pbx-phones/n"
 
@@ -116,6 +117,49 @@ async def test_parallel_second_answers_first_is_cancelled(rig):
     results = {d["resident"]: d["result"] for d in record["reach"]["dials"]}
     assert results == {"Segundo": "answered", "Primeiro": "cancelled"}
     assert first.channel is None and first.arrivals == []
+    assert rig.audiosocket_problems() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_parallel_late_answer_hears_it_and_is_hung_up(rig):
+    """
+    parallel, with the PBX's cancel losing the race for sure: the test holds back the
+    dialer's cancel (nothing is sent to Asterisk). The second phone answers at once and
+    decides; the first answers 2 s later, and its call connects to the return port with its
+    own leg UUID: it hears "outro já atendeu" (speech on its phone) and is hung up by the
+    PBX when the server sends its hangup frame, before the call ends; the record lists it
+    as late, the decision is the second's, and nothing is refused.
+    """
+    rows = [unit("401", ("Primeiro", "Local/901@pbx-phones/n"), ("Segundo", "Local/402@pbx-phones/n"))]
+    await start(rig, rows, strategy="parallel")
+    held = []
+
+    def cancel(leg_uuid):
+        held.append(leg_uuid)
+        return defer.succeed(None)
+
+    rig.svc.dialer.cancel = cancel
+    first = await rig.resident("901")
+    second = await rig.resident("402")
+    visitor = await rig.visitor("1001")
+    await type_apartment(rig, visitor, "401")
+    await second.channel_seen.addTimeout(EVENT_S, reactor)
+    answered_at = reactor.seconds()
+    await first.channel_seen.addTimeout(EVENT_S, reactor)
+    await until(lambda: any(first.loud), what="speech on the late phone")
+    await first.hung_up.addTimeout(EVENT_S, reactor)
+    late_s = reactor.seconds() - answered_at
+    assert not visitor.hung_up.called and not second.hung_up.called
+    await decide(rig, second, "2")
+    await ended(visitor, second)
+    (record,) = await rig.records(1)
+    print("\nparallel: the late phone was hung up {:.3f} s after the first answer".format(late_s))
+    assert len(held) == 1
+    assert record["outcome"] == "denied"
+    assert record["reach"]["decided_by"] == "Segundo"
+    results = {d["resident"]: d["result"] for d in record["reach"]["dials"]}
+    assert results == {"Segundo": "answered", "Primeiro": "late"}
+    assert sum(rig.svc.manager.refused.values()) == 0
     assert rig.audiosocket_problems() == []
 
 
