@@ -492,9 +492,14 @@ class DoormanService(MultiService):
     async def _end_calls(self, timeout_s: float) -> bool:
         """End every call and wait for their records; C{False} if C{timeout_s} passed first."""
         ending = self.registry.hangup_all()
-        ending.addTimeout(timeout_s, self._reactor)
+        ending.addErrback(lambda f: self.log.failure("ending the calls at shutdown", f))
+        # The timeout cancels only this wait, never the calls' own Deferreds (cancelling the
+        # gathered ones would fail with their first CancelledError, not a timeout).
+        waited = defer.Deferred()
+        ending.addBoth(lambda _: None if waited.called else waited.callback(None))
+        waited.addTimeout(timeout_s, self._reactor)
         try:
-            await ending
+            await waited
         except defer.TimeoutError:
             return False
         return True

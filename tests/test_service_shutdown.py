@@ -11,6 +11,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task
 
 from audiosocket.callclient import CallOptions, place_call
+from audiosocket.service import DoormanService
 from audiosocket.store import RedisStore
 
 from test_service import config_for, free_ports, started
@@ -57,3 +58,33 @@ async def test_stopping_during_a_call_saves_its_record(redis_server, tmp_path):
         await task.deferLater(reactor, 0.05, lambda: None)
     assert [r["uuid"] for r in records] == [call_uuid]
     assert records[0]["ended_by"] == "shutdown"
+
+
+class _Registry:
+    """A registry whose calls take C{ending} to end."""
+
+    def __init__(self, ending):
+        self.ending = ending
+
+    def hangup_all(self):
+        return self.ending
+
+
+@pytest_twisted.ensureDeferred
+async def test_calls_not_ending_in_time_are_a_timeout_not_an_error(tmp_path):
+    """
+    Calls still not ended after the grace period make C{_end_calls} answer C{False} (the
+    connections are cut next), whatever Deferred the registry gathered them in: the timeout
+    cancels only the wait, so the calls' own Deferreds are left alone and the stop goes on.
+    """
+    clock = task.Clock()
+    config = config_for("/nonexistent/redis.sock", tmp_path, 8101, 8102)
+    svc = DoormanService(config, {}, reactor=clock, node_id="n")
+    calls = [defer.Deferred(), defer.Deferred()]
+    svc.registry = _Registry(defer.gatherResults(calls, consumeErrors=True))
+    result = defer.Deferred.fromCoroutine(svc._end_calls(10.0))
+    clock.advance(10.0)
+    assert result.result is False
+    assert not any(d.called for d in calls)
+    for d in calls:
+        d.callback(None)  # the calls end later: nothing fails
