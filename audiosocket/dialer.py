@@ -385,33 +385,17 @@ class HttpDialer:
         if entry is None:
             return succeed(None)  # never dialed here, or already cancelled
         body = {"event": "cancel", "uuid": entry[0], "leg_uuid": leg_uuid}
-        timed_out = []
-        inner = Deferred.fromCoroutine(self._post_cancel(body))
 
-        def expire():
-            timed_out.append(True)
-            inner.cancel()
-
-        timer = self._reactor.callLater(self._timeout_s, expire)
-
-        def settle(result):
-            if timer.active():
-                timer.cancel()
-            if isinstance(result, Failure):
-                why = (
-                    "no answer within {} s".format(self._timeout_s)
-                    if timed_out
-                    else result.getErrorMessage() or repr(result.value)
-                )
-                self.log.warn(
-                    "webhook cancel of leg {leg_uuid} (session {uuid}) failed: {why}",
-                    leg_uuid=leg_uuid,
-                    uuid=entry[0],
-                    why=why,
-                )
+        def failed(why):
+            self.log.warn(
+                "webhook cancel of leg {leg_uuid} (session {uuid}) failed: {why}",
+                leg_uuid=leg_uuid,
+                uuid=entry[0],
+                why=why,
+            )
             return None
 
-        return inner.addBoth(settle)
+        return self._within_timeout(self._post_cancel(body), failed)
 
     def handoff(self, uuid: str, action: str, argument: str) -> Deferred:
         try:
@@ -419,8 +403,28 @@ class HttpDialer:
         except ValueError as e:
             return fail(e)
         body = {"event": action, "uuid": uuid, HANDOFF_ACTIONS[action]: argument}
+
+        def failed(why):
+            self.log.warn(
+                "webhook {action} of call {uuid} failed: {why}",
+                action=action,
+                uuid=uuid,
+                why=why,
+            )
+            return Failure(HandoffFailed("webhook: {}".format(why)))
+
+        return self._within_timeout(self._post_event(body), failed)
+
+    def _within_timeout(self, coroutine, failed) -> Deferred:
+        """
+        Run C{coroutine} (a webhook POST), cancelling it after the webhook timeout.
+
+        @param failed: called with why it failed (C{"no answer within N s"} when the timeout
+            cut it, else the error's message) when it fails; its result is the result.
+        @return: fires with L{None} when the POST succeeded, else with what C{failed} returned.
+        """
         timed_out = []
-        inner = Deferred.fromCoroutine(self._post_event(body))
+        inner = Deferred.fromCoroutine(coroutine)
 
         def expire():
             timed_out.append(True)
@@ -432,18 +436,11 @@ class HttpDialer:
             if timer.active():
                 timer.cancel()
             if isinstance(result, Failure):
-                why = (
+                return failed(
                     "no answer within {} s".format(self._timeout_s)
                     if timed_out
                     else result.getErrorMessage() or repr(result.value)
                 )
-                self.log.warn(
-                    "webhook {action} of call {uuid} failed: {why}",
-                    action=action,
-                    uuid=uuid,
-                    why=why,
-                )
-                return Failure(HandoffFailed("webhook: {}".format(why)))
             return None
 
         return inner.addBoth(settle)

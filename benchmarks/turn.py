@@ -18,12 +18,9 @@ the utterance's last loud sample.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
+    FakeWhisper,
     Server,
     free_ports,
     machine,
@@ -43,23 +41,6 @@ TRANSCRIPT = "meu nome é Carlos"
 UTTERANCE = "Bom dia, meu nome é Carlos."
 RATE = 8000
 LOUD = 32768 * 10 ** (-45.0 / 20)
-
-
-class FakeWhisper(BaseHTTPRequestHandler):
-    """POST /v1/audio/transcriptions → {"text": TRANSCRIPT}, at once."""
-
-    def do_POST(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        self.rfile.read(length)
-        body = json.dumps({"text": TRANSCRIPT}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
 
 
 def utterance() -> tuple[bytes, float]:
@@ -107,8 +88,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
 
-    whisper = ThreadingHTTPServer(("127.0.0.1", 0), FakeWhisper)
-    threading.Thread(target=whisper.serve_forever, daemon=True).start()
+    whisper = FakeWhisper(TRANSCRIPT)
     speech, speech_end = utterance()
     lead, pause = 3.0, 4.0
     period = len(speech) / (2 * RATE) + pause
@@ -123,10 +103,7 @@ def main(argv=None) -> int:
             tmp / "turn.toml",
             extensions=1,
             api_port=api_port,
-            speech={
-                "stt": "whisper",
-                "whisper": {"url": "http://127.0.0.1:{}/v1".format(whisper.server_port)},
-            },
+            speech={"stt": "whisper", "whisper": {"url": whisper.url}},
             audio={"visitor_silence_ms": args.silence_ms},
             flow={
                 "prompts": {
@@ -163,7 +140,7 @@ def main(argv=None) -> int:
                     raise
         finally:
             server.stop()
-            whisper.shutdown()
+            whisper.stop()
 
     for c, report in enumerate(results):
         loud = loud_frames(report.received_pcm)

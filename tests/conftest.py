@@ -15,9 +15,12 @@ import socket as _socket
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from twisted.internet import reactor
+
+ETC = Path(__file__).resolve().parent.parent / "etc"
 
 
 def _selectables():
@@ -162,6 +165,14 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@pytest.fixture
+def etc(tmp_path):
+    """A copy of the shipped etc/ to edit."""
+    shutil.copy(ETC / "audiosocket.toml", tmp_path / "audiosocket.toml")
+    shutil.copy(ETC / "apartments.json", tmp_path / "apartments.json")
+    return tmp_path
 
 
 @pytest.fixture

@@ -339,3 +339,11 @@ class Bench:
 
     def stop(self) -> None:
         self.clock.stopService()
+
+
+def start_call(bench: Bench, keys: str = "101#") -> Peer:
+    """A visitor calls and types C{keys} once the greeting has started."""
+    visitor = bench.connect()
+    bench.advance(0.1)
+    visitor.press(keys)
+    return visitor

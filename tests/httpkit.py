@@ -1,6 +1,7 @@
 """
 A real local HTTP server speaking a provider's API, for the provider tests: it records each
-request (path, headers, body) and answers as the test scripted, including never (L{HANG}).
+request (path, headers, body) and answers as the test scripted, including never (L{HANG});
+and L{Tracking}, a factory wrapper that tells when every server-side connection has closed.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ import numpy as np
 import pytest
 import pytest_twisted
 from treq.client import HTTPClient
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
+from twisted.protocols.policies import WrappingFactory
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
@@ -251,3 +253,25 @@ async def failure_of(d: Deferred, kind=STTError, wait=within):
 def tone(rate: int, ms: int = 200) -> bytes:
     t = np.arange(rate * ms // 1000) / rate
     return audio.array_to_pcm(0.5 * np.sin(2 * np.pi * 440 * t))
+
+
+class Tracking(WrappingFactory):
+    """Knows when every server-side connection has closed."""
+
+    def __init__(self, wrapped):
+        super().__init__(wrapped)
+        self._waiters = []
+
+    def unregisterProtocol(self, p):
+        super().unregisterProtocol(p)
+        if not self.protocols:
+            waiters, self._waiters = self._waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def all_closed(self):
+        if not self.protocols:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiters.append(d)
+        return d

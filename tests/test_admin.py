@@ -24,6 +24,7 @@ from audiosocket.control import ExtensionControl
 from audiosocket.extension import ExtensionManager
 from audiosocket.model import Extension
 from audiosocket.store import MemoryStore
+from httpkit import Tracking
 
 TOKEN = "t0ken"
 
@@ -43,28 +44,6 @@ class Sessions:
 
     def hangup(self, uid):
         raise KeyError(uid)
-
-
-class Tracking(WrappingFactory):
-    """Knows when every server-side connection has closed."""
-
-    def __init__(self, wrapped):
-        super().__init__(wrapped)
-        self._waiters = []
-
-    def unregisterProtocol(self, p):
-        super().unregisterProtocol(p)
-        if not self.protocols:
-            waiters, self._waiters = self._waiters, []
-            for d in waiters:
-                d.callback(None)
-
-    def all_closed(self):
-        if not self.protocols:
-            return defer.succeed(None)
-        d = defer.Deferred()
-        self._waiters.append(d)
-        return d
 
 
 class Server:

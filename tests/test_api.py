@@ -15,7 +15,6 @@ import pytest_twisted
 from prometheus_client import CollectorRegistry, Counter
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
-from twisted.protocols.policies import WrappingFactory
 from twisted.web.http_headers import Headers
 from klein import Klein
 from treq.testing import StubTreq
@@ -26,6 +25,7 @@ from audiosocket.dashboard import Dashboard
 from audiosocket.model import Extension, InvalidField
 from audiosocket.store import MemoryStore
 from extkit import ManagerSetup, ext_fields, run
+from httpkit import Tracking
 
 BASE = "http://api.test"
 
@@ -788,28 +788,6 @@ def test_admit_body_needs_token_first():
 
 
 # ---------------------------------------------------------------- over real TCP
-
-
-class Tracking(WrappingFactory):
-    """Knows when every server-side connection has closed."""
-
-    def __init__(self, wrapped):
-        super().__init__(wrapped)
-        self._waiters = []
-
-    def unregisterProtocol(self, p):
-        super().unregisterProtocol(p)
-        if not self.protocols:
-            waiters, self._waiters = self._waiters, []
-            for d in waiters:
-                d.callback(None)
-
-    def all_closed(self):
-        if not self.protocols:
-            return defer.succeed(None)
-        d = defer.Deferred()
-        self._waiters.append(d)
-        return d
 
 
 class RawClient(protocol.Protocol):

@@ -57,6 +57,18 @@ condominium_id = 1
     return path, api
 
 
+def start_twistd(tmp_path: Path, config: Path, log: Path, *options: str) -> subprocess.Popen:
+    """C{twistd -n [options] audiosocket --config config} in C{tmp_path}, its output into
+    C{log}."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            TWISTD + ["-n", *options, "audiosocket", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=str(tmp_path),
+        )
+
+
 def wait_for_text(path: Path, text: str, seconds: float = 30.0) -> str:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -76,13 +88,7 @@ def test_sighup_reloads_and_sigterm_stops(tmp_path):
     """SIGHUP applies a new config without stopping the server; SIGTERM shuts it down cleanly."""
     path, api = write_config(tmp_path, "Bom dia.")
     log = tmp_path / "out.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            TWISTD + ["-n", "audiosocket", "--config", str(path)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=str(tmp_path),
-        )
+    process = start_twistd(tmp_path, path, log)
     try:
         wait_for_text(log, "ready:")
         path.write_text(path.read_text().replace("Bom dia.", "Boa noite."))
@@ -201,13 +207,7 @@ def test_second_server_on_same_state_dir_refuses_and_first_keeps_its_redis(tmp_p
         second_path.read_text().replace('state_dir = "var"', 'state_dir = "{}"'.format(tmp_path / "var"))
     )
     log = tmp_path / "out.log"
-    with open(log, "wb") as out:
-        first = subprocess.Popen(
-            TWISTD + ["-n", "--pidfile", "", "audiosocket", "--config", str(path)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=str(tmp_path),
-        )
+    first = start_twistd(tmp_path, path, log, "--pidfile", "")
     try:
         wait_for_text(log, "ready:")
         result = _twistd(

@@ -15,9 +15,17 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.web import resource, server
 
-from audiosocket.callclient import CallOptions, place_call
 from audiosocket.fakepbx import Webhook
-from test_service import config_for, free_ports, spoken_wav, started, stopped
+from test_service import (
+    call,
+    config_for,
+    free_ports,
+    spoken_wav,
+    started,
+    stopped,
+    webhook_dialer,
+    whisper_speech,
+)
 
 SENTENCE = "Oi, sou o Pedro da Silva, vim entregar uma encomenda para a Ana do 101"
 PICK_UP = "Alô? Pode falar"
@@ -78,23 +86,13 @@ async def test_hello_over_the_announcement_does_not_authorize(redis_server, tmp_
         ai,
         ret,
         flow={"decision_timeout_s": 3},
-        dialer={"kind": "http", "url": "http://127.0.0.1:{}/".format(dial_web.getHost().port)},
-        speech={
-            "stt": "whisper",
-            "whisper": {"url": "http://127.0.0.1:{}/v1".format(stt_web.getHost().port)},
-        },
+        dialer=webhook_dialer(dial_web.getHost().port),
+        speech=whisper_speech(stt_web.getHost().port),
     )
     visitor_wav = spoken_wav(tmp_path / "visitor.wav", SENTENCE)
     svc = await started(config)
     try:
-        await defer.Deferred.fromCoroutine(
-            place_call(
-                CallOptions(
-                    host="127.0.0.1", port=ai, wav=visitor_wav, wav_at=3.0, hangup_after=60
-                ),
-                reactor,
-            )
-        ).addTimeout(70, reactor)
+        await call(ai, 60, wav=visitor_wav, wav_at=3.0).addTimeout(70, reactor)
         (resident,) = await defer.gatherResults(phone.calls).addTimeout(30, reactor)
         (record,) = await svc.store.recent_calls(1)
     finally:

@@ -440,6 +440,13 @@ def logged_in_on_clock():
     StringTransport."""
     clock = MemoryReactorClock()
     dialer = AmiDialer("127.0.0.1", 5038, "audiosocket", SECRET, reactor=clock)
+    protocol, transport = logged_in(dialer)
+    return clock, dialer, protocol, transport
+
+
+def logged_in(dialer):
+    """A new AMI connection for C{dialer} over a StringTransport, logged in; returns its
+    protocol and transport."""
     protocol = dialer.factory.buildProtocol(None)
     transport = StringTransport()
     protocol.makeConnection(transport)
@@ -447,7 +454,7 @@ def logged_in_on_clock():
     [login_id] = action_ids(transport)
     transport.clear()
     protocol.dataReceived(b"Response: Success\r\nActionID: " + login_id + b"\r\n\r\n")
-    return clock, dialer, protocol, transport
+    return protocol, transport
 
 
 def test_ami_dialer_gives_up_when_no_originate_response_ever_comes():

@@ -279,12 +279,11 @@ async def test_whole_sequential_call_without_a_pbx(redis_server, tmp_path):
     A whole multi-resident call against the fake PBX: Ana's phone is busy, so Carlos's is
     rung at once; Carlos presses 1: authorized, decided by Carlos, both legs listed.
     """
-    from test_service import PRESSES_1, finished, free_ports, started, stopped
+    from test_service import PRESSES_1, call, finished, free_ports, started, stopped
     from twisted.internet import defer
     from twisted.internet.endpoints import TCP4ServerEndpoint
     from twisted.web import server
 
-    from audiosocket.callclient import CallOptions, place_call
     from audiosocket.fakepbx import PhoneSpec
 
     phones = {"SIP/ana": PhoneSpec(busy=True), "SIP/carlos": PhoneSpec(dtmf=tuple(PRESSES_1))}
@@ -297,10 +296,7 @@ async def test_whole_sequential_call_without_a_pbx(redis_server, tmp_path):
     )
     svc = await started(config)
     try:
-        await defer.Deferred.fromCoroutine(place_call(
-            CallOptions(host="127.0.0.1", port=ai, dtmf=[(1.0, "101#")], hangup_after=60),
-            reactor,
-        )).addTimeout(60, reactor)
+        await call(ai, 60, dtmf=[(1.0, "101#")]).addTimeout(60, reactor)
         await defer.gatherResults(hook.calls).addTimeout(30, reactor)
         await finished(svc)
         (record,) = await svc.store.recent_calls(10)
@@ -316,12 +312,10 @@ async def test_whole_sequential_call_without_a_pbx(redis_server, tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_whole_operator_call_without_a_pbx(redis_server, tmp_path):
     """The visitor presses 0: the fake PBX takes the transfer; the record reads transferred."""
-    from test_service import finished, free_ports, started, stopped
+    from test_service import call, finished, free_ports, started, stopped
     from twisted.internet import defer
     from twisted.internet.endpoints import TCP4ServerEndpoint
     from twisted.web import server
-
-    from audiosocket.callclient import CallOptions, place_call
 
     hook = Webhook(reactor, out=io.StringIO())
     web = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server.Site(hook))
@@ -332,10 +326,7 @@ async def test_whole_operator_call_without_a_pbx(redis_server, tmp_path):
     )
     svc = await started(config)
     try:
-        visitor = await defer.Deferred.fromCoroutine(place_call(
-            CallOptions(host="127.0.0.1", port=ai, dtmf=[(1.0, "0#")], hangup_after=60),
-            reactor,
-        )).addTimeout(60, reactor)
+        visitor = await call(ai, 60, dtmf=[(1.0, "0#")]).addTimeout(60, reactor)
         await finished(svc)
         (record,) = await svc.store.recent_calls(10)
     finally:

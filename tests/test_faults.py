@@ -19,9 +19,19 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import deferLater
 from twisted.web import server
 
-from audiosocket.callclient import CallOptions, place_call
+from audiosocket.callclient import CallOptions
 from audiosocket.fakepbx import Webhook
-from test_service import PRESSES_1, config_for, free_ports, spoken_wav, started, stopped
+from test_service import (
+    PRESSES_1,
+    call,
+    config_for,
+    free_ports,
+    spoken_wav,
+    started,
+    stopped,
+    webhook_dialer,
+    whisper_speech,
+)
 from test_service_extensions import api_url, extension, request
 
 
@@ -31,12 +41,6 @@ async def until(predicate, seconds: float = 20.0, what: str = "condition"):
             return
         await deferLater(reactor, 0.05, lambda: None)
     raise AssertionError("{} not reached in {} s".format(what, seconds))
-
-
-def call(port: int, seconds: float, **options):
-    return defer.Deferred.fromCoroutine(
-        place_call(CallOptions(host="127.0.0.1", port=port, hangup_after=seconds, **options), reactor)
-    )
 
 
 def redis_pid(svc) -> int | None:
@@ -100,22 +104,6 @@ async def test_embedded_redis_killed_during_calls(tmp_path):
 # -- the AMI connection lost while a resident's phone rings (unit; the real PBX: tests/pbx) ----
 
 
-def _login_again(dialer):
-    """A new AMI connection for C{dialer}, logged in; returns its protocol and transport."""
-    from twisted.internet.testing import StringTransport
-
-    from test_dialer import action_ids
-
-    protocol = dialer.factory.buildProtocol(None)
-    transport = StringTransport()
-    protocol.makeConnection(transport)
-    protocol.dataReceived(b"Asterisk Call Manager/5.0.4\r\n")
-    [login_id] = action_ids(transport)
-    transport.clear()
-    protocol.dataReceived(b"Response: Success\r\nActionID: " + login_id + b"\r\n\r\n")
-    return protocol, transport
-
-
 def test_ami_cancel_while_disconnected_hangs_up_once_reconnected():
     """
     The AMI connection drops while the resident's phone rings and the flow cancels the dial:
@@ -125,18 +113,18 @@ def test_ami_cancel_while_disconnected_hangs_up_once_reconnected():
     from twisted.python.failure import Failure
     from twisted.internet.error import ConnectionDone
 
-    from test_dialer import LEG_UUID, answer, originated_on_clock, written_actions
+    from test_dialer import LEG_UUID, answer, logged_in, originated_on_clock, written_actions
 
     clock, dialer, protocol, transport, originate = originated_on_clock()
     protocol.connectionLost(Failure(ConnectionDone()))
     assert dialer.cancel(LEG_UUID).called
-    protocol2, transport2 = _login_again(dialer)
+    protocol2, transport2 = logged_in(dialer)
     [hangup] = written_actions(transport2)
     assert (hangup["Action"], hangup["Channel"]) == ("Hangup", originate["ChannelId"])
     answer(protocol2, Response="Success", ActionID=hangup["ActionID"], Message="Channel Hungup")
     transport2.clear()
     dialer.cancel(LEG_UUID)
-    _login_again(dialer)
+    logged_in(dialer)
     assert transport2.value() == b""
 
 
@@ -148,14 +136,14 @@ def test_ami_hangup_lost_with_the_connection_is_sent_again():
     from twisted.python.failure import Failure
     from twisted.internet.error import ConnectionLost
 
-    from test_dialer import LEG_UUID, answer, originated_on_clock, written_actions
+    from test_dialer import LEG_UUID, answer, logged_in, originated_on_clock, written_actions
 
     clock, dialer, protocol, transport, originate = originated_on_clock()
     answer(protocol, Event="Newchannel", Uniqueid=originate["ChannelId"])
     dialer.cancel(LEG_UUID)
     [hangup] = written_actions(transport)
     protocol.connectionLost(Failure(ConnectionLost()))
-    protocol2, transport2 = _login_again(dialer)
+    protocol2, transport2 = logged_in(dialer)
     [again] = written_actions(transport2)
     assert (again["Action"], again["Channel"]) == ("Hangup", originate["ChannelId"])
 
@@ -229,14 +217,8 @@ async def test_stt_provider_broken_call_goes_on_by_keypad(redis_server, tmp_path
         tmp_path,
         ai,
         ret,
-        dialer={"kind": "http", "url": "http://127.0.0.1:{}/".format(web.getHost().port)},
-        speech={
-            "stt": "whisper",
-            "whisper": {
-                "url": "http://127.0.0.1:{}/v1".format(stt_port.getHost().port),
-                "timeout_s": 1.0,
-            },
-        },
+        dialer=webhook_dialer(web.getHost().port),
+        speech=whisper_speech(stt_port.getHost().port, timeout_s=1.0),
     )
     sentence = "Oi, sou o Pedro, vim visitar a Ana"
     svc = await started(config)
@@ -334,23 +316,15 @@ async def test_sigterm_with_twenty_calls_each_hears_goodbye(tmp_path):
     goodbye) and then the hangup frame, every record is saved, and the process exits by
     itself without cutting any call ("still open at shutdown" never logged).
     """
-    import subprocess
-
     import treq
 
     from audiosocket.callclient import place_calls
-    from test_daemon import TWISTD, wait_for_text, write_config
+    from test_daemon import start_twistd, wait_for_text, write_config
 
     path, api = write_config(tmp_path, "Bom dia.")
     ai = int(path.read_text().split("ai_port = ")[1].split()[0])
     log = tmp_path / "out.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            TWISTD + ["-n", "audiosocket", "--config", str(path)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=str(tmp_path),
-        )
+    process = start_twistd(tmp_path, path, log)
 
     async def sessions():
         response = await treq.get(
@@ -435,7 +409,7 @@ async def test_status_process_figures_come_back_after_calls(redis_server, tmp_pa
     ai, ret = free_ports(2)
     config = config_for(
         redis_server.path, tmp_path, ai, ret,
-        dialer={"kind": "http", "url": "http://127.0.0.1:{}/".format(web.getHost().port)},
+        dialer=webhook_dialer(web.getHost().port),
     )
     svc = await started(config)
     try:

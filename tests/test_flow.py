@@ -15,7 +15,7 @@ from audiosocket import wire
 from audiosocket.dialer import DialFailed
 from audiosocket.flow.prompts import announcement
 from audiosocket.leg import VISITOR
-from flowkit import EXTENSION, Bench, FakeExtensionService
+from flowkit import EXTENSION, Bench, FakeExtensionService, start_call
 
 
 @pytest.fixture
@@ -23,14 +23,6 @@ def bench():
     b = Bench()
     yield b
     b.stop()
-
-
-def start_call(bench, keys="101#"):
-    """A visitor calls and types C{keys} once the greeting has started."""
-    visitor = bench.connect()
-    bench.advance(0.1)
-    visitor.press(keys)
-    return visitor
 
 
 def answer(bench, visitor):

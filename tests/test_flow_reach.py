@@ -20,7 +20,7 @@ from audiosocket.flow import call as flow_call
 from audiosocket.flow.directory import Apartment, Directory, DirectoryError
 from audiosocket.flow.nlu import asks_for_person
 from audiosocket.leg import RESIDENT
-from flowkit import Bench, ScriptedDialer
+from flowkit import Bench, ScriptedDialer, start_call
 
 #: 101: Ana and Carlos with phones of their own, Bia at the apartment's phone.
 UNIT = Directory(
@@ -75,13 +75,6 @@ def benches():
     yield make
     for bench in made:
         bench.stop()
-
-
-def start_call(bench, keys="101#"):
-    visitor = bench.connect()
-    bench.advance(0.1)
-    visitor.press(keys)
-    return visitor
 
 
 def join(bench, request):

@@ -9,8 +9,6 @@ time, no sockets); the real process's SIGHUP is in tests/test_daemon.py.
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 from twisted.logger import capturedLogs
@@ -139,17 +137,6 @@ def test_invalid_reload_changes_nothing(served):
 # ---------------------------------------------------------------- [flow] and what needs a restart
 #
 # The service's own registry behind the bench's legs: [flow] max_call_s is the registry's.
-
-ETC = Path(__file__).resolve().parent.parent / "etc"
-
-
-@pytest.fixture
-def etc(tmp_path):
-    """A copy of the shipped etc/ to edit."""
-    shutil.copy(ETC / "audiosocket.toml", tmp_path / "audiosocket.toml")
-    shutil.copy(ETC / "apartments.json", tmp_path / "apartments.json")
-    return tmp_path
-
 
 @pytest.fixture
 def bench():

@@ -76,6 +76,25 @@ def config_for(redis_path: str, tmp_path, ai: int, ret: int, **sections) -> obje
     return parse_config(data, str(tmp_path / "audiosocket.toml"))
 
 
+def webhook_dialer(port: int) -> dict:
+    """A [dialer] section: the http dialer posting to a local web server (a L{Webhook} site)."""
+    return {"kind": "http", "url": "http://127.0.0.1:{}/".format(port)}
+
+
+def whisper_speech(port: int, **whisper) -> dict:
+    """A [speech] section: STT by the whisper-compatible server on local C{port}, with more
+    [speech.whisper] keys."""
+    return {"stt": "whisper", "whisper": {"url": "http://127.0.0.1:{}/v1".format(port), **whisper}}
+
+
+def call(port: int, seconds: float, host: str = "127.0.0.1", **options) -> defer.Deferred:
+    """A call placed by the L{place_call} core to C{host}:C{port}, hung up after C{seconds};
+    C{options} are more L{CallOptions}. Fires with its report."""
+    return defer.Deferred.fromCoroutine(
+        place_call(CallOptions(host=host, port=port, hangup_after=seconds, **options), reactor)
+    )
+
+
 async def started(config):
     svc = makeService(config, reactor=reactor)
     svc.startService()
@@ -139,9 +158,7 @@ async def test_greeting_arrives_as_speech(redis_server, tmp_path):
     ai, ret = free_ports(2)
     svc = await started(config_for(redis_server.path, tmp_path, ai, ret))
     try:
-        report = await defer.Deferred.fromCoroutine(
-            place_call(CallOptions(host="127.0.0.1", port=ai, hangup_after=5.0), reactor)
-        ).addTimeout(20, reactor)
+        report = await call(ai, 5.0).addTimeout(20, reactor)
     finally:
         await stopped(svc)
     assert report.connected and report.error is None
@@ -164,9 +181,7 @@ async def test_garbage_closes_only_that_connection(redis_server, tmp_path):
     ai, ret = free_ports(2)
     svc = await started(config_for(redis_server.path, tmp_path, ai, ret))
     try:
-        good = defer.Deferred.fromCoroutine(
-            place_call(CallOptions(host="127.0.0.1", port=ai, hangup_after=3.0), reactor)
-        )
+        good = call(ai, 3.0)
         session = await svc.registry.when_started().addTimeout(10, reactor)
         good_leg = session.visitor
 
@@ -214,12 +229,7 @@ async def test_two_leg_call_authorized_by_keypad(redis_server, tmp_path):
     config = config_for(redis_server.path, tmp_path, ai, ret, dialer={"kind": "http", "url": url})
     svc = await started(config)
     try:
-        visitor = await defer.Deferred.fromCoroutine(
-            place_call(
-                CallOptions(host="127.0.0.1", port=ai, dtmf=[(1.0, "101#")], hangup_after=60),
-                reactor,
-            )
-        ).addTimeout(60, reactor)
+        visitor = await call(ai, 60, dtmf=[(1.0, "101#")]).addTimeout(60, reactor)
         (resident,) = await defer.gatherResults(phone.calls).addTimeout(30, reactor)
         await finished(svc)
         calls = await svc.store.recent_calls(10)
@@ -277,23 +287,9 @@ async def test_forged_resident_leg_with_the_session_uuid_is_refused(redis_server
     chosen = str(uuid.uuid4())  # the visitor's side decides this one
     svc = await started(config)
     try:
-        visitor = defer.Deferred.fromCoroutine(
-            place_call(
-                CallOptions(
-                    host="127.0.0.1", port=ai, uuid=chosen, dtmf=[(1.0, "101#")], hangup_after=60
-                ),
-                reactor,
-            )
-        )
+        visitor = call(ai, 60, uuid=chosen, dtmf=[(1.0, "101#")])
         request = await capture.requests.get().addTimeout(30, reactor)
-        attacker = await defer.Deferred.fromCoroutine(
-            place_call(
-                CallOptions(
-                    host="127.0.0.1", port=ret, uuid=chosen, dtmf=[(0.5, "1")], hangup_after=5
-                ),
-                reactor,
-            )
-        ).addTimeout(10, reactor)
+        attacker = await call(ret, 5, uuid=chosen, dtmf=[(0.5, "1")]).addTimeout(10, reactor)
         # The forgery was refused at once, before it heard a word, counted as unknown_uuid.
         session = svc.registry.sessions.get(uuid.UUID(chosen))
         assert session is not None and session.resident is None
@@ -303,18 +299,7 @@ async def test_forged_resident_leg_with_the_session_uuid_is_refused(redis_server
         # The real resident answers the dial: its leg presents the dial's leg UUID. Keys
         # count only once the announcement and the question have played, so 1 is pressed
         # every few seconds.
-        resident = await defer.Deferred.fromCoroutine(
-            place_call(
-                CallOptions(
-                    host="127.0.0.1",
-                    port=ret,
-                    uuid=request["leg_uuid"],
-                    dtmf=PRESSES_1,
-                    hangup_after=60,
-                ),
-                reactor,
-            )
-        ).addTimeout(70, reactor)
+        resident = await call(ret, 60, uuid=request["leg_uuid"], dtmf=PRESSES_1).addTimeout(70, reactor)
         visitor = await visitor.addTimeout(70, reactor)
         await finished(svc)
         (record,) = await svc.store.recent_calls(1)
@@ -338,12 +323,7 @@ async def test_resident_leg_with_unknown_uuid_is_refused(redis_server, tmp_path)
     ai, ret = free_ports(2)
     svc = await started(config_for(redis_server.path, tmp_path, ai, ret))
     try:
-        report = await defer.Deferred.fromCoroutine(
-            place_call(
-                CallOptions(host="127.0.0.1", port=ret, uuid=str(uuid.uuid4()), hangup_after=5),
-                reactor,
-            )
-        ).addTimeout(10, reactor)
+        report = await call(ret, 5, uuid=str(uuid.uuid4())).addTimeout(10, reactor)
     finally:
         await stopped(svc)
     assert report.hung_up_by == "server-close"
@@ -362,9 +342,7 @@ async def test_ipv4_pbx_allowed_on_a_dual_stack_bind(redis_server, tmp_path):
     )
     svc = await started(config)
     try:
-        report = await defer.Deferred.fromCoroutine(
-            place_call(CallOptions(host="127.0.0.1", port=ai, hangup_after=3.0), reactor)
-        ).addTimeout(20, reactor)
+        report = await call(ai, 3.0).addTimeout(20, reactor)
     finally:
         await stopped(svc)
     assert svc.manager.refused["peer_not_allowed"] == 0
@@ -439,22 +417,14 @@ async def test_full_voice_call(redis_server, tmp_path):
         tmp_path,
         ai,
         ret,
-        dialer={"kind": "http", "url": "http://127.0.0.1:{}/".format(dial_web.getHost().port)},
-        speech={
-            "stt": "whisper",
-            "whisper": {"url": "http://127.0.0.1:{}/v1".format(stt_web.getHost().port)},
-        },
+        dialer=webhook_dialer(dial_web.getHost().port),
+        speech=whisper_speech(stt_web.getHost().port),
     )
     visitor_wav = spoken_wav(tmp_path / "visitor.wav", sentence)
     svc = await started(config)
     try:
         # The visitor starts talking over the greeting (barge-in) and then waits.
-        visitor = await defer.Deferred.fromCoroutine(
-            place_call(
-                CallOptions(host="127.0.0.1", port=ai, wav=visitor_wav, wav_at=3.0, hangup_after=60),
-                reactor,
-            )
-        ).addTimeout(70, reactor)
+        visitor = await call(ai, 60, wav=visitor_wav, wav_at=3.0).addTimeout(70, reactor)
         await defer.gatherResults(phone.calls).addTimeout(30, reactor)
         await finished(svc)
         (record,) = await svc.store.recent_calls(1)
@@ -691,9 +661,7 @@ async def test_port_fallback_around_a_port_really_in_use(redis_server, tmp_path)
         try:
             extension = svc.manager.get(1)
             assert (extension.bound_ai_port, extension.bound_return_port) == (spare, ret)
-            report = await defer.Deferred.fromCoroutine(
-                place_call(CallOptions(host="127.0.0.1", port=spare, hangup_after=1.0), reactor)
-            ).addTimeout(20, reactor)
+            report = await call(spare, 1.0).addTimeout(20, reactor)
         finally:
             await stopped(svc)
     finally:

@@ -12,8 +12,7 @@ import pytest_twisted
 import treq
 from twisted.internet import defer, reactor
 
-from audiosocket.callclient import CallOptions, place_call
-from test_service import config_for, free_ports, started, stopped
+from test_service import call, config_for, free_ports, started, stopped
 
 
 def api_url(svc, path: str) -> str:
@@ -56,12 +55,6 @@ def applied(svc, predicate, seconds: float = 10.0) -> defer.Deferred:
     svc.control.add_observer(check)
     check()
     return d.addTimeout(seconds, reactor)
-
-
-def call(port: int, seconds: float, host="127.0.0.1"):
-    return defer.Deferred.fromCoroutine(
-        place_call(CallOptions(host=host, port=port, hangup_after=seconds), reactor)
-    )
 
 
 @pytest_twisted.ensureDeferred

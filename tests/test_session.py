@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from audiosocket.leg import RESIDENT, VISITOR, Refused
 from audiosocket.model import Extension
 from audiosocket.session import LATE_MAX_S, RESIDENT_GRACE_S, Session, SessionRegistry
-from flowkit import EXTENSION, Bench, FakeExtensionService
+from flowkit import EXTENSION, Bench, FakeExtensionService, start_call
 
 
 @pytest.fixture
@@ -31,9 +31,7 @@ def bench():
 
 def dialed(bench, keys="101#"):
     """A visitor types C{keys}; returns the visitor once the dialer has been asked to ring."""
-    visitor = bench.connect()
-    bench.advance(0.1)
-    visitor.press(keys)
+    visitor = start_call(bench, keys)
     bench.until(lambda: bench.dialer.requests)
     return visitor
 

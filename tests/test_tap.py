@@ -5,7 +5,6 @@ Tests for the twistd plugin options (L{audiosocket.tap}) and the config reload o
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,14 +18,6 @@ from audiosocket.service import makeService
 from audiosocket.tap import Options
 
 ETC = Path(__file__).resolve().parent.parent / "etc"
-
-
-@pytest.fixture
-def etc(tmp_path):
-    """A copy of the shipped etc/ to edit."""
-    shutil.copy(ETC / "audiosocket.toml", tmp_path / "audiosocket.toml")
-    shutil.copy(ETC / "apartments.json", tmp_path / "apartments.json")
-    return tmp_path
 
 
 def test_shipped_config_parses():

@@ -26,6 +26,7 @@ from twisted.logger import globalLogPublisher
 from audiosocket.config import parse_config
 from audiosocket.service import makeService
 from pbx.asterisk import Asterisk, Phone, connect_ami
+from test_service import free_ports  # noqa: F401  (the PBX tests import it from here)
 
 REQUIRE_ENV = "AUDIOSOCKET_REQUIRE_PBX"
 SECRET_ENV = "PBX_TEST_AMI_SECRET"
@@ -143,20 +144,6 @@ def extension(id: int, ai_extension: str, ai: int, ret: int) -> dict:
         "host": "127.0.0.1",
         "condominium_id": 1,
     }
-
-
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 # -- the rig ------------------------------------------------------------------------------------
