@@ -566,10 +566,7 @@ class DoormanService(MultiService):
         # Each part reads its settings once per call: swapping them here changes the next
         # call only.
         self.sites = sites
-        self.flow.privacy = config.privacy
-        dashboard = getattr(self.api, "dashboard", None)
-        if dashboard is not None:  # what the operator's screen may show of what was said
-            dashboard.log_speech = config.privacy.log_speech
+        self.flow.privacy = config.privacy  # the operator's screen reads it from the flow
         self.registry.max_call_s = config.flow.max_call_s
         # In effect: the new file, but what only a restart applies as it started.
         self.config = attrs.evolve(config, **{name: getattr(old, name) for name in RESTART_TABLES})
@@ -725,7 +722,7 @@ def makeService(
         max_body=api.max_body,
         refused=server.manager.refused,
         reactor=reactor,
-        privacy=config.privacy,
+        privacy=lambda: server.flow.privacy,
         dialer=dialer,
     )
     return server

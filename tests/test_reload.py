@@ -233,3 +233,15 @@ def test_reload_without_restart_tables_says_nothing_about_a_restart(etc, bench):
     with capturedLogs() as events:
         assert svc.reload().result is True
     assert not [e for e in events if "restart" in e["log_format"]]
+
+
+def test_reloaded_log_speech_reaches_the_operators_screen(etc, bench):
+    """
+    The operator's screen may show what callers said exactly when the flow may keep it:
+    a reload turning C{[privacy] log_speech} on changes both at once.
+    """
+    svc = serve(etc, bench)
+    assert not svc.flow.privacy.log_speech and not svc.api.dashboard.log_speech
+    edit(etc, "log_speech = false", "log_speech = true")
+    assert svc.reload().result is True
+    assert svc.flow.privacy.log_speech and svc.api.dashboard.log_speech

@@ -149,7 +149,9 @@ class Dashboard:
 
     def __init__(self, api, *, privacy=None, dialer=None):
         self.api = api
-        self.log_speech = bool(getattr(privacy, "log_speech", False))
+        # The privacy settings in effect: a callable (the flow's, swapped by a reload) or a
+        # fixed value.
+        self._privacy = privacy if callable(privacy) else (lambda: privacy)
         self.dialer = dialer
         self.health = Health()
         self.env = Environment(
@@ -166,6 +168,12 @@ class Dashboard:
         )
 
     # ------------------------------------------------------------ helpers
+
+
+    @property
+    def log_speech(self) -> bool:
+        """Whether the screen may show what callers said (C{[privacy] log_speech} now)."""
+        return bool(getattr(self._privacy(), "log_speech", False))
 
     def render(self, request, name: str, **context) -> bytes:
         login = getattr(request, "dashboard_login", None)
