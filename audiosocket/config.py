@@ -32,7 +32,9 @@ import attrs
 from attrs import frozen
 
 from audiosocket import peers
+from audiosocket.flow.prompts import check_overrides
 from audiosocket.model import EXTENSION_FIELDS, Extension, InvalidField, valid_host
+from audiosocket.wire import KIND_OF_RATE
 
 __all__ = [
     "ApiConfig",
@@ -356,8 +358,6 @@ def _prompts(value: Any, base: Path) -> Mapping[str, str]:
             raise _Invalid(e.message, f".{name}") from None
     # A name or a field the flow does not know would otherwise fail mid-call; a field the
     # default lacks may be caller data (no prompt reads back what the visitor typed).
-    from audiosocket.flow.prompts import check_overrides
-
     for name, text in value.items():
         try:
             check_overrides({name: text})
@@ -503,8 +503,6 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 
 def _rates(value: Any, base: Path) -> tuple[int, ...]:
-    from audiosocket.wire import KIND_OF_RATE
-
     known = sorted(KIND_OF_RATE)
     if not isinstance(value, list) or not value:
         raise _Invalid(f"must be a non-empty list of sample rates from {known}, not {_show(value)}")

@@ -61,6 +61,7 @@ from zope.interface import implementer
 
 from . import wire
 from .clock import AudioClock, FrameStats
+from .peers import peer_allowed
 from .reactors import default_reactor
 
 VISITOR = "visitor"
@@ -814,6 +815,4 @@ class LegFactory(Factory):
 def _peer_allowed(addr, networks) -> bool:
     # The rule lives in audiosocket.peers (shared with the config): IPv4-mapped peers on a
     # "::" listener and IPv6 zone ids are normalised there.
-    from .peers import peer_allowed
-
     return peer_allowed(getattr(addr, "host", None), networks)
