@@ -33,6 +33,7 @@ setup(
         "prometheus-client>=0.20",
         "webrtcvad-wheels>=2.0.14",
         "jinja2>=3.1",  # the dashboard's templates
+        "tzdata>=2024.1",  # condominium time zones where the system has no zoneinfo
     ],
     extras_require={
         "test": [

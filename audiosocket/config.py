@@ -23,6 +23,7 @@ import os
 import re
 import socket
 import tomllib
+import zoneinfo
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
@@ -743,6 +744,31 @@ class PrivacyConfig:
 
     log_speech: bool = _field(False, _bool)  # true: transcripts go to the log (debugging)
     record_speech: bool = _field(False, _bool)  # true: the resident's words go to the record
+    #: true: the visitor's name goes to the call record and the access audit (false: neither
+    #: keeps it; the announcement to the resident still says it).
+    keep_visitor_names: bool = _field(True, _bool)
+    #: Call records older than this many days are deleted (0: kept until the stream's cap).
+    calls_retention_days: int = _field(90, _int(0, 36500))
+    #: Access audit entries older than this many days are deleted (0: kept until the cap).
+    access_retention_days: int = _field(180, _int(0, 36500))
+
+
+@frozen(kw_only=True)
+class AccessConfig:
+    """
+    C{[access]}: entering with a pre-authorisation code (C{*} + 6 digits + C{#} at the gate).
+    A call gets C{code_tries_per_call} tries; C{lockout_failures} wrong codes on one extension
+    within C{lockout_window_s} lock that extension's code entry for C{lockout_s} (brute force).
+    """
+
+    code_tries_per_call: int = _field(3, _int(1, 10))
+    lockout_failures: int = _field(10, _int(1, 1000))
+    lockout_window_s: float = _field(900.0, _positive)
+    lockout_s: float = _field(900.0, _positive)
+    #: Pre-authorisations a condominium may hold (a bound on the store and on each code check).
+    max_preauths: int = _field(1000, _int(1, 100000))
+    #: Entries the access audit stream keeps at most (trimmed approximately, oldest first).
+    audit_maxlen: int = _field(100000, _int(100, 10_000_000))
 
 
 def _dial_string(value: Any, base: Path) -> str:
@@ -777,6 +803,44 @@ class OperatorConfig:
     on_unknown_apartment: str = _field("goodbye", _choice("operator", "goodbye"))
 
 
+def _timezone(value: Any, base: Path) -> str:
+    name = _str(empty=False)(value, base)
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise _Invalid(f'must be an IANA time zone such as "America/Sao_Paulo", not {_show(name)}') from None
+    return name
+
+
+def _gate_digits(value: Any, base: Path) -> str:
+    text = _str(show=False)(value, base)
+    if not re.fullmatch(r"[0-9*#A-Dw]{0,32}", text):
+        # Never echo it: the gate's code is a secret of the building.
+        raise _Invalid("must be up to 32 DTMF characters (0-9 * # A-D, w for a pause)")
+    return text
+
+
+@frozen(kw_only=True)
+class GateConfig:
+    """
+    C{[condominiums.gate]}: what opens the gate once the visitor may enter. C{none}: nothing
+    (the decision is only recorded); C{dtmf}: the PBX sends C{digits} on the visitor's intercom
+    line after the goodbye (the hand-off C{open,<digits>}); C{http}: a relay controller at
+    C{url} is called (C{method}, JSON body, HMAC-SHA256 signature with the secret named by
+    C{secret_env}), C{timeout_s} per try, C{retries} more tries after a failure.
+    """
+
+    kind: str = _field("none", _choice("none", "dtmf", "http"))
+    digits: str = _field("", _gate_digits, repr=False)
+    url: str = _field("", _url("http", "https"))
+    method: str = _field("POST", _choice("POST", "PUT"))
+    secret_env: str = _field("", _env_name)
+    timeout_s: float = _field(3.0, _positive)
+    retries: int = _field(2, _int(0, 5))
+    #: Pre-authorisation codes (C{*} + code + C{#}) are offered and accepted at this gate.
+    codes: bool = _field(True, _bool)
+
+
 @frozen(kw_only=True)
 class Condominium:
     """One C{[[condominiums]]} item: a building, its greeting and its residents directory."""
@@ -794,6 +858,9 @@ class Condominium:
     audio: Mapping[str, Any] = _field({}, lambda value, base: _audio_overrides(value, base))
     dial: DialStrategyConfig = _table(DialStrategyConfig)
     operator: OperatorConfig = _table(OperatorConfig)
+    gate: GateConfig = _table(GateConfig)
+    #: The building's local time zone: pre-authorisation hours and weekdays are read in it.
+    timezone: str = _field("America/Sao_Paulo", _timezone)
 
     def audio_config(self, audio: "AudioConfig") -> "AudioConfig":
         """The global C{[audio]} with this condominium's overrides."""
@@ -825,6 +892,7 @@ _SECTIONS = {
     "flow": FlowConfig,
     "privacy": PrivacyConfig,
     "limits": LimitsConfig,
+    "access": AccessConfig,
 }
 
 
@@ -842,6 +910,7 @@ class Config:
     flow: FlowConfig
     privacy: PrivacyConfig
     limits: LimitsConfig
+    access: AccessConfig
     condominiums: tuple[Condominium, ...]
     extensions: tuple[Extension, ...]
 
@@ -888,6 +957,13 @@ class Config:
             wanted.append(
                 ("speech.azure.key_env", speech.azure.key_env, True, "Azure speech fails")
             )
+        for i, condominium in enumerate(self.condominiums):
+            gate = condominium.gate
+            if gate.kind == "http" and gate.secret_env:
+                wanted.append(
+                    (f"condominiums[{i}].gate.secret_env", gate.secret_env, True,
+                     "the gate relay cannot be signed (the gate never opens)")
+                )
         optional = [
             (speech.tts == "openai", "speech.openai.api_key_env", speech.openai.api_key_env),
             (speech.stt == "whisper", "speech.whisper.api_key_env", speech.whisper.api_key_env),
@@ -1080,6 +1156,27 @@ def _check_rules(config: Config) -> None:
                 f"duplicate id {condominium.id} (also {condominium_ids[condominium.id]})", key
             )
         condominium_ids[condominium.id] = key
+        gate = condominium.gate
+        if gate.kind == "dtmf" and not gate.digits:
+            raise _Invalid('is required when gate.kind = "dtmf"', f"condominiums[{i}].gate.digits")
+        if gate.kind == "http":
+            if not gate.url:
+                raise _Invalid('is required when gate.kind = "http"', f"condominiums[{i}].gate.url")
+            if not gate.secret_env:
+                raise _Invalid(
+                    'is required when gate.kind = "http": the relay must be able to tell the '
+                    "server's calls from anyone else's (HMAC-SHA256 signature)",
+                    f"condominiums[{i}].gate.secret_env",
+                )
+            parts = urlsplit(gate.url)
+            if parts.scheme == "http" and not _is_loopback(parts.hostname):
+                # The signature does not hide the body, and a replayed request is another
+                # open: off this host the relay is reached over TLS.
+                raise _Invalid(
+                    "must be https:// for a relay on another host (plain http:// is only for "
+                    f"a relay on loopback), not {_show(gate.url)}",
+                    f"condominiums[{i}].gate.url",
+                )
         operator = condominium.operator
         for when in ("on_no_answer", "on_unknown_apartment"):
             if getattr(operator, when) == "operator" and not operator.dial:

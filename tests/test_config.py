@@ -280,6 +280,38 @@ def test_dial_and_operator_set(tmp_path):
     assert condominium.operator.on_unknown_apartment == "operator"
 
 
+def test_gate_access_and_privacy_defaults(tmp_path):
+    """
+    Without [condominiums.gate], [access] or the new [privacy] keys: no gate acts, codes
+    get 3 tries a call and lock an extension after 10 failures in 15 min, records are kept
+    90 days and the access audit 180, with the visitor's name.
+    """
+    config = load(tmp_path)
+    (condominium,) = config.condominiums
+    assert condominium.gate.kind == "none"
+    assert condominium.gate.retries == 2 and condominium.gate.timeout_s == 3.0
+    assert condominium.timezone == "America/Sao_Paulo"
+    assert (config.access.code_tries_per_call, config.access.lockout_failures) == (3, 10)
+    assert (config.access.lockout_window_s, config.access.lockout_s) == (900.0, 900.0)
+    privacy = config.privacy
+    assert (privacy.calls_retention_days, privacy.access_retention_days) == (90, 180)
+    assert privacy.keep_visitor_names is True
+
+
+def test_http_gate_secret_is_a_required_secret(tmp_path, monkeypatch):
+    """An http gate's signing secret unset stops start-up (listed as required)."""
+    monkeypatch.delenv("GATE_SECRET", raising=False)
+    text = CONDOMINIUM + (
+        '[condominiums.gate]\nkind = "http"\nurl = "http://127.0.0.1:9/open"\n'
+        'secret_env = "GATE_SECRET"\n'
+    )
+    config = load(tmp_path, text)
+    unset = {u.key: u for u in config.unset_secrets()}
+    assert unset["condominiums[0].gate.secret_env"].required is True
+    monkeypatch.setenv("GATE_SECRET", "s3cret")
+    assert "condominiums[0].gate.secret_env" not in {u.key for u in config.unset_secrets()}
+
+
 def test_condominium_lookup(tmp_path):
     """Config.condominium(id) finds a condominium by id and raises KeyError for others."""
     config = load(tmp_path)
@@ -824,6 +856,54 @@ MISTAKES = {
         CONDOMINIUM + '[condominiums.operator]\non_unknown_apartment = "human"\n',
         "condominiums[0].operator.on_unknown_apartment",
         'must be one of "operator", "goodbye", not "human"',
+    ),
+    "gate kind unknown": (
+        CONDOMINIUM + '[condominiums.gate]\nkind = "relay"\n',
+        "condominiums[0].gate.kind",
+        'must be one of "none", "dtmf", "http", not "relay"',
+    ),
+    "dtmf gate without digits": (
+        CONDOMINIUM + '[condominiums.gate]\nkind = "dtmf"\n',
+        "condominiums[0].gate.digits",
+        'is required when gate.kind = "dtmf"',
+    ),
+    "gate digits not dtmf, never echoed": (
+        CONDOMINIUM + '[condominiums.gate]\nkind = "dtmf"\ndigits = "12;Set(X=1)"\n',
+        "condominiums[0].gate.digits",
+        "must be up to 32 DTMF characters (0-9 * # A-D, w for a pause)",
+    ),
+    "http gate without url": (
+        CONDOMINIUM + '[condominiums.gate]\nkind = "http"\nsecret_env = "GATE"\n',
+        "condominiums[0].gate.url",
+        'is required when gate.kind = "http"',
+    ),
+    "http gate without a secret": (
+        CONDOMINIUM + '[condominiums.gate]\nkind = "http"\nurl = "https://relay/open"\n',
+        "condominiums[0].gate.secret_env",
+        'is required when gate.kind = "http": the relay must be able to tell the '
+        "server's calls from anyone else's (HMAC-SHA256 signature)",
+    ),
+    "http gate in clear off this host": (
+        CONDOMINIUM
+        + '[condominiums.gate]\nkind = "http"\nurl = "http://10.0.0.9/open"\nsecret_env = "G"\n',
+        "condominiums[0].gate.url",
+        "must be https:// for a relay on another host (plain http:// is only for a relay on "
+        'loopback), not "http://10.0.0.9/open"',
+    ),
+    "unknown time zone": (
+        CONDOMINIUM + 'timezone = "Brasil/Centro"\n',
+        "condominiums[0].timezone",
+        'must be an IANA time zone such as "America/Sao_Paulo", not "Brasil/Centro"',
+    ),
+    "retention negative": (
+        "[privacy]\ncalls_retention_days = -1\n" + CONDOMINIUM,
+        "privacy.calls_retention_days",
+        "must be an integer between 0 and 36500, not -1",
+    ),
+    "code tries zero": (
+        "[access]\ncode_tries_per_call = 0\n" + CONDOMINIUM,
+        "access.code_tries_per_call",
+        "must be an integer between 1 and 10, not 0",
     ),
     "duplicate condominium id": (
         CONDOMINIUM + SECOND_CONDOMINIUM,
