@@ -89,6 +89,7 @@ from .dashboard import Dashboard, is_page
 from .dashboard.auth import CSRF_HEADER, SESSION_COOKIE, BrowserLogins, Login, cookie_value
 from .events import EventHub
 from .extension import Conflict, NotFound
+from .gate import GateError
 from .model import EXTENSION_FIELDS, InvalidField, Extension
 from .reactors import default_reactor
 
@@ -212,11 +213,13 @@ class Api:
         reactor=None,
         privacy=None,
         dialer=None,
+        gates=None,
     ):
         self._control = control
         self._manager = control.manager
         self._sessions = sessions
         self._store = store
+        self._gates = gates
         self._token = token
         self._status = status
         self._registry = metrics_registry
@@ -577,6 +580,27 @@ class Api:
         svc = await self._control.restart(ext_id)
         return _json(request, svc.describe())
 
+    # ------------------------------------------------------------ the gate
+
+    @app.route("/api/gates/<int:condominium_id>/open", methods=["POST"])
+    async def open_gate(self, request, condominium_id):
+        """An operator opens a condominium's gate by hand (see L{audiosocket.gate.OperatorDesk})."""
+        if self._gates is None:
+            raise ApiError(404, "not_found", "this server opens no gates")
+        body = self._body(request)
+        try:
+            result = await self._gates.open(condominium_id, body)
+        except KeyError as e:
+            raise ApiError(404, "not_found", str(e.args[0]) if e.args else "not found") from None
+        except GateError as e:
+            raise ApiError(409, "cannot_open", str(e)) from None
+        data = {"condominium_id": condominium_id, **result.to_dict()}
+        if not result.ok:
+            # The error code is "gate_failed"; the relay's or PBX's reason is the detail.
+            del data["error"]
+            raise ApiError(502, "gate_failed", result.error or "the gate did not open", extra=data)
+        return _json(request, data)
+
     # ------------------------------------------------------------ sessions and calls
 
     @app.route("/api/sessions", methods=["GET"])
@@ -818,6 +842,10 @@ def openapi_document() -> dict:
             "route runs"
         ),
         "422": _error_response("Invalid field; `field` names it"),
+        "502": _error_response(
+            "The gate did not open (the relay failed or refused, or the PBX did not take the "
+            "hand-off); `result`, `attempts` say how"
+        ),
         "503": _error_response(
             "The extension store is unavailable (nothing changed), or too many event streams"
         ),
@@ -992,6 +1020,34 @@ def openapi_document() -> dict:
                     },
                 },
             },
+            "/api/gates/{condominium_id}/open": {
+                "parameters": [
+                    {
+                        "name": "condominium_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "integer", "minimum": 1},
+                    }
+                ],
+                "post": {
+                    "summary": "Open a condominium's gate by hand (audited); a dtmf gate opens "
+                    "on a call in progress (uuid), which then ends",
+                    "operationId": "openGate",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/GateOpenRequest"}
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _json_response("Opened (or handed to the PBX)", "#/components/schemas/GateOpenResult"),
+                        "409": _error_response("This condominium has no gate, or a dtmf gate needs a call"),
+                        **pick("400", "401", "404", "422", "502"),
+                    },
+                },
+            },
             "/api/sessions": {
                 "get": {
                     "summary": "Calls in progress",
@@ -1094,6 +1150,8 @@ def openapi_document() -> dict:
                                 "store_unavailable",
                                 "http_error",
                                 "internal_error",
+                                "cannot_open",
+                                "gate_failed",
                             ],
                         },
                         "detail": {"type": "string"},
@@ -1101,6 +1159,30 @@ def openapi_document() -> dict:
                             "type": "string",
                             "description": "the invalid field (422 only)",
                         },
+                    },
+                },
+                "GateOpenRequest": {
+                    "type": "object",
+                    "required": ["reason"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "reason": {"type": "string", "minLength": 1, "maxLength": 200},
+                        "uuid": {
+                            "type": "string",
+                            "description": "a call in progress on this condominium (required "
+                            "for a dtmf gate: the digits go on its line, and the call ends)",
+                        },
+                        "apartment": {"type": "string", "pattern": "^[0-9A-Za-z-]{1,16}$"},
+                    },
+                },
+                "GateOpenResult": {
+                    "type": "object",
+                    "required": ["condominium_id", "result", "attempts"],
+                    "properties": {
+                        "condominium_id": {"type": "integer"},
+                        "result": {"enum": ["opened", "handed_off", "failed"]},
+                        "error": {"type": ["string", "null"]},
+                        "attempts": {"type": "integer"},
                     },
                 },
                 "Health": {

@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import uuid as _uuid
 from typing import Any, Callable
 
@@ -49,6 +50,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from audiosocket.config import GateConfig
+from audiosocket.model import InvalidField
 from audiosocket.reactors import default_reactor
 
 #: How long the PBX may take to acknowledge the C{open} hand-off.
@@ -257,3 +259,82 @@ class GateOpener:
         response = await self._http.request(gate.method, gate.url, data=body, headers=headers)
         await response.content()  # read it whole, so the connection is released
         return response.code
+
+
+#: The longest reason an operator may give for an open (kept in the audit).
+MAX_REASON_CHARS = 200
+_APARTMENT = re.compile(r"[0-9A-Za-z-]{1,16}")
+
+
+class OperatorDesk:
+    """
+    Opens by hand (C{POST /api/gates/{condominium_id}/open}): the operator says why
+    (C{reason}, kept in the audit as evidence C{operator:<reason>}), and may name a call in
+    progress on that condominium (C{uuid}) and the apartment. A C{dtmf} gate opens on a
+    call's line, so it needs the call: the instruction is handed to the PBX, then the call is
+    ended (both legs hear a short goodbye) and the dialplan sends the digits. An C{http}
+    gate opens at once; a call named is only linked in the audit.
+
+    @param site: C{site(condominium_id) -> Site}, raising C{KeyError} for an unknown one.
+    @param sessions: the L{audiosocket.session.SessionRegistry} (C{find}, C{hangup}).
+    """
+
+    log = Logger()
+
+    def __init__(self, opener: GateOpener, *, site: Callable[[int], Any], sessions):
+        self._opener = opener
+        self._site = site
+        self._sessions = sessions
+
+    def open(self, condominium_id: int, body: dict) -> defer.Deferred:
+        """
+        Fires with the L{OpenResult}; fails with C{KeyError} (no such condominium, or no
+        such call on it), L{InvalidField} (a bad body) or L{GateError} (no gate; a dtmf gate
+        without a call).
+        """
+        return defer.Deferred.fromCoroutine(self._open(condominium_id, body))
+
+    async def _open(self, condominium_id: int, body: dict) -> OpenResult:
+        site = self._site(condominium_id)
+        unknown = set(body) - {"reason", "uuid", "apartment"}
+        if unknown:
+            raise InvalidField(sorted(unknown)[0], "unknown field (allowed: reason, uuid, apartment)")
+        reason = body.get("reason")
+        if (
+            not isinstance(reason, str)
+            or not reason.strip()
+            or len(reason) > MAX_REASON_CHARS
+            or not reason.isprintable()
+        ):
+            raise InvalidField(
+                "reason", "must be a non-empty line of at most {} characters".format(MAX_REASON_CHARS)
+            )
+        apartment = body.get("apartment")
+        if apartment is not None and (not isinstance(apartment, str) or not _APARTMENT.fullmatch(apartment)):
+            raise InvalidField("apartment", "must be an apartment number (up to 16 letters and digits)")
+        session = None
+        uuid = body.get("uuid")
+        if uuid is not None:
+            session = self._sessions.find(uuid) if isinstance(uuid, str) else None
+            if session is None or session.extension.condominium_id != condominium_id:
+                raise KeyError("no call {} in progress on condominium {}".format(uuid, condominium_id))
+        gate = site.gate
+        facts = session.facts if session is not None else None
+        request = OpenRequest(
+            condominium_id=condominium_id,
+            authorized_by="operator",
+            evidence="operator:" + reason.strip(),
+            who=reason.strip(),
+            uuid=str(session.uuid) if session is not None else None,
+            extension_id=session.extension.id if session is not None else None,
+            apartment=apartment or (facts.apartment if facts is not None else None),
+            visitor=facts.visitor_name if facts is not None else None,
+        )
+        result = await self._opener.open(gate, request)
+        if session is not None:
+            session.note_gate(kind=gate.kind, by="operator", **result.to_dict())
+            if gate.kind == "dtmf" and result.ok:
+                # The digits go on the visitor's line once our audio ends: end the call.
+                d = self._sessions.hangup(str(session.uuid))
+                d.addErrback(lambda f: self.log.failure("ending call {uuid} after an open", f, uuid=str(session.uuid)))
+        return result

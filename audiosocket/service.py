@@ -66,7 +66,7 @@ from audiosocket.flow.call import DoormanFlow, Site
 from audiosocket.flow.directory import Directory, DirectoryError
 from audiosocket.flow.prompts import Prompts, greeting
 from audiosocket.flow.understand import make_nlu
-from audiosocket.gate import GateOpener
+from audiosocket.gate import GateOpener, OperatorDesk
 from audiosocket.listen import Listener, ListenSettings
 from audiosocket.metrics import Metrics, timed_nlu, timed_stt, timed_tts
 from audiosocket.reactors import default_reactor
@@ -735,6 +735,7 @@ def makeService(
         reactor=reactor,
         privacy=lambda: server.flow.privacy,
         dialer=dialer,
+        gates=OperatorDesk(server.gate, site=server.site, sessions=server.registry),
     )
     return server
 

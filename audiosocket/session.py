@@ -818,7 +818,8 @@ class SessionRegistry:
 
     # ------------------------------------------------------------ API
 
-    def _find(self, uuid: str) -> Session | None:
+    def find(self, uuid: str) -> Session | None:
+        """The session of call C{uuid} (a UUID in any form), or C{None}."""
         try:
             key = _uuid.UUID(str(uuid))
         except ValueError:
@@ -829,7 +830,7 @@ class SessionRegistry:
         return [s.describe() for s in self.sessions.values()]
 
     def describe(self, uuid: str) -> dict | None:
-        session = self._find(uuid)
+        session = self.find(uuid)
         return None if session is None else session.describe()
 
     def hangup(self, uuid: str) -> defer.Deferred:
@@ -838,7 +839,7 @@ class SessionRegistry:
 
         @raise KeyError: no such session.
         """
-        session = self._find(uuid)
+        session = self.find(uuid)
         if session is None:
             raise KeyError(uuid)
         d = session.when_ended()

@@ -1088,8 +1088,8 @@ def test_openapi_describes_every_route():
     doc = openapi_document()
     routes = {}
     for rule in Api.app.url_map.iter_rules():
-        path = rule.rule.replace("<int:ext_id>", "{ext_id}").replace(
-            "<string:session_id>", "{uuid}"
+        path = re.sub(
+            r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule.replace("<string:session_id>", "{uuid}")
         )
         routes.setdefault(path, set()).update(
             m.lower() for m in rule.methods if m not in ("HEAD", "OPTIONS")

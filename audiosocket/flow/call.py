@@ -287,7 +287,10 @@ class _Call:
             to_visitor, to_resident = self._farewells(outcome)
         except defer.CancelledError:
             # Ended from outside: the call's time ran out, an operator, or shutdown
-            # (L{S.Session.end} has said which).
+            # (L{S.Session.end} has said which). An operator who opened the gate on this
+            # call (C{POST /api/gates/{id}/open}) let the visitor in.
+            if session.gate.get("by") == "operator" and session.gate.get("result") == "handed_off":
+                session.conclude("authorized", by="operator", evidence="operator")
             session.conclude(
                 "no_decision" if session.resident is not None else "abandoned", by="operator"
             )
