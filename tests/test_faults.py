@@ -14,12 +14,16 @@ import signal
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, tcp
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import deferLater
 from twisted.web import server
 
+from treq.client import HTTPClient
+from twisted.web.client import Agent, HTTPConnectionPool
+
 from audiosocket.callclient import CallOptions
+from audiosocket.speech.stt import STTError, WhisperSTT
 from audiosocket.fakepbx import Webhook
 from test_service import (
     PRESSES_1,
@@ -198,14 +202,49 @@ class BrokenProviderFactory(protocol.Factory):
         return d
 
 
-@pytest.mark.parametrize("mode", ["hang", "reset", "garbage"])
+@pytest.mark.parametrize("mode", ["reset", "garbage"])
+@pytest_twisted.ensureDeferred
+async def test_stt_provider_reset_or_garbage_is_a_recognition_failure(mode):
+    """
+    The whisper-compatible provider resets the connection or answers bytes that are not HTTP:
+    transcribe() fails at once with STTError (what turns a call to the keypad, as the "hang"
+    call below shows end to end), and no connection is left open.
+    """
+    provider = BrokenProviderFactory(mode)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(provider)
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    stt = WhisperSTT(
+        "http://127.0.0.1:{}/v1".format(port.getHost().port),
+        model="whisper-1",
+        api_key=None,
+        timeout_s=5.0,
+        http=HTTPClient(Agent(reactor, pool=pool)),
+        reactor=reactor,
+    )
+    try:
+        with pytest.raises(STTError):
+            await stt.transcribe(b"\x01\x00" * 8000, 8000).addTimeout(10, reactor)
+        assert provider.requests == 1
+        await provider.when_idle().addTimeout(10, reactor)
+    finally:
+        await pool.closeCachedConnections()
+        await port.stopListening()
+        # The client reads the server's close a reactor turn or two later.
+        for _ in range(100):
+            if not [r for r in reactor.getReaders() + reactor.getWriters() if isinstance(r, tcp.Client)]:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+
+
+@pytest.mark.parametrize("mode", ["hang"])
 @pytest_twisted.ensureDeferred
 async def test_stt_provider_broken_call_goes_on_by_keypad(redis_server, tmp_path, mode):
     """
-    The whisper-compatible provider hangs (timeout_s 1 s), resets the connection or answers
-    garbage when the visitor speaks: the call turns to the keypad, the visitor types 101#, the
-    resident presses 1 and the call ends authorized by dtmf:1 — nothing waits on the provider,
-    whose connection is closed by the client (no request left hanging).
+    The whisper-compatible provider hangs (timeout_s 1 s) when the visitor speaks: the call
+    turns to the keypad, the visitor types 101#, the resident presses 1 and the call ends
+    authorized by dtmf:1 — nothing waits on the provider, whose connection is closed by the
+    client (no request left hanging). (A reset or garbage answer fails the same way, sooner:
+    the test above.)
     """
     provider = BrokenProviderFactory(mode)
     stt_port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(provider)
