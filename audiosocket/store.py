@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import uuid
 from typing import Any, Callable, Iterable
@@ -41,6 +42,10 @@ MAX_RECENT_CALLS = 10000
 
 class StoreUnavailable(Exception):
     """Redis is down, or a command did not complete in time (the API answers 503)."""
+
+
+class _Refused(Exception):
+    """Redis answered, refusing the command for now (see L{_REFUSALS})."""
 
 
 @frozen
@@ -252,6 +257,21 @@ _UNAVAILABLE = (
     ConnectionClosed,
     ConnectError,
 )
+
+#: Error replies by which a running Redis refuses to serve for now: it cannot persist (MISCONF:
+#: the disk is full or read-only), it is out of memory (OOM, under noeviction), it is a replica
+#: (READONLY) or it is loading its data (LOADING). The store is unavailable, not broken.
+#: A script's command refused so comes wrapped: "ERR Error running script ...: -MISCONF ...".
+_REFUSAL = re.compile(r"(?:^-?|: -)(MISCONF|OOM|READONLY|LOADING|MASTERDOWN|BUSY)\b")
+
+
+def _refusal(error: Exception) -> bool:
+    if not isinstance(error, txredisapi.ResponseError):
+        return False
+    message = error.args[0] if error.args else ""
+    if isinstance(message, bytes):
+        message = message.decode("latin-1")
+    return _REFUSAL.search(str(message)) is not None
 
 
 @frozen
@@ -575,8 +595,13 @@ class RedisStore(Service):
         d.addTimeout(self._timeout_s, self._reactor)
         self._in_flight.add(d)
         try:
-            result = await d
-        except _UNAVAILABLE as e:
+            try:
+                result = await d
+            except txredisapi.ResponseError as e:
+                if not _refusal(e):
+                    raise
+                raise _Refused(str(e)) from None
+        except (*_UNAVAILABLE, _Refused) as e:
             self._healthy = False
             self.errors += 1
             if isinstance(e, defer.TimeoutError):

@@ -11,7 +11,9 @@ from __future__ import annotations
 import io
 import os
 import signal
+import subprocess
 
+import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor, tcp
@@ -102,6 +104,80 @@ async def test_embedded_redis_killed_during_calls(tmp_path):
         saved = {c["uuid"] for c in await svc.store.recent_calls(10)}
         assert {r.uuid for r in reports} <= saved
     finally:
+        await stopped(svc)
+
+
+# -- the disk full under the embedded redis-server ----------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs (a disk that fills up), mounted for the test; skipped where mount is denied."""
+    mountpoint = tmp_path / "disk"
+    mountpoint.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mountpoint)],
+        capture_output=True, text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here: " + mounted.stderr.strip())
+    yield mountpoint
+    subprocess.run(["umount", "-l", str(mountpoint)], check=True)
+
+
+def fill(directory) -> str:
+    """Write zeros into C{directory} until the disk is full; the filler's path."""
+    path = os.path.join(str(directory), "filler")
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return path
+
+
+@pytest_twisted.ensureDeferred
+async def test_disk_full_under_embedded_redis(small_disk, tmp_path):
+    """
+    The embedded Redis's disk fills up: Redis refuses writes it cannot persist (MISCONF), so an
+    API write answers 503 store_unavailable (not a 500), a call in progress goes on and ends
+    normally, its record waits in memory; once space is freed Redis writes again, the API
+    accepts the change and the record lands — nothing lost, nothing restarted.
+    """
+    ai, ret, b_ai, b_ret = free_ports(4)
+    config = config_for("", tmp_path, ai, ret, redis={"url": ""})
+    config = attrs.evolve(config, server=attrs.evolve(config.server, state_dir=small_disk / "var"))
+    svc = await started(config)
+    filler = None
+    try:
+        filler = fill(small_disk)
+        refused = None
+        for n in range(2, 40):  # Redis takes writes into memory until its AOF write fails
+            code, body = await request("POST", api_url(svc, "/api/extensions"), extension(n, b_ai + n, b_ret + n))
+            if code != 201:
+                refused = (code, body["error"])
+                break
+            await deferLater(reactor, 0.2, lambda: None)
+        assert refused == (503, "store_unavailable")
+        report = await call(ai, 2.5).addTimeout(30, reactor)
+        assert report.hung_up_by == "client" and report.speech_seconds > 0 and report.error is None
+        await until(lambda: len(svc.records.unsaved) == 1, what="the record kept for retry")
+        os.remove(filler)
+        filler = None
+        for _ in range(200):
+            code, body = await request("POST", api_url(svc, "/api/extensions"), extension(99, b_ai + 99, b_ret + 99))
+            if code == 201:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        assert code == 201, body
+        await until(lambda: not svc.records.unsaved, 30, "the record saved")
+        saved = {c["uuid"] for c in await svc.store.recent_calls(10)}
+        assert report.uuid in saved
+    finally:
+        if filler is not None:
+            os.remove(filler)
         await stopped(svc)
 
 

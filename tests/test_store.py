@@ -8,6 +8,7 @@ import json
 import socket
 
 import pytest
+import txredisapi
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 from zope.interface.verify import verifyObject
@@ -517,3 +518,23 @@ def test_memory_subscriber_failure_isolated():
     b.subscribe(heard)
     a.save_extension(ext(10))
     assert [c.ext_id for c in heard.seen] == [10]
+
+
+@pytest.mark.parametrize(
+    "reply, unavailable",
+    [
+        ("MISCONF Errors writing to the AOF file: No space left on device", True),
+        (b"OOM command not allowed when used memory > 'maxmemory'.", True),
+        ("ERR Error running script (call to f_1): @user_script:2: -MISCONF Errors writing", True),
+        ("LOADING Redis is loading the dataset in memory", True),
+        ("READONLY You can't write against a read only replica.", True),
+        ("ERR wrong number of arguments for 'hset' command", False),
+        ("WRONGTYPE Operation against a key holding the wrong kind of value", False),
+    ],
+)
+def test_refusals_are_unavailability(reply, unavailable):
+    """Redis refusing for now (disk full, memory full, loading, replica) is StoreUnavailable
+    (a 503, records kept for retry); a real command error is not."""
+    from audiosocket.store import _refusal
+
+    assert _refusal(txredisapi.ResponseError(reply)) is unavailable
