@@ -702,6 +702,20 @@ class DialerConfig:
 
 
 @frozen(kw_only=True)
+class EventsConfig:
+    """
+    C{[events]}: the call-end webhook. With C{url} set, each finished call's record is POSTed
+    there as JSON, signed with HMAC-SHA256 under the secret in C{secret_env}; a failure is
+    tried again C{retries} more times (after 1, 2, 4 ... s), C{timeout_s} each.
+    """
+
+    url: str = _field("", _url("http", "https"))
+    secret_env: str = _field("", _env_name)
+    timeout_s: float = _field(5.0, _positive)
+    retries: int = _field(3, _int(0, 10))
+
+
+@frozen(kw_only=True)
 class AudioConfig:
     """C{[audio]}: voice activity detection and endpointing; durations in milliseconds."""
 
@@ -893,6 +907,7 @@ _SECTIONS = {
     "privacy": PrivacyConfig,
     "limits": LimitsConfig,
     "access": AccessConfig,
+    "events": EventsConfig,
 }
 
 
@@ -911,6 +926,7 @@ class Config:
     privacy: PrivacyConfig
     limits: LimitsConfig
     access: AccessConfig
+    events: EventsConfig
     condominiums: tuple[Condominium, ...]
     extensions: tuple[Extension, ...]
 
@@ -956,6 +972,11 @@ class Config:
         if "azure" in (speech.tts, speech.stt):
             wanted.append(
                 ("speech.azure.key_env", speech.azure.key_env, True, "Azure speech fails")
+            )
+        if self.events.url and self.events.secret_env:
+            wanted.append(
+                ("events.secret_env", self.events.secret_env, True,
+                 "call records cannot be signed (none is sent)")
             )
         for i, condominium in enumerate(self.condominiums):
             gate = condominium.gate
@@ -1147,6 +1168,23 @@ def _check_rules(config: Config) -> None:
             f"not {audio.max_utterance_ms}",
             "audio.max_utterance_ms",
         )
+
+    events = config.events
+    if events.url:
+        if not events.secret_env:
+            raise _Invalid(
+                "is required when events.url is set: the receiver must be able to tell the "
+                "server's records from anyone else's (HMAC-SHA256 signature)",
+                "events.secret_env",
+            )
+        parts = urlsplit(events.url)
+        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+            # A call record holds personal data (who came to see whom).
+            raise _Invalid(
+                "must be https:// for a receiver on another host (plain http:// is only for "
+                f"one on loopback), not {_show(events.url)}",
+                "events.url",
+            )
 
     condominium_ids: dict[int, str] = {}
     for i, condominium in enumerate(config.condominiums):

@@ -18,13 +18,12 @@ condominium's C{[condominiums.gate]}:
   - C{http}: a relay controller. C{method} (POST or PUT) to C{url} with the JSON body
     C{{"event": "open", "id", "ts", "condominium_id", "apartment", "uuid",
     "authorized_by", "evidence"}}, C{Content-Type: application/json} and
-    C{X-Audiosocket-Signature: sha256=<hex HMAC-SHA256 of the exact body bytes>} under the
-    secret in the environment variable C{secret_env}. C{id} is the same on every try of one
-    open and C{ts} is when it was asked (Unix seconds): a relay should refuse a C{ts} more
-    than a minute off and an C{id} it has already acted on (a replayed request is then
-    harmless). A 2xx answer is C{opened}. A 4xx is a refusal, not retried; a 5xx, a
-    connection error or no answer within C{timeout_s} is tried again up to C{retries} more
-    times, L{RETRY_DELAY_S} apart. Then the result is C{failed}, with the last error.
+    C{X-Audiosocket-Signature} under the secret in the environment variable C{secret_env}
+    (signed and retried as L{audiosocket.signed} says; L{RETRY_DELAY_S} between tries).
+    C{id} is the same on every try of one open and C{ts} is when it was asked (Unix
+    seconds): a relay should refuse a C{ts} more than a minute off and an C{id} it has
+    already acted on (a replayed request is then harmless). A 2xx answer is C{opened};
+    otherwise, once the tries are spent, C{failed}, with the last error.
 
 Every open attempted (C{opened}, C{handed_off}, C{failed}) or withheld (C{not_opened}: the
 visitor hung up before the gate could open) is appended to the access audit through
@@ -37,28 +36,23 @@ digits and the relay's secret never appear in a log line, an audit entry or a re
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
 import re
 import uuid as _uuid
 from typing import Any, Callable
 
 from attrs import frozen
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from audiosocket.config import GateConfig
 from audiosocket.model import InvalidField
 from audiosocket.reactors import default_reactor
+from audiosocket.signed import encode, post_signed
 
 #: How long the PBX may take to acknowledge the C{open} hand-off.
 HANDOFF_TIMEOUT_S = 3.0
 #: Pause between two tries of a relay call.
 RETRY_DELAY_S = 0.5
-#: The signature header of a relay call.
-SIGNATURE_HEADER = "X-Audiosocket-Signature"
 
 RESULTS = ("opened", "handed_off", "failed", "not_opened")
 AUTHORIZED_BY = ("resident", "preauth", "operator")
@@ -98,15 +92,6 @@ class OpenResult:
 
     def to_dict(self) -> dict:
         return {"result": self.result, "error": self.error, "attempts": self.attempts}
-
-
-def _timed_out(result, timeout):
-    return Failure(defer.TimeoutError("no answer within {} s".format(timeout)))
-
-
-def sign(secret: str, body: bytes) -> str:
-    """The signature header's value for C{body}: C{sha256=<hex>}."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
 class GateOpener:
@@ -214,7 +199,7 @@ class GateOpener:
             return OpenResult(
                 "failed", "the relay's secret ({}) is not set".format(gate.secret_env or "none"), 0
             )
-        body = json.dumps(
+        body = encode(
             {
                 "event": "open",
                 "id": _uuid.uuid4().hex,
@@ -224,41 +209,25 @@ class GateOpener:
                 "uuid": request.uuid,
                 "authorized_by": request.authorized_by,
                 "evidence": request.evidence,
-            },
-            separators=(",", ":"),
-        ).encode()
-        headers = {
-            "Content-Type": ["application/json"],
-            SIGNATURE_HEADER: [sign(secret, body)],
-        }
-        error = None
-        tries = 1 + gate.retries
-        for attempt in range(1, tries + 1):
-            if attempt > 1:
-                await task.deferLater(self._reactor, self._retry_delay_s, lambda: None)
-            d = defer.Deferred.fromCoroutine(self._post(gate, body, headers))
-            # Cancelled, treq fails with ResponseNeverReceived: whatever it failed with, a
-            # try cut by the timeout is a timeout.
-            d.addTimeout(gate.timeout_s, self._reactor, onTimeoutCancel=_timed_out)
-            try:
-                code = await d
-            except defer.TimeoutError:
-                error = "no answer within {} s".format(gate.timeout_s)
-                continue
-            except Exception as e:
-                error = str(e) or type(e).__name__
-                continue
-            if 200 <= code < 300:
-                return OpenResult("opened", None, attempt)
-            error = "the relay answered {}".format(code)
-            if 400 <= code < 500:
-                return OpenResult("failed", error + " (refused, not retried)", attempt)
-        return OpenResult("failed", error, tries)
-
-    async def _post(self, gate: GateConfig, body: bytes, headers: dict) -> int:
-        response = await self._http.request(gate.method, gate.url, data=body, headers=headers)
-        await response.content()  # read it whole, so the connection is released
-        return response.code
+            }
+        )
+        delivery = await post_signed(
+            self._http,
+            gate.url,
+            body,
+            secret=secret,
+            reactor=self._reactor,
+            timeout_s=gate.timeout_s,
+            retries=gate.retries,
+            delay_s=lambda n: self._retry_delay_s,
+            method=gate.method,
+        )
+        if delivery.ok:
+            return OpenResult("opened", None, delivery.attempts)
+        error = delivery.error
+        if error and error.startswith("answered "):
+            error = "the relay " + error
+        return OpenResult("failed", error, delivery.attempts)
 
 
 #: The longest reason an operator may give for an open (kept in the audit).

@@ -80,7 +80,7 @@ from audiosocket.store import RedisStore
 #: Config tables a reload applies: to the next call (a call in progress keeps its own).
 NEW_CALL_TABLES = ("flow", "audio", "privacy", "condominiums")
 #: Config tables only a restart applies: listeners, connections and providers built at start.
-RESTART_TABLES = ("server", "api", "redis", "limits", "speech", "dialer", "access")
+RESTART_TABLES = ("server", "api", "redis", "limits", "speech", "dialer", "access", "events")
 
 
 class StartupError(Exception):

@@ -16,7 +16,8 @@ from twisted.internet import defer
 from twisted.web.resource import Resource
 
 from audiosocket.config import GateConfig, OperatorConfig
-from audiosocket.gate import SIGNATURE_HEADER, GateOpener, sign
+from audiosocket.gate import GateOpener
+from audiosocket.signed import SIGNATURE_HEADER, sign
 from tests.flowkit import Bench, start_call
 from tests.test_flow_reach import decide
 

@@ -16,7 +16,8 @@ from twisted.internet import defer, reactor
 
 from audiosocket.config import GateConfig
 from audiosocket.dialer import HandoffFailed
-from audiosocket.gate import SIGNATURE_HEADER, GateError, GateOpener, OpenRequest
+from audiosocket.gate import GateError, GateOpener, OpenRequest
+from audiosocket.signed import SIGNATURE_HEADER
 from tests.flowkit import ScriptedDialer
 from tests.httpkit import HANG, api, refused_url, within  # noqa: F401 (fixture)
 

@@ -12,7 +12,8 @@ import attrs
 from treq.testing import StubTreq
 
 from audiosocket.config import GateConfig
-from audiosocket.gate import GateOpener, OperatorDesk, sign
+from audiosocket.gate import GateOpener, OperatorDesk
+from audiosocket.signed import sign
 from extkit import run
 from test_api import BASE, Setup, _result
 from tests.flowkit import Bench, start_call
