@@ -74,14 +74,13 @@ from __future__ import annotations
 import collections
 import hashlib
 import hmac
-import json
 import re
 import secrets
 import unicodedata
 import uuid
 import zoneinfo
 from datetime import datetime, time, timedelta, timezone
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from attrs import evolve, field, frozen
 from twisted.internet import defer, threads

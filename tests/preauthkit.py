@@ -73,10 +73,6 @@ def sites(condominiums=(1, 2)):
     return table.__getitem__
 
 
-def iso(moment: datetime) -> str:
-    return moment.isoformat()
-
-
 def body(**kw) -> dict:
     """A valid body: apartment 101 of condominium 1, the whole of December 2026, one use."""
     data = {
