@@ -53,7 +53,10 @@ Every hash runs in a bounded worker pool (C{threads.deferToThreadPool}), never o
 reactor. Costs: a check at the gate hashes the typed code once per item of the condominium
 valid at that moment (window, weekday, hours, uses left), items that cannot match are never
 hashed; a creation hashes once per live item of the condominium. Both are bounded by
-C{[access] max_preauths} (1000 by default) per condominium.
+C{[access] max_preauths} (1000 by default) per condominium. That is the price of a salt per
+item (a salt shared by a condominium would make a check one hash, and cracking a dump once
+per condominium instead of once per item): measured with the server's 2-thread pool, a check
+against 10 items valid at once takes about 0.1 s, against 100 about 1.2 s.
 
 At the gate (L{Preauths.redeem}): a code that is not exactly 6 ASCII digits is refused at
 once, without hashing; otherwise the item whose hash matches and which is valid now is
@@ -646,6 +649,15 @@ class CodeGuard:
         self._recent: dict[Any, collections.deque] = {}
         self._until: dict[Any, float] = {}
 
+    #: Above this many extensions with recent failures, those whose failures have all left
+    #: the window are forgotten (the memory stays bounded whatever ids are passed).
+    SWEEP_AT = 1024
+
+    def _sweep(self, now: float) -> None:
+        for ext_id, recent in list(self._recent.items()):
+            if recent[-1] <= now - self.window_s:
+                del self._recent[ext_id]
+
     def locked(self, ext_id) -> bool:
         """Is code entry locked on extension C{ext_id} now?"""
         until = self._until.get(ext_id)
@@ -669,6 +681,8 @@ class CodeGuard:
         while recent and recent[0] <= now - self.window_s:
             recent.popleft()
         recent.append(now)
+        if len(self._recent) > self.SWEEP_AT:
+            self._sweep(now)
         if len(recent) < self.failures:
             return False
         del self._recent[ext_id]

@@ -590,6 +590,19 @@ def test_guard_failure_while_locked_keeps_the_lock():
     assert not g.locked(7)
 
 
+def test_guard_forgets_extensions_whose_failures_are_old():
+    """Past SWEEP_AT extensions with failures, those outside the window are forgotten."""
+    clock = Clock()
+    g = guard(clock)
+    g.SWEEP_AT = 10
+    for ext in range(10):
+        g.failed(ext)
+    clock.advance(61)
+    g.failed(100)
+    g.failed(101)
+    assert set(g._recent) == {100, 101}
+
+
 # ---------------------------------------------------------------- nothing leaks
 
 
