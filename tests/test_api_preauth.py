@@ -41,6 +41,7 @@ def test_post_answers_201_with_the_code_once(api):
 def test_list_never_shows_the_code(api):
     """GET lists the items of a condominium without their code, salt or hash."""
     _, _, made = call(api, "POST", "/api/preauth", body())
+    api.pre.reactor.advance(1)
     call(api, "POST", "/api/preauth", body(apartment="202"))
     status, _, data = call(api, "GET", "/api/preauth?condominium_id=1")
     assert status == 200
