@@ -8,6 +8,14 @@ C{audiosocket-admin}: manage a running server's extensions over its HTTP API.
     audiosocket-admin remove 2 [--force]
     audiosocket-admin restart 2
     audiosocket-admin import ramais_config.json
+    audiosocket-admin preauth add --condominium-id 1 --apartment 101 --name "Maria" \
+        --from 2026-12-01T00:00:00-03:00 --until 2027-03-01T00:00:00-03:00 \
+        [--weekdays 1,3] [--hours 08:00-17:00] [--uses 24]
+    audiosocket-admin preauth list --condominium-id 1 [--apartment 101]
+    audiosocket-admin preauth delete ID
+
+C{preauth add} prints the visitor's 6-digit code: the only time it is shown (the server keeps
+only its hash). C{preauth list} never shows a code.
 
 C{import} reads the original system's C{ramais_config.json}: a JSON list (or
 C{{"ramais": [...]}}) of objects with C{ramal_ia}, C{porta_ia}, C{ramal_retorno},
@@ -32,6 +40,7 @@ import json
 import os
 import sys
 from typing import Any, TextIO
+from urllib.parse import quote
 
 from twisted.internet import defer, task
 
@@ -107,7 +116,35 @@ def _parser() -> argparse.ArgumentParser:
     restart.add_argument("id", type=int)
     imp = sub.add_parser("import", help="import the original ramais_config.json")
     imp.add_argument("file")
+    _preauth_parser(sub)
     return p
+
+
+def _preauth_parser(sub) -> None:
+    pre = sub.add_parser("preauth", help="pre-authorised visitors (access codes)")
+    cmds = pre.add_subparsers(dest="preauth_command", required=True, metavar="ACTION")
+    add = cmds.add_parser("add", help="pre-authorise a visitor; prints the code once")
+    add.add_argument("--condominium-id", type=int, required=True)
+    add.add_argument("--apartment", required=True)
+    add.add_argument("--name", required=True, help="the visitor's name")
+    add.add_argument(
+        "--from", dest="valid_from", required=True, metavar="ISO8601",
+        help="valid from (with Z or an offset, e.g. 2026-12-01T08:00:00-03:00)",
+    )
+    add.add_argument(
+        "--until", dest="valid_until", required=True, metavar="ISO8601",
+        help="valid until (exclusive; with Z or an offset)",
+    )
+    add.add_argument(
+        "--weekdays", metavar="DAYS", help="comma-separated days, 0 = Monday ... 6 = Sunday"
+    )
+    add.add_argument("--hours", metavar="HH:MM-HH:MM", help="local hours, e.g. 08:00-17:00")
+    add.add_argument("--uses", type=int, default=1, help="entries allowed (default 1)")
+    lst = cmds.add_parser("list", help="a condominium's pre-authorisations (never a code)")
+    lst.add_argument("--condominium-id", type=int, required=True)
+    lst.add_argument("--apartment")
+    delete = cmds.add_parser("delete", help="delete a pre-authorisation")
+    delete.add_argument("id")
 
 
 class _RefuseToken(argparse.Action):
@@ -387,12 +424,87 @@ async def _import(client: _Client, args, out: TextIO) -> int:
     return 0 if created == len(bodies) else 1
 
 
+async def _preauth(client: _Client, args, out: TextIO) -> int:
+    return await _PREAUTH_COMMANDS[args.preauth_command](client, args, out)
+
+
+def _days(text: str) -> list[int]:
+    try:
+        return [int(day) for day in text.split(",")]
+    except ValueError:
+        raise AdminError(
+            "preauth add: --weekdays must be comma-separated numbers, 0 = Monday ... 6 = Sunday",
+            2,
+        ) from None
+
+
+def _window(p: dict) -> str:
+    text = "{} to {}".format(p["valid_from"], p["valid_until"])
+    if p.get("weekdays") is not None:
+        text += ", weekdays " + ",".join(str(d) for d in p["weekdays"])
+    if p.get("hours"):
+        text += ", " + p["hours"]
+    return text
+
+
+async def _preauth_add(client: _Client, args, out: TextIO) -> int:
+    body = {
+        "condominium_id": args.condominium_id,
+        "apartment": args.apartment,
+        "visitor_name": args.name,
+        "valid_from": args.valid_from,
+        "valid_until": args.valid_until,
+        "uses": args.uses,
+    }
+    if args.weekdays is not None:
+        body["weekdays"] = _days(args.weekdays)
+    if args.hours is not None:
+        body["hours"] = args.hours
+    p = await client.ok("POST", "/api/preauth", body)
+    out.write(
+        "created pre-authorisation {} for {} (apartment {}), {} use(s), {}\n".format(
+            p["id"], p["visitor_name"], p["apartment"], p["uses"], _window(p)
+        )
+    )
+    out.write("code: {}  (shown only now: give it to the visitor, who types * code #)\n".format(
+        p["code"]
+    ))
+    return 0
+
+
+async def _preauth_list(client: _Client, args, out: TextIO) -> int:
+    path = "/api/preauth?condominium_id={}".format(args.condominium_id)
+    if args.apartment:
+        path += "&apartment=" + quote(args.apartment)
+    data = await client.ok("GET", path)
+    rows = [("ID", "APT", "VISITOR", "USES", "VALID")]
+    for p in data.get("preauths", []):
+        rows.append((p["id"], p["apartment"], p["visitor_name"], str(p["uses"]), _window(p)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
+    return 0
+
+
+async def _preauth_delete(client: _Client, args, out: TextIO) -> int:
+    await client.ok("DELETE", "/api/preauth/" + quote(args.id, safe=""))
+    out.write("deleted pre-authorisation {}\n".format(args.id))
+    return 0
+
+
+_PREAUTH_COMMANDS = {
+    "add": _preauth_add,
+    "list": _preauth_list,
+    "delete": _preauth_delete,
+}
+
 _COMMANDS = {
     "list": _list,
     "add": _add,
     "remove": _remove,
     "restart": _restart,
     "import": _import,
+    "preauth": _preauth,
 }
 
 

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_api,tests.test_admin,tests.test_tls -*-
 """
-The HTTP API: extensions, sessions, finished calls, status, health, metrics and its own
-OpenAPI document, and C{GET /api/events} (server-sent events for the operator's screen, see
+The HTTP API: extensions, sessions, finished calls, pre-authorisations
+(L{audiosocket.preauth}), status, health, metrics and its own OpenAPI document, and C{GET /api/events} (server-sent events for the operator's screen, see
 L{audiosocket.events}), as a Klein app with its dependencies injected; the same site serves
 the dashboard's pages (L{audiosocket.dashboard}) behind the same guard.
 
@@ -91,6 +91,7 @@ from .events import EventHub
 from .extension import Conflict, NotFound
 from .gate import GateError
 from .model import EXTENSION_FIELDS, InvalidField, Extension
+from .preauth import MAX_APARTMENT, MAX_NAME, MAX_USES, PreauthLimit
 from .reactors import default_reactor
 
 JSON_TYPE = b"application/json; charset=utf-8"
@@ -186,6 +187,8 @@ class Api:
     @param max_body: the request body cap, in bytes.
     @param refused: a counter of refusals by reason (C{api_<error>}), shared with the
         AudioSocket listeners' so one metric shows them all.
+    @param preauths: the pre-authorisations (L{audiosocket.preauth.Preauths}) served at
+        C{/api/preauth}; None: those routes answer 404.
     """
 
     app = Klein()
@@ -214,6 +217,7 @@ class Api:
         privacy=None,
         dialer=None,
         gates=None,
+        preauths=None,
     ):
         self._control = control
         self._manager = control.manager
@@ -236,6 +240,7 @@ class Api:
             sessions.add_observer(self.events.session_ended)
         self.dashboard = Dashboard(self, privacy=privacy, dialer=dialer)
         self._sites: weakref.WeakSet[ApiSite] = weakref.WeakSet()
+        self._preauths = preauths
 
     def site(self, **kwargs) -> "ApiSite":
         """A C{Site} serving this API behind its request checks (see the module docstring)."""
@@ -668,6 +673,45 @@ class Api:
         calls = await self._store.recent_calls(limit)
         return _json(request, {"calls": list(calls)})
 
+    # ------------------------------------------------------------ pre-authorisations
+
+    def _preauth_service(self):
+        if self._preauths is None:
+            raise ApiError(404, "not_found", "pre-authorisations are not enabled on this server")
+        return self._preauths
+
+    @app.route("/api/preauth", methods=["POST"])
+    async def create_preauth(self, request):
+        preauths = self._preauth_service()
+        try:
+            item, code = await preauths.create(self._body(request))
+        except PreauthLimit as e:
+            raise ApiError(409, "conflict", str(e))
+        # The only time the code is shown: no cache may keep it.
+        request.setHeader(b"Cache-Control", b"no-store")
+        return _json(request, dict(item.to_public(), code=code), 201)
+
+    @app.route("/api/preauth", methods=["GET"])
+    async def list_preauths(self, request):
+        preauths = self._preauth_service()
+        raw = _arg(request, "condominium_id")
+        if raw is None or not raw.isascii() or not raw.isdigit() or len(raw) > 10:
+            raise ApiError(
+                400, "bad_request", "condominium_id is required and must be a positive integer"
+            )
+        apartment = _arg(request, "apartment")
+        if apartment is not None and len(apartment) > 16:
+            raise ApiError(400, "bad_request", "apartment is too long")
+        items = await preauths.list(int(raw), apartment)
+        return _json(request, {"preauths": [item.to_public() for item in items]})
+
+    @app.route("/api/preauth/<string:preauth_id>", methods=["DELETE"])
+    async def delete_preauth(self, request, preauth_id):
+        if not await self._preauth_service().delete(preauth_id):
+            raise ApiError(404, "not_found", "no pre-authorisation {}".format(preauth_id[:64]))
+        request.setResponseCode(204)
+        return b""
+
 
 # ---------------------------------------------------------------- the HTTP layer
 
@@ -829,9 +873,12 @@ def openapi_document() -> dict:
             "Sec-Fetch-Site cross-site or same-site; or a change made with the dashboard's "
             "session cookie without its X-CSRF-Token"
         ),
-        "404": _error_response("Unknown extension, session or route"),
+        "404": _error_response("Unknown extension, session, pre-authorisation or route"),
         "405": _error_response("Method not allowed on this route"),
-        "409": _error_response("Extension id or port already taken"),
+        "409": _error_response(
+            "Extension id or port already taken, or the condominium holds its maximum of "
+            "pre-authorisations ([access] max_preauths)"
+        ),
         "413": _error_response(
             "The body is over the cap (api.max_body_kb); refused before it is read, and the "
             "connection is closed"
@@ -847,7 +894,7 @@ def openapi_document() -> dict:
             "hand-off); `result`, `attempts` say how"
         ),
         "503": _error_response(
-            "The extension store is unavailable (nothing changed), or too many event streams"
+            "The store is unavailable (nothing changed), or too many event streams"
         ),
     }
 
@@ -874,12 +921,44 @@ def openapi_document() -> dict:
         "max_calls": {"type": ["integer", "null"], "minimum": 1},
     }
     assert set(ext_props) == set(EXTENSION_FIELDS)
+    instant = {
+        "type": "string",
+        "format": "date-time",
+        "description": "ISO 8601 with Z or an offset; a time without one is refused",
+    }
+    preauth_props = {
+        "condominium_id": {"type": "integer", "minimum": 1},
+        "apartment": {
+            "type": ["string", "integer"],
+            "description": "an apartment of the condominium's directory",
+        },
+        "visitor_name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME},
+        "valid_from": instant,
+        "valid_until": {**instant, "description": "exclusive; after valid_from, in the future"},
+        "weekdays": {
+            "type": ["array", "null"],
+            "items": {"type": "integer", "minimum": 0, "maximum": 6},
+            "minItems": 1,
+            "maxItems": 7,
+            "uniqueItems": True,
+            "description": "0 = Monday ... 6 = Sunday, in the condominium's local time; "
+            "null or omitted: every day",
+        },
+        "hours": {
+            "type": ["string", "null"],
+            "pattern": "^[0-2][0-9]:[0-5][0-9]-[0-2][0-9]:[0-5][0-9]$",
+            "description": "HH:MM-HH:MM local time, end exclusive; an overnight range "
+            "(22:00-06:00) belongs to the day it starts; null or omitted: all day",
+        },
+        "uses": {"type": "integer", "minimum": 1, "maximum": MAX_USES, "default": 1},
+    }
     document = {
         "openapi": "3.1.0",
         "info": {
             "title": "audiosocket",
             "version": "1",
-            "description": "AI virtual doorman: extensions, sessions and calls.",
+            "description": "AI virtual doorman: extensions, sessions, calls and "
+            "pre-authorisations.",
         },
         "security": [{"bearer": []}],
         "paths": {
@@ -1121,6 +1200,70 @@ def openapi_document() -> dict:
                     },
                 }
             },
+            "/api/preauth": {
+                "get": {
+                    "summary": "The live pre-authorisations of a condominium (never a code)",
+                    "operationId": "listPreauths",
+                    "parameters": [
+                        {
+                            "name": "condominium_id",
+                            "in": "query",
+                            "required": True,
+                            "schema": {"type": "integer", "minimum": 1},
+                        },
+                        {
+                            "name": "apartment",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string", "maxLength": MAX_APARTMENT},
+                        },
+                    ],
+                    "responses": {
+                        "200": _json_response(
+                            "Pre-authorisations, oldest first", "#/components/schemas/PreauthList"
+                        ),
+                        **pick("400", "401", "404", "503"),
+                    },
+                },
+                "post": {
+                    "summary": "Pre-authorise an expected visitor; the answer carries the "
+                    "6-digit code, shown this once",
+                    "operationId": "createPreauth",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/PreauthInput"}
+                            }
+                        },
+                    },
+                    "responses": {
+                        "201": _json_response(
+                            "Created; the only answer with the code",
+                            "#/components/schemas/PreauthCreated",
+                        ),
+                        **pick("400", "401", "404", "409", "422", "503"),
+                    },
+                },
+            },
+            "/api/preauth/{preauth_id}": {
+                "parameters": [
+                    {
+                        "name": "preauth_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+                    }
+                ],
+                "delete": {
+                    "summary": "Delete a pre-authorisation (its code stops working at once)",
+                    "operationId": "deletePreauth",
+                    "responses": {
+                        "204": {"description": "Deleted"},
+                        **pick("401", "404", "503"),
+                    },
+                },
+            },
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
@@ -1285,6 +1428,55 @@ def openapi_document() -> dict:
                     "properties": {
                         "uuid": {"type": "string", "format": "uuid"},
                         "status": {"const": "hanging_up"},
+                    },
+                },
+                "PreauthInput": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": [
+                        "condominium_id", "apartment", "visitor_name", "valid_from", "valid_until"
+                    ],
+                    "properties": preauth_props,
+                },
+                "Preauth": {
+                    "type": "object",
+                    "required": list(preauth_props) + ["id", "created_at"],
+                    "properties": {
+                        **preauth_props,
+                        "id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+                        "created_at": {"type": "string", "format": "date-time"},
+                        "uses": {
+                            "type": "integer",
+                            "minimum": 0,
+                            "description": "uses left",
+                        },
+                    },
+                },
+                "PreauthCreated": {
+                    "allOf": [
+                        {"$ref": "#/components/schemas/Preauth"},
+                        {
+                            "type": "object",
+                            "required": ["code"],
+                            "properties": {
+                                "code": {
+                                    "type": "string",
+                                    "pattern": "^[0-9]{6}$",
+                                    "description": "typed at the gate as * code #; shown "
+                                    "only in this answer, stored only hashed",
+                                }
+                            },
+                        },
+                    ]
+                },
+                "PreauthList": {
+                    "type": "object",
+                    "required": ["preauths"],
+                    "properties": {
+                        "preauths": {
+                            "type": "array",
+                            "items": {"$ref": "#/components/schemas/Preauth"},
+                        }
                     },
                 },
                 "CallList": {

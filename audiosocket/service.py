@@ -69,6 +69,7 @@ from audiosocket.flow.understand import make_nlu
 from audiosocket.gate import GateOpener, OperatorDesk
 from audiosocket.listen import Listener, ListenSettings
 from audiosocket.metrics import Metrics, timed_nlu, timed_stt, timed_tts
+from audiosocket.preauth import CodeGuard, Preauths
 from audiosocket.reactors import default_reactor
 from audiosocket.redisproc import EmbeddedRedis, RedisStartError
 from audiosocket.resources import process_figures
@@ -242,7 +243,8 @@ class DoormanService(MultiService):
     The whole server: its lifecycle, status and reload. L{makeService} builds its parts and
     sets them as attributes (for the API, tests and benchmarks): C{store}, C{records},
     C{tts}, C{stt}, C{nlu}, C{dialer}, C{metrics}, C{clock}, C{flow}, C{registry},
-    C{manager}, C{control}, C{api}; C{embedded_redis}, C{http_pool} and C{http} (the speech
+    C{manager}, C{control}, C{api}, C{preauths} and C{code_guard}
+    (L{audiosocket.preauth}); C{embedded_redis}, C{http_pool} and C{http} (the speech
     providers' HTTP client) when built.
 
     @ivar config: the config in effect: the file's last valid reading, with the tables
@@ -258,6 +260,7 @@ class DoormanService(MultiService):
     store = records = tts = stt = nlu = dialer = metrics = None
     clock = flow = registry = manager = control = api = None
     embedded_redis = http_pool = http = None
+    preauths = code_guard = None
 
     def __init__(
         self,
@@ -669,6 +672,24 @@ def makeService(
     server.nlu = timed_nlu(nlu, metrics)
     server.dialer = dialer
 
+    # Expected visitors: pre-authorisation codes (hashed in their own pool) and the guard
+    # against guessing them.
+    access = config.access
+    server.preauths = Preauths(
+        store,
+        reactor=reactor,
+        pool=_pool(server, "codes"),
+        sites=server.site,
+        accepts_codes=lambda cid: server.site(cid).codes,
+        max_per_condominium=access.max_preauths,
+    )
+    server.code_guard = CodeGuard(
+        reactor,
+        failures=access.lockout_failures,
+        window_s=access.lockout_window_s,
+        lock_s=access.lockout_s,
+    )
+
     # The gate.
     server.gate = GateOpener(
         dialer=dialer, http=_http(server, reactor), secret=config.secret, reactor=reactor
@@ -687,6 +708,8 @@ def makeService(
         listener_for=functools.partial(_listener, reactor=reactor),
         privacy=config.privacy,
         gate=server.gate,
+        preauths=server.preauths,
+        code_guard=server.code_guard,
     )
     server.registry = SessionRegistry(
         reactor=reactor,
@@ -736,6 +759,7 @@ def makeService(
         privacy=lambda: server.flow.privacy,
         dialer=dialer,
         gates=OperatorDesk(server.gate, site=server.site, sessions=server.registry),
+        preauths=server.preauths,
     )
     return server
 

@@ -106,6 +106,28 @@ class IStore(Interface):
         Returns a zero-argument callable that unsubscribes.
         """
 
+    # -- pre-authorisations (audiosocket.preauth) --
+
+    def save_preauth(item, limit=None):
+        """
+        Store a pre-authorisation (a dict with at least C{id}, C{condominium_id} and
+        C{uses}), unless its condominium already holds C{limit} items; fires with whether it
+        was stored.
+        """
+
+    def preauths(condominium_id):
+        """The stored pre-authorisations of a condominium, as dicts (C{uses}: what remains)."""
+
+    def delete_preauth(preauth_id):
+        """Delete a pre-authorisation; fires with whether it existed."""
+
+    def use_preauth(condominium_id, preauth_id):
+        """
+        Take one use of a pre-authorisation, atomically: fires with C{True} if one was left
+        (the item is deleted with its last use), C{False} if none was (or no such item). Of
+        two calls racing for the last use, exactly one gets C{True}.
+        """
+
 
 # -- validation shared by both implementations ---------------------------------------------
 
@@ -249,6 +271,71 @@ if redis.call('SETNX', KEYS[1], '1') == 0 then return 0 end
 for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 return 1
 """
+
+# Pre-authorisations: per condominium, a hash id -> JSON (everything but the uses) and a hash
+# id -> uses left; an index id -> condominium for deleting by id. The uses live apart so that
+# taking one is a plain counter decrement, never a rewrite of the JSON inside Lua.
+_PREAUTH_SAVE = """
+if tonumber(ARGV[5]) > 0 and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0
+   and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[5]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
+return 1
+"""
+_PREAUTH_LIST = """
+return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2])}
+"""
+# The item's keys are named from its condominium, read from the index in the same script: a
+# single Redis (not a cluster), as everywhere in this store.
+_PREAUTH_DELETE = """
+local cid = redis.call('HGET', KEYS[1], ARGV[1])
+if not cid then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', ARGV[2] .. cid, ARGV[1])
+redis.call('HDEL', ARGV[3] .. cid, ARGV[1])
+return 1
+"""
+_PREAUTH_USE = """
+local left = tonumber(redis.call('HGET', KEYS[2], ARGV[1]))
+if not left or left < 1 then return 0 end
+if left == 1 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('HDEL', KEYS[3], ARGV[1])
+else
+  redis.call('HINCRBY', KEYS[2], ARGV[1], -1)
+end
+return 1
+"""
+
+
+def _check_condominium_id(condominium_id: Any) -> int:
+    if isinstance(condominium_id, bool) or not isinstance(condominium_id, int):
+        raise TypeError(
+            "condominium_id must be an integer, not {}".format(type(condominium_id).__name__)
+        )
+    return condominium_id
+
+
+def _check_preauth_id(preauth_id: Any) -> str:
+    if not isinstance(preauth_id, str) or not preauth_id or len(preauth_id) > 64:
+        raise ValueError("pre-authorisation id must be a short non-empty string")
+    return preauth_id
+
+
+def _split_preauth(item: Any) -> tuple[str, int, int, str]:
+    """(id, condominium id, uses, JSON of the rest) of an item to store."""
+    if not isinstance(item, dict):
+        raise TypeError("pre-authorisation must be a dict, not {}".format(type(item).__name__))
+    rest = dict(item)
+    preauth_id = _check_preauth_id(rest.get("id"))
+    cid = _check_condominium_id(rest.get("condominium_id"))
+    uses = rest.pop("uses", None)
+    if isinstance(uses, bool) or not isinstance(uses, int) or uses < 1:
+        raise ValueError("uses must be a positive integer, not {!r}".format(uses))
+    return preauth_id, cid, uses, json.dumps(rest, ensure_ascii=False, separators=(",", ":"))
+
 
 _UNAVAILABLE = (
     defer.TimeoutError,
@@ -739,6 +826,72 @@ class RedisStore(Service):
             args += ["EX", ttl_s]
         await self._call(*args)
 
+    # -- pre-authorisations -----------------------------------------------------------------
+
+    def _preauth_keys(self, cid: int) -> list[str]:
+        return [
+            "{}preauth:{}".format(self.prefix, cid),
+            "{}preauth-uses:{}".format(self.prefix, cid),
+            self.prefix + "preauth-ids",
+        ]
+
+    def save_preauth(self, item, limit=None):
+        return defer.Deferred.fromCoroutine(self._save_preauth(item, limit))
+
+    async def _save_preauth(self, item, limit) -> bool:
+        preauth_id, cid, uses, data = _split_preauth(item)
+        saved = await self._call(
+            "EVAL", _PREAUTH_SAVE, 3, *self._preauth_keys(cid),
+            preauth_id, data, uses, cid, limit or 0,
+        )
+        return saved == 1
+
+    def preauths(self, condominium_id):
+        return defer.Deferred.fromCoroutine(self._preauths(condominium_id))
+
+    async def _preauths(self, condominium_id) -> list[dict]:
+        keys = self._preauth_keys(_check_condominium_id(condominium_id))
+        items, uses = await self._call("EVAL", _PREAUTH_LIST, 2, *keys[:2])
+        left = dict(zip(uses[::2], uses[1::2]))
+        found = []
+        for field, value in zip(items[::2], items[1::2]):
+            try:
+                data = json.loads(value)
+                if not isinstance(data, dict):
+                    raise ValueError("not a JSON object")
+                data["uses"] = int(left.get(field, b"0"))
+            except (ValueError, UnicodeDecodeError) as e:
+                self.log.error(
+                    "skipping corrupt pre-authorisation {field!r} in {key}: {error}",
+                    field=field,
+                    key=keys[0],
+                    error=e,
+                )
+                continue
+            found.append(data)
+        return found
+
+    def delete_preauth(self, preauth_id):
+        return defer.Deferred.fromCoroutine(self._delete_preauth(preauth_id))
+
+    async def _delete_preauth(self, preauth_id) -> bool:
+        _check_preauth_id(preauth_id)
+        deleted = await self._call(
+            "EVAL", _PREAUTH_DELETE, 1, self.prefix + "preauth-ids", preauth_id,
+            self.prefix + "preauth:", self.prefix + "preauth-uses:",
+        )
+        return deleted == 1
+
+    def use_preauth(self, condominium_id, preauth_id):
+        return defer.Deferred.fromCoroutine(self._use_preauth(condominium_id, preauth_id))
+
+    async def _use_preauth(self, condominium_id, preauth_id) -> bool:
+        keys = self._preauth_keys(_check_condominium_id(condominium_id))
+        used = await self._call(
+            "EVAL", _PREAUTH_USE, 3, *keys, _check_preauth_id(preauth_id)
+        )
+        return used == 1
+
 
 # -- memory ----------------------------------------------------------------------------------
 
@@ -755,6 +908,8 @@ class MemoryHub:
         self.calls: list[dict] = []
         self.blobs: dict[str, tuple[bytes, float | None]] = {}
         self.stores: list["MemoryStore"] = []
+        #: pre-authorisation id -> its stored dict (C{uses} included)
+        self.preauths: dict[str, dict] = {}
 
     def publish(self, change: ExtensionChange) -> None:
         for store in list(self.stores):
@@ -877,3 +1032,50 @@ class MemoryStore(Service):
         self._check()
         expires = None if ttl_s is None else self._reactor.seconds() + ttl_s
         self.hub.blobs[key] = (data, expires)
+
+    # -- pre-authorisations -----------------------------------------------------------------
+
+    def save_preauth(self, item, limit=None):
+        return defer.maybeDeferred(self._save_preauth, item, limit)
+
+    def _save_preauth(self, item, limit):
+        preauth_id, cid, uses, data = _split_preauth(item)
+        self._check()
+        held = sum(1 for d in self.hub.preauths.values() if d["condominium_id"] == cid)
+        if limit and preauth_id not in self.hub.preauths and held >= limit:
+            return False
+        self.hub.preauths[preauth_id] = dict(json.loads(data), uses=uses)  # a copy
+        return True
+
+    def preauths(self, condominium_id):
+        return defer.maybeDeferred(self._preauths, condominium_id)
+
+    def _preauths(self, condominium_id):
+        _check_condominium_id(condominium_id)
+        self._check()
+        return [
+            dict(d) for d in self.hub.preauths.values() if d["condominium_id"] == condominium_id
+        ]
+
+    def delete_preauth(self, preauth_id):
+        return defer.maybeDeferred(self._delete_preauth, preauth_id)
+
+    def _delete_preauth(self, preauth_id):
+        _check_preauth_id(preauth_id)
+        self._check()
+        return self.hub.preauths.pop(preauth_id, None) is not None
+
+    def use_preauth(self, condominium_id, preauth_id):
+        return defer.maybeDeferred(self._use_preauth, condominium_id, preauth_id)
+
+    def _use_preauth(self, condominium_id, preauth_id):
+        _check_condominium_id(condominium_id)
+        _check_preauth_id(preauth_id)
+        self._check()
+        item = self.hub.preauths.get(preauth_id)
+        if item is None or item["condominium_id"] != condominium_id or item["uses"] < 1:
+            return False
+        item["uses"] -= 1
+        if item["uses"] == 0:
+            del self.hub.preauths[preauth_id]
+        return True

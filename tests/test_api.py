@@ -1091,6 +1091,7 @@ def test_openapi_describes_every_route():
         path = re.sub(
             r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule.replace("<string:session_id>", "{uuid}")
         )
+        path = re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", path)  # any other: its own name
         routes.setdefault(path, set()).update(
             m.lower() for m in rule.methods if m not in ("HEAD", "OPTIONS")
         )
