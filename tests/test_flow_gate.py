@@ -306,3 +306,78 @@ def test_star_is_an_ordinary_key_without_a_gate(benches):
     assert codes.tried == []
     visitor.drop()
     bench.until(bench.ended)
+
+
+# --- with the server's own Preauths and CodeGuard ---------------------------------------------------
+
+
+def real_codes(bench, *, failures=10):
+    """The real Preauths (a MemoryStore, hashing inline) and CodeGuard on the bench's clock."""
+    from audiosocket.preauth import CodeGuard, Preauths
+    from audiosocket.store import MemoryStore
+    from tests.preauthkit import InlinePool
+
+    bench.reactor.callFromThread = lambda f, *a, **kw: f(*a, **kw)
+    preauths = Preauths(
+        MemoryStore(reactor=bench.reactor),
+        reactor=bench.reactor,
+        pool=InlinePool(),
+        sites=lambda cid: bench.site,
+        max_per_condominium=10,
+    )
+    guard = CodeGuard(bench.reactor, failures=failures, window_s=900, lock_s=900)
+    bench.flow.preauths, bench.flow.code_guard = preauths, guard
+    made = []
+    preauths.create(
+        {
+            "condominium_id": 1,
+            "apartment": "101",
+            "visitor_name": "Maria Faxineira",
+            "valid_from": "1970-01-01T00:00:00Z",
+            "valid_until": "1970-01-02T00:00:00Z",
+            "uses": 1,
+        }
+    ).addCallback(made.append)
+    (item, code), = made
+    return item, code, guard
+
+
+def test_a_code_opens_once(benches):
+    """The real store: the code opens (preauthorized), then, used up, is wrong the next call."""
+    bench = benches(DTMF_GATE)
+    item, code, _ = real_codes(bench)
+    first = start_call(bench, "*" + code + "#")
+    bench.until(bench.ended, max_s=30)
+    assert bench.records[0]["outcome"] == "preauthorized"
+    assert bench.records[0]["reach"]["preauth"] == item.id
+    second = start_call(bench, "*" + code + "#")
+    bench.advance(6.0)
+    assert bench.heard(second, "code_invalid")
+    assert len(bench.dialer.handoffs) == 1
+    second.drop()
+    bench.until(lambda: len(bench.records) == 2)
+    assert code not in json.dumps(bench.records)
+
+
+def test_wrong_codes_lock_the_extension_for_every_call(benches):
+    """
+    Brute force: two wrong codes in one call lock code entry on the extension (failures =
+    2); the next call's valid code is not even checked — "bloqueada" — and nothing opens.
+    """
+    bench = benches(DTMF_GATE)
+    item, code, guard = real_codes(bench, failures=2)
+    wrong = "000000" if code != "000000" else "111111"
+    first = start_call(bench, "*" + wrong + "#")
+    bench.advance(6.0)
+    first.press("*" + wrong + "#")
+    bench.advance(6.0)
+    assert guard.locked(bench.service.extension.id)
+    first.drop()
+    bench.until(lambda: len(bench.records) == 1)
+    second = start_call(bench, "*" + code + "#")
+    bench.advance(6.0)
+    assert bench.heard(second, "code_locked")
+    assert bench.dialer.handoffs == [] and bench.audit == []
+    second.drop()
+    bench.until(lambda: len(bench.records) == 2)
+    assert [r["outcome"] for r in bench.records] == ["abandoned", "abandoned"]

@@ -12,8 +12,11 @@ C{SendDTMF(<digits>)} on the visitor's own channel, after the last word the serv
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
+
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 from pbx.conftest import PROMPTS, extension, free_ports
 from pbx.test_pbx_calls import decide, ended, type_apartment, until
@@ -98,3 +101,38 @@ async def test_denied_sends_no_digits(rig):
     (record,) = await rig.records(1)
     assert record["outcome"] == "denied" and record["gate"] is None
     assert send_dtmf(ran) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_valid_code_opens_without_dialing_anyone(rig):
+    """
+    A pre-authorised visitor types * + code + #: no resident is dialed (no Local channel is
+    ever created), the gate's SendDTMF runs on the visitor's channel, the record reads
+    preauthorized; the same code a second time opens nothing.
+    """
+    await start(rig)
+    ran = await applications(rig)
+    now = datetime.now(timezone.utc)
+    (item, code) = await rig.svc.preauths.create({
+        "condominium_id": 1, "apartment": "101", "visitor_name": "Maria",
+        "valid_from": (now - timedelta(minutes=1)).isoformat(),
+        "valid_until": (now + timedelta(hours=1)).isoformat(),
+    })
+    visitor = await rig.visitor("1001")
+    await deferLater(reactor, 0.5, lambda: None)
+    await visitor.press(rig.ami, "*" + code + "#")
+    await ended(visitor)
+    await until(lambda: send_dtmf(ran), what="the dialplan's SendDTMF")
+    (channel, digits, _), = send_dtmf(ran)
+    assert channel.startswith(visitor.prefix) and digits == GATE_DIGITS
+    (record,) = await rig.records(1)
+    assert record["outcome"] == "preauthorized" and record["reach"]["preauth"] == item.id
+    assert rig.local_channels("") == []
+    again = await rig.visitor("1001", name="again")
+    await deferLater(reactor, 0.5, lambda: None)
+    await again.press(rig.ami, "*" + code + "#")
+    await deferLater(reactor, 3.0, lambda: None)
+    await again.hangup(rig.ami)
+    await ended(again)
+    assert len(send_dtmf(ran)) == 1
+    assert rig.audiosocket_problems() == []
