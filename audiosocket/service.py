@@ -77,6 +77,7 @@ from audiosocket.session import SessionRegistry
 from audiosocket.speech.factory import make_stt, make_tts
 from audiosocket.speech.tts import make_pool
 from audiosocket.store import RedisStore
+from audiosocket.webhook import CallWebhook
 
 #: Config tables a reload applies: to the next call (a call in progress keeps its own).
 NEW_CALL_TABLES = ("flow", "audio", "privacy", "condominiums")
@@ -244,8 +245,9 @@ class DoormanService(MultiService):
     sets them as attributes (for the API, tests and benchmarks): C{store}, C{records},
     C{tts}, C{stt}, C{nlu}, C{dialer}, C{metrics}, C{clock}, C{flow}, C{registry},
     C{manager}, C{control}, C{api}, C{preauths} and C{code_guard}
-    (L{audiosocket.preauth}); C{embedded_redis}, C{http_pool} and C{http} (the speech
-    providers' HTTP client) when built.
+    (L{audiosocket.preauth}), C{gate} (L{audiosocket.gate}); C{embedded_redis}, C{http_pool}
+    and C{http} (the speech providers' and the gate relays' HTTP client) and C{webhook}
+    (L{audiosocket.webhook}) when built.
 
     @ivar config: the config in effect: the file's last valid reading, with the tables
         only a restart applies (L{RESTART_TABLES}) as they were at start.
@@ -259,8 +261,8 @@ class DoormanService(MultiService):
 
     store = records = tts = stt = nlu = dialer = metrics = None
     clock = flow = registry = manager = control = api = None
-    embedded_redis = http_pool = http = None
-    preauths = code_guard = None
+    embedded_redis = http_pool = http = webhook = None
+    preauths = code_guard = gate = None
 
     def __init__(
         self,
@@ -311,7 +313,10 @@ class DoormanService(MultiService):
 
     def record_call(self, session):
         self.metrics.call_ended(session)
-        return self.records.add(session.record())
+        record = session.record()
+        if self.webhook is not None:
+            self.webhook.call_ended(record)
+        return self.records.add(record)
 
     # ------------------------------------------------------------ status
 
@@ -652,6 +657,17 @@ def makeService(
         store.setServiceParent(server)
     server.records = CallRecords(store, reactor=reactor)
     server.records.setServiceParent(server)
+    events = config.events
+    if events.url:
+        server.webhook = CallWebhook(
+            events.url,
+            secret=lambda: config.secret(events.secret_env),
+            http=_http(server, reactor),
+            reactor=reactor,
+            timeout_s=events.timeout_s,
+            retries=events.retries,
+        )
+        server.webhook.setServiceParent(server)
 
     # Speech and the dialer.
     try:
