@@ -361,3 +361,24 @@ async def test_real_ports_listen_on_add_and_close_on_remove(real_server):
     code, _, err = await real_server.cli("remove", "3")
     assert code == 0, err
     assert (_is_listening(ai), _is_listening(ret)) == (False, False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_dialplan_prints_the_globals_of_every_extension(server):
+    """dialplan: one AUDIOSOCKET_AI_<ai_extension> = host:port line per extension, IPv6 in
+    brackets, with the extension and its return port in a comment."""
+    assert (await server.cli(*ADD))[0] == 0
+    v6 = ["add", "--id", "4", "--ai-extension", "1005", "--ai-port", "8092", "--return-extension",
+          "1006", "--return-port", "8093", "--host", "fd00::5", "--condominium-id", "2"]
+    assert (await server.cli(*v6))[0] == 0
+    code, out, err = await server.cli("dialplan")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert "[globals]" in lines
+    assert "AUDIOSOCKET_AI_1003 = 10.0.0.5:8090  ; extension 3, condominium 1, residents come back to 10.0.0.5:8091" in lines
+    assert any(l.startswith("AUDIOSOCKET_AI_1005 = [fd00::5]:8092  ;") for l in lines)
+    code, out, err = await server.cli("dialplan", "--cli")
+    assert out.splitlines() == [
+        "asterisk -rx 'dialplan set global AUDIOSOCKET_AI_1003 10.0.0.5:8090'",
+        "asterisk -rx 'dialplan set global AUDIOSOCKET_AI_1005 [fd00::5]:8092'",
+    ]
