@@ -326,11 +326,12 @@ def _redis_url(value: Any, base: Path) -> str:
         except ValueError:
             ok = False
         else:
-            ok = parts.scheme == "redis" and bool(parts.hostname)
+            ok = parts.scheme in ("redis", "rediss") and bool(parts.hostname)
             ok = ok and re.fullmatch(r"/?|/[0-9]+", parts.path) is not None
     if not ok:
         raise _Invalid(
-            f'must be "" (embedded), redis://host[:port][/db] or unix:///path, not {_show(url)}'
+            'must be "" (embedded), redis://host[:port][/db], rediss://host[:port][/db] '
+            f"(TLS) or unix:///path, not {_show(url)}"
         )
     return url
 
@@ -605,6 +606,8 @@ class RedisConfig:
     url: str = _field("", _redis_url)
     password_env: str = _field("", _env_name)
     timeout_s: float = _field(2.0, _positive)
+    #: C{rediss://}: the CA certificate (PEM) the server's must chain to; "": the system's.
+    ca_file: Path | None = _field(None, _optional(_path(must_be_file=True)))
     #: The embedded redis-server's memory cap, in MiB (its C{maxmemory}). Its policy is
     #: C{noeviction}: when full, writes fail loudly instead of keys vanishing.
     embedded_maxmemory_mb: int = _field(256, _int(16, 1048576))

@@ -798,7 +798,12 @@ def _redis_store(server: DoormanService, config: Config, reactor) -> RedisStore:
     else:
         address = redis.url
     return RedisStore(
-        address, password=password, timeout_s=redis.timeout_s, node_id=server.node_id, reactor=reactor
+        address,
+        password=password,
+        timeout_s=redis.timeout_s,
+        node_id=server.node_id,
+        reactor=reactor,
+        ca_file=str(redis.ca_file) if redis.ca_file else None,
     )
 
 

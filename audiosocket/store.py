@@ -25,7 +25,8 @@ import txredisapi
 from attrs import frozen
 from twisted.application.service import Service
 from twisted.internet import defer, task
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.internet import ssl
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
@@ -370,11 +371,14 @@ class RedisAddress:
     port: int | None
     db: int
     password: str | None = None
+    #: C{rediss://}: the connection is TLS, the server's certificate verified for C{host}.
+    tls: bool = False
 
     @classmethod
     def parse(cls, address: str, db: int = 0) -> "RedisAddress":
         """
-        Accept a unix socket path, C{unix:///path?db=N} or C{redis://[:password@]host:port/db}.
+        Accept a unix socket path, C{unix:///path?db=N} or C{redis://[:password@]host:port/db}
+        (C{rediss://...}: the same over TLS).
 
         @raise ValueError: naming the address and what is wrong with it.
         """
@@ -396,7 +400,7 @@ class RedisAddress:
                 db=db,
                 password=unquote(parts.password) if parts.password else None,
             )
-        if parts.scheme == "redis":
+        if parts.scheme in ("redis", "rediss"):
             if not parts.hostname:
                 raise ValueError("redis address {!r}: no host".format(address))
             try:
@@ -411,9 +415,11 @@ class RedisAddress:
                 port=port,
                 db=db,
                 password=unquote(parts.password) if parts.password else None,
+                tls=parts.scheme == "rediss",
             )
         raise ValueError(
-            "redis address {!r}: expected a socket path, unix:// or redis:// URL".format(address)
+            "redis address {!r}: expected a socket path, unix://, redis:// or rediss:// "
+            "URL".format(address)
         )
 
 
@@ -506,6 +512,7 @@ class RedisStore(Service):
         poolsize: int = 2,
         calls_maxlen: int = DEFAULT_CALLS_MAXLEN,
         reconnect_max_s: float = 2.0,
+        ca_file: str | None = None,
     ):
         reactor = default_reactor(reactor)
         if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
@@ -519,6 +526,16 @@ class RedisStore(Service):
         #: Commands that failed for want of Redis (exported as a metric).
         self.errors = 0
         self._address = RedisAddress.parse(address, db)
+        #: For C{rediss://}: the CA (PEM) the server's certificate must chain to; None: the
+        #: system's trust store. The host name is always checked (service-identity).
+        self._tls_options = None
+        if self._address.tls:
+            if ca_file:
+                with open(ca_file, "rb") as f:
+                    trust = ssl.Certificate.loadPEM(f.read())
+            else:
+                trust = ssl.platformTrust()
+            self._tls_options = ssl.optionsForClientTLS(self._address.host, trustRoot=trust)
         self._password = password if password is not None else self._address.password
         self._reactor = reactor
         self._timeout_s = float(timeout_s)
@@ -551,7 +568,7 @@ class RedisStore(Service):
         a = self._address
         if a.path is not None:
             return "unix:{} db={}".format(a.path, a.db)
-        return "{}:{} db={}".format(a.host, a.port, a.db)
+        return "{}{}:{} db={}".format("rediss://" if a.tls else "", a.host, a.port, a.db)
 
     # -- service ----------------------------------------------------------------------------
 
@@ -559,7 +576,10 @@ class RedisStore(Service):
         a = self._address
         if a.path is not None:
             return UNIXClientEndpoint(self._reactor, a.path, timeout=self._timeout_s)
-        return HostnameEndpoint(self._reactor, a.host, a.port, timeout=self._timeout_s)
+        endpoint = HostnameEndpoint(self._reactor, a.host, a.port, timeout=self._timeout_s)
+        if self._tls_options is not None:
+            return wrapClientTLS(self._tls_options, endpoint)
+        return endpoint
 
     def startService(self):
         super().startService()

@@ -116,6 +116,7 @@ def test_shipped_commented_examples_are_valid(tmp_path):
     path = tmp_path / "audiosocket.toml"
     path.write_text(uncommented, encoding="utf-8")
     (tmp_path / "apartments.json").write_text("[]")
+    (tmp_path / "redis-ca.pem").write_text("")
     config = load_config(path)
     assert config.speech.whisper.url == "http://127.0.0.1:9000/v1"
     assert config.dialer.ami.secret_env == "AMI_SECRET"
@@ -700,12 +701,12 @@ MISTAKES = {
     "redis url scheme": (
         '[redis]\nurl = "http://localhost"\n',
         "redis.url",
-        'must be "" (embedded), redis://host[:port][/db] or unix:///path, not "http://localhost"',
+        'must be "" (embedded), redis://host[:port][/db], rediss://host[:port][/db] (TLS) or unix:///path, not "http://localhost"',
     ),
     "redis url db": (
         '[redis]\nurl = "redis://localhost/zero"\n',
         "redis.url",
-        'must be "" (embedded), redis://host[:port][/db] or unix:///path, not "redis://localhost/zero"',
+        'must be "" (embedded), redis://host[:port][/db], rediss://host[:port][/db] (TLS) or unix:///path, not "redis://localhost/zero"',
     ),
     "redis url password": (
         '[redis]\nurl = "redis://:hunter2@localhost"\n',
