@@ -62,9 +62,19 @@ class StateDirLock:
         self._file = None
 
     def acquire(self) -> None:
-        """@raise StateDirLocked: another process (or another service here) holds it."""
-        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-        f = open(self.path, "a+")
+        """
+        @raise StateDirLocked: another process (or another service here) holds it, or the
+            directory cannot be made or written (the message says which and why).
+        """
+        directory = os.path.dirname(self.path)
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            f = open(self.path, "a+")
+        except OSError as e:
+            raise StateDirLocked(
+                "state_dir {} cannot be used: {} (set [server] state_dir or --state-dir to a "
+                "directory this user may write)".format(directory, e.strerror or e)
+            ) from None
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

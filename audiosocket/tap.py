@@ -28,6 +28,9 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+from pathlib import Path
+
+import attrs
 
 from twisted.python import usage
 
@@ -42,6 +45,13 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", "etc/audiosocket.toml", "The TOML config file."],
+        [
+            "state-dir",
+            None,
+            None,
+            "Where the embedded Redis and the lock live, instead of [server] state_dir "
+            "(e.g. /var/lib/audiosocket for a packaged install).",
+        ],
     ]
     optFlags = [
         ["check", None, "Validate the config file and exit (0 when valid)."],
@@ -54,6 +64,11 @@ class Options(usage.Options):
             # SystemExit, not UsageError: twistd prints its whole usage text before a
             # UsageError's message; a config mistake needs only the one line naming the key.
             raise SystemExit("audiosocket: {}".format(e)) from None
+        if self["state-dir"]:
+            config = attrs.evolve(
+                config,
+                server=attrs.evolve(config.server, state_dir=Path(self["state-dir"]).absolute()),
+            )
         unset = config.unset_secrets()
         required = [u for u in unset if u.required]
         if required:

@@ -226,6 +226,25 @@ def test_second_server_on_same_state_dir_refuses_and_first_keeps_its_redis(tmp_p
         first.wait(30)
 
 
+def test_state_dir_that_cannot_be_made_exits_with_one_line(tmp_path):
+    """
+    --state-dir (what a packaged install uses instead of the config's state_dir) naming a
+    place that cannot be a directory: exit 1 with one line saying so, not a traceback.
+    """
+    path, _ = write_config(tmp_path, "Bom dia.")
+    (tmp_path / "afile").write_text("")
+    result = _twistd(
+        tmp_path, "-n", "--pidfile", "", "audiosocket", "--config", str(path),
+        "--state-dir", str(tmp_path / "afile" / "var"), timeout=30,
+    )
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert errors == [
+        "audiosocket: state_dir {} cannot be used: Not a directory (set [server] state_dir or "
+        "--state-dir to a directory this user may write)".format(tmp_path / "afile" / "var")
+    ], result.stderr
+
+
 def test_failure_after_the_reactor_runs_exits_nonzero_with_one_line(tmp_path):
     """
     A start-up failure once the reactor runs (here the embedded redis-server cannot open its

@@ -67,6 +67,10 @@ def test_unit_start_is_a_foreground_twistd_without_pidfile_with_json_logs():
     assert options["logger"] is json_lines
     assert options.subCommand == "audiosocket"
     assert options.subOptions["config"] == str(ROOT / "etc" / "audiosocket.toml")
+    # The state (embedded Redis, lock) goes where the unit may write, not under /etc.
+    assert options.subOptions["state-dir"] == "/var/lib/audiosocket"
+    assert str(options.subOptions["loaded"].server.state_dir) == "/var/lib/audiosocket"
+    assert unit_value("StateDirectory") == "audiosocket"
     assert unit_value("Restart") == "on-failure" and unit_value("KillSignal") == "SIGTERM"
     assert unit_value("User") == "audiosocket" and unit_value("NoNewPrivileges") == "yes"
 
