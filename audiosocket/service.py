@@ -38,7 +38,6 @@ Service tree::
 
 from __future__ import annotations
 
-import collections
 import functools
 import signal
 import time
@@ -74,6 +73,7 @@ from audiosocket.resources import process_figures
 from audiosocket.session import SessionRegistry
 from audiosocket.speech.factory import make_stt, make_tts
 from audiosocket.speech.tts import make_pool
+from audiosocket.spool import Spool
 from audiosocket.store import RedisStore
 
 #: Config tables a reload applies: to the next call (a call in progress keeps its own).
@@ -86,94 +86,19 @@ class StartupError(Exception):
     """The server cannot start; the message says why in one line."""
 
 
-class CallRecords(Service):
+class CallRecords(Spool):
     """
-    Writes finished calls to the store. A record the store cannot take now (Redis down) is
-    kept, oldest first, and written when the store answers again: a call is never lost
-    because its record came at a bad moment. At most C{keep} records wait.
+    Writes finished calls to the store through a L{Spool}: a record the store cannot take
+    now (Redis down) is kept, oldest first, and written when the store answers again; a
+    call is never lost because its record came at a bad moment. At most C{keep} records wait.
     """
 
-    log = Logger()
     name = "call-records"
 
     def __init__(self, store, *, reactor, retry_s: float = 5.0, keep: int = 10000):
-        self._store = store
-        self._reactor = reactor
-        self._retry_s = retry_s
-        self.unsaved: collections.deque = collections.deque(maxlen=keep)
-        self._timer = None
-        self._flushing = False
-        self._saved_waiters: list[defer.Deferred] = []
-        self._writing: set[defer.Deferred] = set()
-
-    def when_saved(self) -> defer.Deferred:
-        """
-        Fires once every record handed to L{add} so far is in the store (at once if so): none
-        is being written nor waiting for the store to come back.
-        """
-        if not self.unsaved and not self._writing:
-            return defer.succeed(None)
-        d = defer.Deferred(lambda d: self._saved_waiters.remove(d))
-        self._saved_waiters.append(d)
-        return d
-
-    def _check_saved(self, result=None):
-        if not self.unsaved and not self._writing:
-            waiters, self._saved_waiters = self._saved_waiters, []
-            for d in waiters:
-                d.callback(None)
-        return result
-
-    def add(self, record: dict) -> defer.Deferred:
-        if self.unsaved:
-            self.unsaved.append(record)  # keep the order: after those already waiting
-            return defer.succeed(None)
-        d = self._store.append_call(record)
-        d.addErrback(self._failed, record)
-        self._writing.add(d)
-
-        def written(result):
-            self._writing.discard(d)
-            return self._check_saved(result)
-
-        return d.addBoth(written)
-
-    def _failed(self, failure, record):
-        self.log.warn(
-            "call record {uuid} not saved ({error}); kept for retry",
-            uuid=record.get("uuid"),
-            error=failure.getErrorMessage(),
+        super().__init__(
+            store.append_call, what="call record", reactor=reactor, retry_s=retry_s, keep=keep
         )
-        self.unsaved.appendleft(record)
-        self._schedule()
-
-    def _schedule(self):
-        if self.running and (self._timer is None or not self._timer.active()):
-            self._timer = self._reactor.callLater(self._retry_s, self._flush)
-
-    def _flush(self):
-        return defer.Deferred.fromCoroutine(self._write_waiting())
-
-    async def _write_waiting(self):
-        self._timer = None
-        while self.unsaved:
-            record = self.unsaved[0]
-            try:
-                await self._store.append_call(record)
-            except Exception:
-                self._schedule()
-                return
-            self.unsaved.popleft()
-        self.log.info("call records written after the store came back")
-        self._check_saved()
-
-    def stopService(self):
-        super().stopService()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if self.unsaved:
-            self.log.error("{n} call record(s) could not be saved before shutdown", n=len(self.unsaved))
 
 
 class PoolService(Service):
