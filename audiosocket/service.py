@@ -30,6 +30,8 @@ Service tree::
     ├── EmbeddedRedis        (only with [redis] url = "")
     ├── RedisStore
     ├── CallRecords
+    ├── AccessLog            (the access audit, kept through outages like call records)
+    ├── Retention            (deletes records and audit entries past [privacy] retention)
     ├── the worker pools     (speech synthesis and recognition, when built here)
     ├── AudioClock           (20 ms tick for every leg)
     ├── ExtensionManager     (one ExtensionService per extension)
@@ -55,6 +57,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from audiosocket import __version__
+from audiosocket.access import AccessLog
 from audiosocket.api import Api
 from audiosocket.clock import AudioClock
 from audiosocket.config import Config, ConfigError, load_config
@@ -70,6 +73,7 @@ from audiosocket.metrics import Metrics, timed_nlu, timed_stt, timed_tts
 from audiosocket.reactors import default_reactor
 from audiosocket.redisproc import EmbeddedRedis, RedisStartError
 from audiosocket.resources import process_figures
+from audiosocket.retention import Retention
 from audiosocket.session import SessionRegistry
 from audiosocket.speech.factory import make_stt, make_tts
 from audiosocket.speech.tts import make_pool
@@ -161,8 +165,8 @@ class DoormanService(MultiService):
     """
     The whole server: its lifecycle, status and reload. L{makeService} builds its parts and
     sets them as attributes (for the API, tests and benchmarks): C{store}, C{records},
-    C{tts}, C{stt}, C{nlu}, C{dialer}, C{metrics}, C{clock}, C{flow}, C{registry},
-    C{manager}, C{control}, C{api}; C{embedded_redis}, C{http_pool} and C{http} (the speech
+    C{access}, C{retention}, C{tts}, C{stt}, C{nlu}, C{dialer}, C{metrics}, C{clock},
+    C{flow}, C{registry}, C{manager}, C{control}, C{api}; C{embedded_redis}, C{http_pool} and C{http} (the speech
     providers' HTTP client) when built.
 
     @ivar config: the config in effect: the file's last valid reading, with the tables
@@ -175,7 +179,7 @@ class DoormanService(MultiService):
 
     log = Logger()
 
-    store = records = tts = stt = nlu = dialer = metrics = None
+    store = records = access = retention = tts = stt = nlu = dialer = metrics = None
     clock = flow = registry = manager = control = api = None
     embedded_redis = http_pool = http = None
 
@@ -228,7 +232,10 @@ class DoormanService(MultiService):
 
     def record_call(self, session):
         self.metrics.call_ended(session)
-        return self.records.add(session.record())
+        record = session.record()
+        if not self.flow.privacy.keep_visitor_names:  # [privacy]: the call record forgets it
+            record["facts"] = dict(record["facts"], visitor_name=None)
+        return self.records.add(record)
 
     # ------------------------------------------------------------ status
 
@@ -569,6 +576,11 @@ def makeService(
         store.setServiceParent(server)
     server.records = CallRecords(store, reactor=reactor)
     server.records.setServiceParent(server)
+    privacy = lambda: server.flow.privacy  # noqa: E731 -- the reloaded settings, at each use
+    server.access = AccessLog(store, reactor=reactor, privacy=privacy)
+    server.access.setServiceParent(server)
+    server.retention = Retention(store, reactor=reactor, privacy=privacy)
+    server.retention.setServiceParent(server)
 
     # Speech and the dialer.
     try:
@@ -647,8 +659,9 @@ def makeService(
         max_body=api.max_body,
         refused=server.manager.refused,
         reactor=reactor,
-        privacy=lambda: server.flow.privacy,
+        privacy=privacy,
         dialer=dialer,
+        access=server.access,
     )
     return server
 
@@ -671,7 +684,12 @@ def _redis_store(server: DoormanService, config: Config, reactor) -> RedisStore:
     else:
         address = redis.url
     return RedisStore(
-        address, password=password, timeout_s=redis.timeout_s, node_id=server.node_id, reactor=reactor
+        address,
+        password=password,
+        timeout_s=redis.timeout_s,
+        node_id=server.node_id,
+        reactor=reactor,
+        audit_maxlen=config.access.audit_maxlen,
     )
 
 
