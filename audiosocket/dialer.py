@@ -291,6 +291,35 @@ class IDialer(Interface):
             (or C{ValueError} for a bad C{action}/C{argument}) otherwise.
         """
 
+    def notify(event: dict) -> Deferred:
+        """
+        Tell the resident something happened without calling them: C{event} is
+        C{{"kind": "preauthorized", "uuid", "condominium_id", "apartment", "visitor_name",
+        "preauth_id"}} when a pre-authorised visitor came in. The http dialer POSTs it as
+        C{{"event": "notify", ...}}; the others log a line (apartment and pre-authorisation,
+        not the visitor's name).
+
+        @return: a Deferred firing L{None}; it never fails (errors are logged).
+        """
+
+
+def _log_notice(log: Logger, event: dict) -> Deferred:
+    log.info(
+        "notify the resident of apartment {apartment} (condominium {condominium_id}): "
+        "{kind} (pre-authorisation {preauth_id}, call {uuid})",
+        apartment=event.get("apartment"),
+        condominium_id=event.get("condominium_id"),
+        kind=event.get("kind"),
+        preauth_id=event.get("preauth_id"),
+        uuid=event.get("uuid"),
+    )
+    return succeed(None)
+
+
+def _shown(action: str, argument: str) -> str:
+    """A hand-off's argument as a log line shows it: a gate's digits are the building's secret."""
+    return "(gate digits)" if action == "open" else argument
+
 
 # -- log -------------------------------------------------------------------------------------
 
@@ -327,9 +356,12 @@ class LogDialer:
             "handoff of call {uuid}: {action} {argument}",
             uuid=uuid,
             action=action,
-            argument=argument,
+            argument=_shown(action, argument),
         )
         return succeed(None)
+
+    def notify(self, event: dict) -> Deferred:
+        return _log_notice(self.log, event)
 
 
 # -- http ------------------------------------------------------------------------------------
@@ -412,6 +444,16 @@ class HttpDialer:
                 why=why,
             )
             return Failure(HandoffFailed("webhook: {}".format(why)))
+
+        return self._within_timeout(self._post_event(body), failed)
+
+    def notify(self, event: dict) -> Deferred:
+        body = {"event": "notify", **event}
+
+        def failed(why):
+            self.log.warn(
+                "webhook notify of call {uuid} failed: {why}", uuid=event.get("uuid"), why=why
+            )
 
         return self._within_timeout(self._post_event(body), failed)
 
@@ -1103,6 +1145,9 @@ class AmiDialer(Service):
         return d.addCallbacks(answered, failed)
 
     # -- hand-off ----------------------------------------------------------------------------
+
+    def notify(self, event: dict) -> Deferred:
+        return _log_notice(self.log, event)
 
     def handoff(self, uuid: str, action: str, argument: str) -> Deferred:
         """

@@ -68,6 +68,7 @@ from audiosocket.flow.call import DoormanFlow, Site
 from audiosocket.flow.directory import Directory, DirectoryError
 from audiosocket.flow.prompts import Prompts, greeting
 from audiosocket.flow.understand import make_nlu
+from audiosocket.gate import GateOpener
 from audiosocket.listen import Listener, ListenSettings
 from audiosocket.metrics import Metrics, timed_nlu, timed_stt, timed_tts
 from audiosocket.reactors import default_reactor
@@ -83,7 +84,7 @@ from audiosocket.store import RedisStore
 #: Config tables a reload applies: to the next call (a call in progress keeps its own).
 NEW_CALL_TABLES = ("flow", "audio", "privacy", "condominiums")
 #: Config tables only a restart applies: listeners, connections and providers built at start.
-RESTART_TABLES = ("server", "api", "redis", "limits", "speech", "dialer")
+RESTART_TABLES = ("server", "api", "redis", "limits", "speech", "dialer", "access")
 
 
 class StartupError(Exception):
@@ -148,6 +149,9 @@ def build_sites(config: Config) -> dict[int, Site]:
             flow=config.flow,
             strategy=condominium.dial.strategy,
             operator=condominium.operator,
+            gate=condominium.gate,
+            timezone=condominium.timezone,
+            access=config.access,
         )
     return sites
 
@@ -158,6 +162,7 @@ def fixed_texts(sites) -> frozenset[str]:
     for site in sites.values():
         texts.update(site.prompts.fixed())
         texts.add(greeting(site.prompts, site.greeting))
+        texts.add(greeting(site.prompts, site.greeting, codes=True))
     return frozenset(texts)
 
 
@@ -601,6 +606,11 @@ def makeService(
     server.nlu = timed_nlu(nlu, metrics)
     server.dialer = dialer
 
+    # The gate.
+    server.gate = GateOpener(
+        dialer=dialer, http=_http(server, reactor), secret=config.secret, reactor=reactor
+    )
+
     # Calls.
     server.clock = AudioClock(reactor=reactor)
     server.clock.setServiceParent(server)
@@ -613,6 +623,7 @@ def makeService(
         nlu=server.nlu,
         listener_for=functools.partial(_listener, reactor=reactor),
         privacy=config.privacy,
+        gate=server.gate,
     )
     server.registry = SessionRegistry(
         reactor=reactor,

@@ -85,6 +85,7 @@ OUTCOMES = (
     "busy",
     "transferred",
     "transfer_failed",
+    "preauthorized",
     "error",
 )
 
@@ -181,6 +182,8 @@ class Session:
     #: How people were reached (the flow's L{audiosocket.flow.call} writes it): C{strategy},
     #: C{dials} (every leg tried: attempt, resident, result), C{decided_by}, C{handoff}.
     reach: dict = field(factory=dict)
+    #: What the gate did (C{kind}, C{result}, C{error}, C{attempts}), once the visitor could enter.
+    gate: dict = field(factory=dict)
     started_at: float = 0.0
     started_wall: float = 0.0
     resident_at: float | None = None
@@ -381,6 +384,10 @@ class Session:
                 return
         self.tried(attempt, resident, dial, "late")
 
+    def note_gate(self, **values) -> None:
+        """What the gate did once the visitor could enter (kind, result, error), for the record."""
+        self.gate = dict(values)
+
     def dial_failed(self, attempt: int, reason: str) -> None:
         """Attempt C{attempt} did not reach the resident, for C{reason} (kept in the record)."""
         self.dial_failures.append({"attempt": attempt, "reason": reason})
@@ -513,6 +520,7 @@ class Session:
             "resident_leg_uuid": _str(self.resident_leg_uuid),
             "dial_failures": list(self.dial_failures),
             "reach": dict(self.reach),
+            "gate": dict(self.gate) if self.gate else None,
             "timings": self.timings(),
         }
 

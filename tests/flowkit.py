@@ -88,9 +88,25 @@ class ScriptedDialer:
         self.script = []  # per attempt: None (accept) or a DialFailed
         self.on_dial = None
         self.cancels = []  # the leg UUIDs cancelled, in order
+        self.handoffs = []  # (uuid, action, argument), in order
+        #: What a hand-off gets: None (acknowledged), an exception, or "never".
+        self.handoff_result = None
+        self.notices = []  # the events of notify(), in order
 
     def cancel(self, leg_uuid):
         self.cancels.append(leg_uuid)
+        return defer.succeed(None)
+
+    def handoff(self, uuid, action, argument):
+        self.handoffs.append((uuid, action, argument))
+        if isinstance(self.handoff_result, Exception):
+            return defer.fail(self.handoff_result)
+        if self.handoff_result == "never":
+            return defer.Deferred()
+        return defer.succeed(None)
+
+    def notify(self, event):
+        self.notices.append(event)
         return defer.succeed(None)
 
     def dial(self, request):

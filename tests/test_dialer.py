@@ -1053,6 +1053,41 @@ def test_log_dialer_logs_the_handoff():
     assert "handoff of call {}: transfer PJSIP/portaria".format(UUID) in log_text(events)
 
 
+def test_log_dialer_keeps_gate_digits_out_of_the_log():
+    """An "open" hand-off's digits (the building's gate code) are never logged."""
+    with capturedLogs() as events:
+        d = LogDialer().handoff(UUID, "open", "*8642#")
+    assert d.called and d.result is None
+    text = log_text(events)
+    assert "handoff of call {}: open (gate digits)".format(UUID) in text
+    assert "8642" not in text
+
+
+def test_log_dialer_notify_logs_without_the_visitor_name():
+    """notify() logs the apartment and pre-authorisation, not the visitor's name."""
+    event = {"kind": "preauthorized", "uuid": UUID, "condominium_id": 1, "apartment": "101",
+             "visitor_name": "Maria Faxineira", "preauth_id": "p1"}
+    with capturedLogs() as events:
+        d = LogDialer().notify(event)
+    assert d.called and d.result is None
+    text = log_text(events)
+    assert "apartment 101" in text and "p1" in text and "Maria" not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_dialer_posts_notify_and_never_fails(webhook_server):
+    """The http dialer POSTs {"event": "notify", ...}; a 500 is logged, not raised."""
+    webhook = Webhook(code=200)
+    site, url = await webhook_server(webhook)
+    event = {"kind": "preauthorized", "uuid": UUID, "apartment": "101", "preauth_id": "p1"}
+    assert await HttpDialer(url).notify(event).addTimeout(TIMEOUT_S, reactor) is None
+    assert json.loads(webhook.bodies[0]) == {"event": "notify", **event}
+    webhook.code = 500
+    with capturedLogs() as events:
+        assert await HttpDialer(url).notify(event).addTimeout(TIMEOUT_S, reactor) is None
+    assert "webhook notify of call {} failed".format(UUID) in log_text(events)
+
+
 @pytest.mark.parametrize(
     "action, argument, match",
     [

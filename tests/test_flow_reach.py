@@ -37,22 +37,8 @@ UNIT = Directory(
 OPERATOR = "PJSIP/portaria"
 
 
-class HandoffDialer(ScriptedDialer):
-    """The scripted dialer, also taking hand-offs (C{handoff_result}: None, an exception or a
-    Deferred that never fires)."""
-
-    def __init__(self):
-        super().__init__()
-        self.handoffs = []
-        self.handoff_result = None
-
-    def handoff(self, uuid, action, argument):
-        self.handoffs.append((uuid, action, argument))
-        if isinstance(self.handoff_result, Exception):
-            return defer.fail(self.handoff_result)
-        if self.handoff_result == "never":
-            return defer.Deferred()
-        return defer.succeed(None)
+#: The scripted dialer takes hand-offs (C{handoff_result}: None, an exception or "never").
+HandoffDialer = ScriptedDialer
 
 
 def make_bench(strategy="unit", operator=None, voice=False, **flow):

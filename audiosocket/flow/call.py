@@ -51,6 +51,7 @@ record's C{reach.handoff}; a hand-off that fails or times out is told to the vis
 from __future__ import annotations
 
 import uuid as _uuid
+import zoneinfo
 from typing import Any, Callable
 
 from attrs import frozen
@@ -58,8 +59,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from audiosocket.config import AudioConfig, FlowConfig, OperatorConfig, PrivacyConfig
-from audiosocket.dialer import DialFailed, DialRequest, HandoffFailed
+from audiosocket.config import AccessConfig, AudioConfig, FlowConfig, GateConfig, OperatorConfig, PrivacyConfig
+from audiosocket.dialer import DialFailed, DialRequest
+from audiosocket.gate import GateError, OpenRequest
 from audiosocket.flow.directory import Directory, Match
 from audiosocket.flow.io import LegGone, LegIO
 from audiosocket.flow.nlu import (
@@ -71,7 +73,7 @@ from audiosocket.flow.nlu import (
     classify_dtmf,
     confirms,
 )
-from audiosocket.flow.prompts import Prompts, announcement, greeting
+from audiosocket.flow.prompts import MAX_NAME_CHARS, Prompts, announcement, greeting
 from audiosocket.leg import Dtmf
 from audiosocket import session as S
 
@@ -83,6 +85,8 @@ FIRST_AUDIO_WAIT_S = 0.1
 HANDOFF_TIMEOUT_S = 3.0
 #: Utterances or entries not understood before the call goes to the operator (if any).
 RECOGNITION_FAILURES = 2
+#: A pre-authorisation code's length (typed as * + code + #).
+CODE_DIGITS = 6
 
 
 @frozen
@@ -108,6 +112,17 @@ class Site:
     strategy: str = "unit"
     #: C{[condominiums.operator]}: the human operator (C{dial} empty: none).
     operator: OperatorConfig = OperatorConfig()
+    #: C{[condominiums.gate]}: what opens the gate (C{kind = "none"}: nothing).
+    gate: GateConfig = GateConfig()
+    #: The building's IANA time zone (pre-authorisation hours and weekdays).
+    timezone: str = "America/Sao_Paulo"
+    #: C{[access]}: tries of a code per call.
+    access: AccessConfig = AccessConfig()
+
+    @property
+    def codes(self) -> bool:
+        """Pre-authorisation codes are offered and accepted here (a gate that acts, codes on)."""
+        return self.gate.kind != "none" and self.gate.codes
 
 
 class _Transfer(Exception):
@@ -118,11 +133,12 @@ class _Transfer(Exception):
         self.reason = reason
 
 
-def _handoff(dialer, uuid: str, action: str, argument: str):
-    handoff = getattr(dialer, "handoff", None)
-    if handoff is None:
-        raise HandoffFailed("the {} dialer cannot hand calls off".format(dialer.name))
-    return handoff(uuid, action, argument)
+class _Preauthorized(Exception):
+    """The visitor typed a valid pre-authorisation code."""
+
+    def __init__(self, preauth):
+        super().__init__(preauth.id)
+        self.preauth = preauth
 
 
 class DoormanFlow:
@@ -142,6 +158,11 @@ class DoormanFlow:
     @ivar privacy: whether transcripts may go to the log and the call record (by default
         neither: they say "voice" and how many words); read at a call's start, swapped whole
         on a reload.
+    @ivar gate: the L{audiosocket.gate.GateOpener} that opens a condominium's gate once the
+        visitor may enter (C{None}: no gate acts).
+    @ivar preauths: the L{audiosocket.preauth.Preauths} that redeem codes (C{None}: no codes).
+    @ivar code_guard: the L{audiosocket.preauth.CodeGuard} that locks an extension's code
+        entry after repeated wrong codes.
     """
 
     log = Logger()
@@ -158,6 +179,9 @@ class DoormanFlow:
         listener_for: Callable[[Any], Any] | None = None,
         match_threshold: float = 80.0,
         privacy: PrivacyConfig = PrivacyConfig(),
+        gate=None,
+        preauths=None,
+        code_guard=None,
     ):
         self.tts = tts
         self.dialer = dialer
@@ -168,6 +192,9 @@ class DoormanFlow:
         self.listener_for = listener_for if stt is not None else None
         self.match_threshold = match_threshold
         self.privacy = privacy
+        self.gate = gate
+        self.preauths = preauths
+        self.code_guard = code_guard
 
     @property
     def voice(self) -> bool:
@@ -230,6 +257,14 @@ class _Call:
         self.late: list[defer.Deferred] = []
         #: Every log event of this call carries its UUID and extension (structured logs).
         self.fields = {"uuid": str(session.uuid), "ext": session.extension.id}
+        #: The resident's decision as the record keeps it ("dtmf:1", "voice"), once made.
+        self.evidence: str | None = None
+        #: Wrong pre-authorisation codes typed in this call.
+        self.code_failures = 0
+        #: The visitor has heard their last words already (no goodbye of ours follows).
+        self.farewell_said = False
+        #: Codes are read in this call (the condominium offers them, and a redeemer exists).
+        self.codes = site.codes and flow.preauths is not None
 
     # ------------------------------------------------------------ the call
 
@@ -276,12 +311,14 @@ class _Call:
         p = self.prompts
         if outcome in ("transferred", "transfer_failed"):
             return None, None  # the visitor has heard it already; no resident
+        if outcome == "preauthorized":
+            return p.say("goodbye"), None
         resident = {
             "authorized": p.say("resident_authorized"),
             "denied": p.say("resident_denied"),
             "no_decision": p.say("resident_no_decision"),
         }.get(outcome, p.say("goodbye"))
-        return p.say("goodbye"), resident
+        return (None if self.farewell_said else p.say("goodbye")), resident
 
     async def _finish(self, to_visitor: str | None, to_resident: str | None) -> None:
         legs = [self.visitor.finish(to_visitor)]
@@ -299,6 +336,8 @@ class _Call:
             return await self._conversation()
         except _Transfer as t:
             return await self._transfer(t.reason)
+        except _Preauthorized as p:
+            return await self._preauthorized(p.preauth)
 
     async def _conversation(self) -> str:
         session = self.session
@@ -313,7 +352,12 @@ class _Call:
         outcome = await self._call_resident()
         if outcome == "no_answer" and self._operator_on("on_no_answer"):
             raise _Transfer("no_answer")
-        await self._tell_visitor(outcome)
+        if outcome == "authorized":
+            await self._admit(
+                self.prompts.say("authorized"), "resident", who=self.answered_by, evidence=self.evidence
+            )
+        else:
+            await self._tell_visitor(outcome)
         return outcome
 
     async def _peer_rate(self, leg) -> None:
@@ -329,7 +373,7 @@ class _Call:
             pass
 
     def _greeting(self) -> str:
-        return greeting(self.prompts, self.site.greeting)
+        return greeting(self.prompts, self.site.greeting, codes=self.codes)
 
     # ------------------------------------------------------------ the visitor's facts
 
@@ -402,6 +446,10 @@ class _Call:
             if item is None:
                 return None
             if isinstance(item, Dtmf):
+                if item.digit == "*" and self.codes:
+                    # "*" first: a pre-authorisation code, up to "#".
+                    await self._code_entry()
+                    continue
                 typed = await self.visitor.digits(
                     item.digit, self.config.dtmf_timeout_s, self.config.max_digits
                 )
@@ -537,6 +585,156 @@ class _Call:
         if said and self.operator and asks_for_person(said):
             raise _Transfer("asked")
         return said is not None and confirms(said)
+
+    # ------------------------------------------------------------ pre-authorisation codes
+
+    async def _code_entry(self) -> None:
+        """
+        The visitor pressed C{*}: read a code up to C{#} and redeem it. A valid one raises
+        L{_Preauthorized}. A wrong one (or an extension whose code entry is locked) is told
+        and counted; after C{[access] code_tries_per_call} the code path ends for this call
+        (a C{*} is then an ordinary key). The code is never logged, spoken or recorded.
+        """
+        guard = self.flow.code_guard
+        ext_id = self.session.extension.id
+        # Read it whole first: its keys must not become an apartment number.
+        code = await self.visitor.digits("", self.config.dtmf_timeout_s, CODE_DIGITS)
+        if guard is not None and guard.locked(ext_id):
+            self.log.warn(
+                "call {uuid}: code entry is locked on extension {ext} (too many wrong codes)",
+                **self.fields,
+            )
+            self.codes = False
+            await self.visitor.say(self.prompts.say("code_locked"), interruptible=True)
+            return
+        try:
+            preauth = None
+            if code is not None and len(code) == CODE_DIGITS:
+                preauth = await self.flow.preauths.redeem(
+                    self.site.id, code, zoneinfo.ZoneInfo(self.site.timezone)
+                )
+        except defer.CancelledError:
+            raise
+        except Exception as e:
+            self.log.warn(
+                "call {uuid}: a code could not be checked ({error})", **self.fields, error=str(e)
+            )
+            await self.visitor.say(self.prompts.say("code_unavailable"), interruptible=True)
+            return
+        if preauth is not None:
+            raise _Preauthorized(preauth)
+        self.code_failures += 1
+        if guard is not None:
+            guard.failed(ext_id)
+        self.log.info(
+            "call {uuid}: wrong or expired code ({n} of {tries})",
+            **self.fields,
+            n=self.code_failures,
+            tries=self.site.access.code_tries_per_call,
+        )
+        if self.code_failures >= self.site.access.code_tries_per_call:
+            self.codes = False
+            await self.visitor.say(self.prompts.say("code_no_more"), interruptible=True)
+        else:
+            await self.visitor.say(self.prompts.say("code_invalid"), interruptible=True)
+
+    async def _preauthorized(self, preauth) -> str:
+        """
+        A valid code: "Bem-vindo, <nome>", the gate opens, and the resident is told (the
+        dialer's C{notify}). Nobody is called.
+        """
+        session = self.session
+        self.visitor.flush(keys=True)
+        session.learn(
+            Facts(apartment=preauth.apartment, visitor_name=preauth.visitor_name)
+        )
+        session.note_reach(preauth=preauth.id)
+        session.conclude("preauthorized", by="server", evidence="code")
+        self.log.info(
+            "call {uuid}: pre-authorisation {id} for apartment {apartment} accepted",
+            **self.fields,
+            id=preauth.id,
+            apartment=preauth.apartment,
+        )
+        name = preauth.visitor_name
+        if name and len(name) <= MAX_NAME_CHARS:
+            welcome = self.prompts.say("code_welcome", visitor=name)
+        else:
+            welcome = self.prompts.say("code_welcome_unnamed")
+        self._notify(preauth)
+        await self._admit(welcome, "preauth", who=preauth.id, evidence="code")
+        return "preauthorized"
+
+    def _notify(self, preauth) -> None:
+        """Tell the resident a pre-authorised visitor came in (never waited for)."""
+        event = {
+            "uuid": str(self.session.uuid),
+            "condominium_id": self.site.id,
+            "apartment": preauth.apartment,
+            "visitor_name": preauth.visitor_name,
+            "preauth_id": preauth.id,
+            "kind": "preauthorized",
+        }
+        d = defer.maybeDeferred(self.flow.dialer.notify, event)
+        d.addErrback(
+            lambda f: self.log.failure("call {uuid}: notifying the resident failed", f, **self.fields)
+        )
+
+    # ------------------------------------------------------------ the gate
+
+    async def _admit(
+        self, told: str, authorized_by: str, *, who: str | None, evidence: str | None
+    ) -> None:
+        """
+        The visitor may enter: tell them (C{told}: "pode entrar"), then open the
+        condominium's gate (nothing with C{kind = "none"}) — not if they hung up before it
+        opened (audited as C{not_opened}). A C{dtmf} gate is a hand-off to the PBX: the
+        visitor's goodbye and hangup frame follow, then the dialplan sends the digits. An
+        C{http} relay that fails is told to the visitor, who goes to the operator when
+        there is one. The record's C{gate} says what happened.
+        """
+        opener, gate = self.flow.gate, self.site.gate
+        if opener is None or gate.kind == "none":
+            await self.visitor.say(told)
+            return
+        session = self.session
+        facts = session.facts
+        request = OpenRequest(
+            condominium_id=self.site.id,
+            authorized_by=authorized_by,
+            evidence=evidence or "",
+            who=who,
+            uuid=str(session.uuid),
+            extension_id=session.extension.id,
+            apartment=facts.apartment,
+            visitor=facts.visitor_name,
+        )
+
+        def withhold():
+            result = opener.withheld(gate, request, "the visitor hung up before it opened")
+            session.note_gate(kind=gate.kind, **result.to_dict())
+
+        try:
+            await self.visitor.say(told)
+        except LegGone:
+            withhold()
+            raise
+        if session.visitor.closed:
+            withhold()
+            raise LegGone("visitor")
+        try:
+            result = await opener.open(gate, request)
+        except GateError as e:
+            self.log.warn("call {uuid}: gate not opened: {error}", **self.fields, error=str(e))
+            return
+        session.note_gate(kind=gate.kind, **result.to_dict())
+        if result.ok:
+            return
+        self.farewell_said = True
+        if self.operator:
+            await self._transfer("gate_failed", prompt="gate_failed_operator")
+        else:
+            await self.visitor.say(self.prompts.say("gate_failed"))
 
     # ------------------------------------------------------------ calling the resident
 
@@ -718,9 +916,6 @@ class _Call:
         stops ringing. Never waited for and never fails the call (a dialer's cancel is
         idempotent and its errors are only logged).
         """
-        cancel = getattr(self.flow.dialer, "cancel", None)
-        if cancel is None:
-            return
         self.log.info(
             "call {uuid}: attempt {attempt} over without this leg; cancelling the dial "
             "of leg {leg_uuid}",
@@ -728,7 +923,7 @@ class _Call:
             attempt=attempt,
             leg_uuid=str(leg_uuid),
         )
-        d = defer.maybeDeferred(cancel, str(leg_uuid))
+        d = defer.maybeDeferred(self.flow.dialer.cancel, str(leg_uuid))
         d.addErrback(
             lambda f: self.log.failure(
                 "call {uuid}: cancelling the dial of leg {leg_uuid} failed",
@@ -796,7 +991,7 @@ class _Call:
         await self.visitor.say(self.prompts.say("unknown_apartment_final"))
         return None
 
-    async def _transfer(self, reason: str) -> str:
+    async def _transfer(self, reason: str, prompt: str = "transferring") -> str:
         """
         Hand the visitor to the operator: "vou transferir" plays while the dialer leaves the
         instruction for the dialplan; the visitor's hangup frame follows (in L{_finish}) only
@@ -811,13 +1006,13 @@ class _Call:
         )
         started = self.reactor.seconds()
         d = defer.maybeDeferred(
-            _handoff, self.flow.dialer, str(session.uuid), "transfer", self.operator
+            self.flow.dialer.handoff, str(session.uuid), "transfer", self.operator
         )
         d.addTimeout(HANDOFF_TIMEOUT_S, self.reactor)
         # Every result becomes a value: it is read after the prompt has played.
         d.addBoth(lambda r: r.value if isinstance(r, Failure) else r)
         try:
-            await self.visitor.say(self.prompts.say("transferring"))
+            await self.visitor.say(self.prompts.say(prompt))
             result = await d
         finally:
             if not d.called:
@@ -917,7 +1112,8 @@ class _Call:
 
     def _decided(self, outcome: str, evidence: str) -> str:
         self._note(decided_by=self.answered_by)
-        self.session.conclude(outcome, evidence=self._kept(evidence))
+        self.evidence = self._kept(evidence)
+        self.session.conclude(outcome, evidence=self.evidence)
         logged = evidence if self.privacy.log_speech else _kind(evidence)
         self.log.info(
             "call {uuid}: resident {outcome} ({evidence})",

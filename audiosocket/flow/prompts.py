@@ -50,6 +50,18 @@ DEFAULTS: dict[str, str] = {
     "busy": "Todas as linhas estão ocupadas. Por favor, tente novamente em instantes.",
     "goodbye": "Até logo.",
     "max_call": "O tempo da ligação terminou. Até logo.",
+    # Pre-authorisation codes (offered in the greeting when the gate takes them).
+    "code_hint": "Se tiver um código de acesso, digite asterisco, o código e jogo da velha.",
+    "code_welcome": "Bem-vindo, {visitor}. Pode entrar.",
+    "code_welcome_unnamed": "Código aceito. Pode entrar.",
+    # No field: the code typed is never read back.
+    "code_invalid": "Código inválido. Digite asterisco e o código de novo, ou o número do apartamento.",
+    "code_no_more": "Código inválido. Por favor, digite o número do apartamento e tecle jogo da velha.",
+    "code_locked": "A entrada por código está bloqueada no momento. Por favor, digite o número do apartamento.",
+    "code_unavailable": "Não consegui verificar o código agora. Por favor, digite o número do apartamento.",
+    # The gate (an http relay) did not open.
+    "gate_failed": "Não consegui abrir o portão. Por favor, procure a portaria. Até logo.",
+    "gate_failed_operator": "Não consegui abrir o portão. Vou chamar a portaria. Aguarde, por favor.",
     "hangup": "A ligação será encerrada. Até logo.",
     # Resident side.
     "announce": "Olá, morador do apartamento {apartment}! {visitor} está na portaria{purpose}.",
@@ -115,9 +127,13 @@ class Prompts:
         return [t for t in self._texts.values() if not fields_of(t)]
 
 
-def greeting(prompts: Prompts, site_greeting: str) -> str:
-    """What a visitor hears first: the condominium's greeting and the keypad offer."""
-    return prompts.say("greeting", greeting=site_greeting) + " " + prompts.say("keypad_hint")
+def greeting(prompts: Prompts, site_greeting: str, codes: bool = False) -> str:
+    """
+    What a visitor hears first: the condominium's greeting and the keypad offer, and with
+    C{codes} the pre-authorisation code path.
+    """
+    text = prompts.say("greeting", greeting=site_greeting) + " " + prompts.say("keypad_hint")
+    return text + " " + prompts.say("code_hint") if codes else text
 
 
 def announcement(prompts: Prompts, apartment: str, visitor: str | None, intent: str | None) -> str:
