@@ -11,8 +11,8 @@ and written when the store answers again, exactly like call records. C{GET /api/
 it back, newest first, filtered by condominium, apartment and time; the retention service
 (L{audiosocket.retention}) deletes entries older than C{[privacy] access_retention_days}.
 
-An entry is a JSON object with these fields (the flow and the API produce them; L{AccessLog}
-fills C{at} and C{ts} when missing):
+An entry is a JSON object with these fields (L{audiosocket.gate.GateOpener} produces them for
+every open, attempted or withheld; L{AccessLog} fills C{at} and C{ts} when missing):
 
   - C{at}: when, ISO 8601 in UTC with milliseconds (C{"2026-12-05T16:20:57.123Z"});
   - C{ts}: the same instant in epoch seconds (a float);
@@ -43,12 +43,13 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from .config import PrivacyConfig
+from .gate import AUTHORIZED_BY, RESULTS
 from .spool import Spool
 
-#: The values the fields with a closed set of values take (for the API's schema and tests).
+#: The values the fields with a closed set of values take (for the API's schema): the
+#: gate's own.
 GATES = ("none", "dtmf", "http")
-AUTHORIZED_BY = ("resident", "preauth", "operator")
-RESULTS = ("opened", "handed_off", "failed", "not_opened")
+__all__ = ["AccessLog", "iso_utc", "GATES", "AUTHORIZED_BY", "RESULTS"]
 
 
 def iso_utc(ts: float) -> str:

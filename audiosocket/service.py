@@ -608,7 +608,11 @@ def makeService(
 
     # The gate.
     server.gate = GateOpener(
-        dialer=dialer, http=_http(server, reactor), secret=config.secret, reactor=reactor
+        dialer=dialer,
+        http=_http(server, reactor),
+        secret=config.secret,
+        audit=server.access.add,
+        reactor=reactor,
     )
 
     # Calls.

@@ -596,3 +596,25 @@ def test_server_audit_reads_the_reloaded_privacy(tmp_path):
     svc.flow.privacy = PrivacyConfig(keep_visitor_names=False)
     svc.access.add(event())
     assert svc.store.access_events().result[0]["visitor"] is None
+
+
+def test_server_gate_audits_through_the_access_log(tmp_path):
+    """
+    The server's gate appends every open to the access audit: an open withheld (the visitor
+    left) lands in the store with its time, and without the visitor's name when
+    [privacy] keep_visitor_names is false.
+    """
+    from audiosocket.config import GateConfig
+    from audiosocket.gate import OpenRequest
+
+    svc = server(tmp_path, keep_visitor_names=False)
+    request = OpenRequest(
+        condominium_id=1, authorized_by="resident", evidence="dtmf:1", who="Ana",
+        uuid="u1", extension_id=1, apartment="101", visitor="Pedro",
+    )
+    svc.gate.withheld(GateConfig(kind="http"), request, "the visitor hung up")
+    [entry] = svc.store.access_events().result
+    assert (entry["result"], entry["error"], entry["who"]) == (
+        "not_opened", "the visitor hung up", "Ana"
+    )
+    assert entry["visitor"] is None and entry["at"].endswith("Z")
