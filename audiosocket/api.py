@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_api,tests.test_admin,tests.test_tls -*-
 """
-The HTTP API: extensions, sessions, finished calls, pre-authorisations
-(L{audiosocket.preauth}), status, health, metrics and its own OpenAPI document, and C{GET /api/events} (server-sent events for the operator's screen, see
+The HTTP API: extensions, sessions, finished calls, the access audit, pre-authorisations
+(L{audiosocket.preauth}), the gate (L{audiosocket.gate}), status, health, metrics and its own
+OpenAPI document, and C{GET /api/events} (server-sent events for the operator's screen, see
 L{audiosocket.events}), as a Klein app with its dependencies injected; the same site serves
 the dashboard's pages (L{audiosocket.dashboard}) behind the same guard.
 
@@ -67,6 +68,7 @@ The routes check the content type of the JSON bodies they read.
 from __future__ import annotations
 
 import collections
+import datetime
 import hmac
 import io
 import json
@@ -83,6 +85,7 @@ from twisted.web.http_headers import Headers
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.exceptions import NotFound as RouteNotFound
 
+from .access import AUTHORIZED_BY, GATES, RESULTS
 from .config import LOOPBACK_NAMES, host_name
 from .control import ExtensionControl, StoreUnavailable
 from .dashboard import Dashboard, is_page
@@ -189,6 +192,8 @@ class Api:
         AudioSocket listeners' so one metric shows them all.
     @param preauths: the pre-authorisations (L{audiosocket.preauth.Preauths}) served at
         C{/api/preauth}; None: those routes answer 404.
+    @param access: the access audit (L{audiosocket.access.AccessLog}), for the routes that
+        open a gate; C{GET /api/access} reads the store.
     """
 
     app = Klein()
@@ -218,6 +223,7 @@ class Api:
         dialer=None,
         gates=None,
         preauths=None,
+        access=None,
     ):
         self._control = control
         self._manager = control.manager
@@ -239,6 +245,8 @@ class Api:
         if hasattr(sessions, "add_observer"):
             sessions.add_observer(self.events.session_ended)
         self.dashboard = Dashboard(self, privacy=privacy, dialer=dialer)
+        #: The access audit (L{audiosocket.access.AccessLog}) that gate openings go to.
+        self.access = access
         self._sites: weakref.WeakSet[ApiSite] = weakref.WeakSet()
         self._preauths = preauths
 
@@ -711,6 +719,104 @@ class Api:
             raise ApiError(404, "not_found", "no pre-authorisation {}".format(preauth_id[:64]))
         request.setResponseCode(204)
         return b""
+    # ------------------------------------------------------------ access audit, retention
+
+    @app.route("/api/access", methods=["GET"])
+    async def list_access(self, request):
+        """The access audit, newest first; a bad filter is a 422 naming it."""
+        _only(request, ACCESS_PARAMETERS)
+        since = _time_arg(request, "since")
+        until = _time_arg(request, "until")
+        if since is not None and until is not None and until < since:
+            raise InvalidField("until", "must not be before since")
+        condominium_id = _int_arg(request, "condominium_id", 1, 2**31)
+        apartment = _arg(request, "apartment")
+        if apartment is not None and not 1 <= len(apartment) <= APARTMENT_MAX:
+            raise InvalidField(
+                "apartment", "must be 1 to {} characters".format(APARTMENT_MAX)
+            )
+        limit = _int_arg(request, "limit", 1, ACCESS_LIMIT_MAX)
+        events = await self._store.access_events(
+            condominium_id=condominium_id,
+            apartment=apartment,
+            since=since,
+            until=until,
+            limit=ACCESS_LIMIT_DEFAULT if limit is None else limit,
+        )
+        return _json(request, {"access": list(events)})
+
+    @app.route("/api/calls", methods=["DELETE"])
+    async def delete_calls(self, request):
+        """Delete the call records stored before C{?before=} (ISO 8601; LGPD erasure)."""
+        _only(request, ("before",))
+        before = _time_arg(request, "before")
+        if before is None:
+            raise InvalidField(
+                "before", "is required: the records stored before this time are deleted"
+            )
+        deleted = await self._store.delete_calls(before)
+        self.log.info(
+            "API: deleted {n} call record(s) stored before {before}",
+            n=deleted,
+            before=_arg(request, "before"),
+        )
+        return _json(request, {"deleted": deleted})
+
+
+ACCESS_LIMIT_DEFAULT = 100
+ACCESS_LIMIT_MAX = 1000
+ACCESS_PARAMETERS = ("condominium_id", "apartment", "since", "until", "limit")
+APARTMENT_MAX = 32
+
+
+def _only(request, names) -> None:
+    """A query parameter the route does not take is a 400 naming it (a typo filters nothing)."""
+    for raw in request.args:
+        name = raw.decode("utf-8", "replace")
+        if name not in names:
+            raise ApiError(
+                400,
+                "bad_request",
+                "unknown parameter {!r}; this route takes {}".format(name, ", ".join(names)),
+            )
+
+
+def _int_arg(request, name: str, low: int, high: int) -> int | None:
+    """The query parameter C{name} as an integer in [low, high], or None; else a 422."""
+    raw = _arg(request, name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw, 10)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        raise InvalidField(
+            name, "must be an integer between {} and {}, not {!r}".format(low, high, raw[:40])
+        )
+    return value
+
+
+def _time_arg(request, name: str) -> float | None:
+    """
+    The query parameter C{name}, ISO 8601 with C{Z} or an offset, as epoch seconds, or None;
+    else a 422. A C{+} left unencoded in the query (read as a space) is taken as C{+}.
+    """
+    raw = _arg(request, name)
+    if raw is None:
+        return None
+    text = raw.strip().replace(" ", "+")
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None or "T" not in text or when.year < 1970:
+        raise InvalidField(
+            name,
+            "must be an ISO 8601 date and time with Z or an offset "
+            "(2026-12-05T14:00:00Z, 2026-12-05T11:00:00-03:00), not {!r}".format(raw[:40]),
+        )
+    return when.timestamp()
 
 
 # ---------------------------------------------------------------- the HTTP layer
@@ -1198,6 +1304,83 @@ def openapi_document() -> dict:
                         "200": _json_response("Calls", "#/components/schemas/CallList"),
                         **pick("400", "401", "503"),
                     },
+                },
+                "delete": {
+                    "summary": "Delete the call records stored before a time (LGPD erasure; "
+                    "the retention service does the same every hour, [privacy] "
+                    "calls_retention_days)",
+                    "operationId": "deleteCalls",
+                    "parameters": [
+                        {
+                            "name": "before",
+                            "in": "query",
+                            "required": True,
+                            "description": "ISO 8601 with Z or an offset",
+                            "schema": {"type": "string", "format": "date-time"},
+                        }
+                    ],
+                    "responses": {
+                        "200": _json_response(
+                            "How many were deleted", "#/components/schemas/Deleted"
+                        ),
+                        **pick("400", "401", "422", "503"),
+                    },
+                },
+            },
+            "/api/access": {
+                "get": {
+                    "summary": "The access audit: every gate opening, attempted or done, "
+                    "newest first",
+                    "operationId": "listAccess",
+                    "parameters": [
+                        {
+                            "name": "condominium_id",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "integer", "minimum": 1},
+                        },
+                        {
+                            "name": "apartment",
+                            "in": "query",
+                            "required": False,
+                            "schema": {
+                                "type": "string",
+                                "minLength": 1,
+                                "maxLength": APARTMENT_MAX,
+                            },
+                        },
+                        {
+                            "name": "since",
+                            "in": "query",
+                            "required": False,
+                            "description": "ISO 8601 with Z or an offset; included",
+                            "schema": {"type": "string", "format": "date-time"},
+                        },
+                        {
+                            "name": "until",
+                            "in": "query",
+                            "required": False,
+                            "description": "ISO 8601 with Z or an offset; included",
+                            "schema": {"type": "string", "format": "date-time"},
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "required": False,
+                            "schema": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": ACCESS_LIMIT_MAX,
+                                "default": ACCESS_LIMIT_DEFAULT,
+                            },
+                        },
+                    ],
+                    "responses": {
+                        "200": _json_response(
+                            "Access entries", "#/components/schemas/AccessList"
+                        ),
+                        **pick("400", "401", "422", "503"),
+                    },
                 }
             },
             "/api/preauth": {
@@ -1478,6 +1661,53 @@ def openapi_document() -> dict:
                             "items": {"$ref": "#/components/schemas/Preauth"},
                         }
                     },
+                },
+                "AccessEvent": {
+                    "type": "object",
+                    "description": "one gate opening, attempted or done",
+                    "required": ["at", "ts", "condominium_id", "authorized_by", "result"],
+                    "properties": {
+                        "at": {"type": "string", "format": "date-time"},
+                        "ts": {"type": "number", "description": "epoch seconds"},
+                        "condominium_id": {"type": "integer"},
+                        "gate": {"enum": list(GATES)},
+                        "extension_id": {"type": ["integer", "null"]},
+                        "uuid": {"type": ["string", "null"], "description": "the call"},
+                        "apartment": {"type": ["string", "null"]},
+                        "visitor": {
+                            "type": ["string", "null"],
+                            "description": "null with [privacy] keep_visitor_names = false",
+                        },
+                        "authorized_by": {"enum": list(AUTHORIZED_BY)},
+                        "who": {
+                            "type": ["string", "null"],
+                            "description": "the resident's name, the pre-authorisation's id "
+                            "or the operator's reason",
+                        },
+                        "evidence": {
+                            "type": ["string", "null"],
+                            "description": "dtmf:1, voice, code, operator:<reason>",
+                        },
+                        "result": {"enum": list(RESULTS)},
+                        "error": {"type": ["string", "null"]},
+                        "attempts": {"type": ["integer", "null"]},
+                    },
+                    "additionalProperties": True,
+                },
+                "AccessList": {
+                    "type": "object",
+                    "required": ["access"],
+                    "properties": {
+                        "access": {
+                            "type": "array",
+                            "items": {"$ref": "#/components/schemas/AccessEvent"},
+                        }
+                    },
+                },
+                "Deleted": {
+                    "type": "object",
+                    "required": ["deleted"],
+                    "properties": {"deleted": {"type": "integer", "minimum": 0}},
                 },
                 "CallList": {
                     "type": "object",

@@ -30,6 +30,8 @@ Service tree::
     ├── EmbeddedRedis        (only with [redis] url = "")
     ├── RedisStore
     ├── CallRecords
+    ├── AccessLog            (the access audit, kept through outages like call records)
+    ├── Retention            (deletes records and audit entries past [privacy] retention)
     ├── the worker pools     (speech synthesis and recognition, when built here)
     ├── AudioClock           (20 ms tick for every leg)
     ├── ExtensionManager     (one ExtensionService per extension)
@@ -38,7 +40,6 @@ Service tree::
 
 from __future__ import annotations
 
-import collections
 import functools
 import signal
 import time
@@ -56,6 +57,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from audiosocket import __version__
+from audiosocket.access import AccessLog
 from audiosocket.api import Api
 from audiosocket.clock import AudioClock
 from audiosocket.config import Config, ConfigError, load_config
@@ -73,9 +75,11 @@ from audiosocket.preauth import CodeGuard, Preauths
 from audiosocket.reactors import default_reactor
 from audiosocket.redisproc import EmbeddedRedis, RedisStartError
 from audiosocket.resources import process_figures
+from audiosocket.retention import Retention
 from audiosocket.session import SessionRegistry
 from audiosocket.speech.factory import make_stt, make_tts
 from audiosocket.speech.tts import make_pool
+from audiosocket.spool import Spool
 from audiosocket.store import RedisStore
 from audiosocket.webhook import CallWebhook
 
@@ -89,94 +93,19 @@ class StartupError(Exception):
     """The server cannot start; the message says why in one line."""
 
 
-class CallRecords(Service):
+class CallRecords(Spool):
     """
-    Writes finished calls to the store. A record the store cannot take now (Redis down) is
-    kept, oldest first, and written when the store answers again: a call is never lost
-    because its record came at a bad moment. At most C{keep} records wait.
+    Writes finished calls to the store through a L{Spool}: a record the store cannot take
+    now (Redis down) is kept, oldest first, and written when the store answers again; a
+    call is never lost because its record came at a bad moment. At most C{keep} records wait.
     """
 
-    log = Logger()
     name = "call-records"
 
     def __init__(self, store, *, reactor, retry_s: float = 5.0, keep: int = 10000):
-        self._store = store
-        self._reactor = reactor
-        self._retry_s = retry_s
-        self.unsaved: collections.deque = collections.deque(maxlen=keep)
-        self._timer = None
-        self._flushing = False
-        self._saved_waiters: list[defer.Deferred] = []
-        self._writing: set[defer.Deferred] = set()
-
-    def when_saved(self) -> defer.Deferred:
-        """
-        Fires once every record handed to L{add} so far is in the store (at once if so): none
-        is being written nor waiting for the store to come back.
-        """
-        if not self.unsaved and not self._writing:
-            return defer.succeed(None)
-        d = defer.Deferred(lambda d: self._saved_waiters.remove(d))
-        self._saved_waiters.append(d)
-        return d
-
-    def _check_saved(self, result=None):
-        if not self.unsaved and not self._writing:
-            waiters, self._saved_waiters = self._saved_waiters, []
-            for d in waiters:
-                d.callback(None)
-        return result
-
-    def add(self, record: dict) -> defer.Deferred:
-        if self.unsaved:
-            self.unsaved.append(record)  # keep the order: after those already waiting
-            return defer.succeed(None)
-        d = self._store.append_call(record)
-        d.addErrback(self._failed, record)
-        self._writing.add(d)
-
-        def written(result):
-            self._writing.discard(d)
-            return self._check_saved(result)
-
-        return d.addBoth(written)
-
-    def _failed(self, failure, record):
-        self.log.warn(
-            "call record {uuid} not saved ({error}); kept for retry",
-            uuid=record.get("uuid"),
-            error=failure.getErrorMessage(),
+        super().__init__(
+            store.append_call, what="call record", reactor=reactor, retry_s=retry_s, keep=keep
         )
-        self.unsaved.appendleft(record)
-        self._schedule()
-
-    def _schedule(self):
-        if self.running and (self._timer is None or not self._timer.active()):
-            self._timer = self._reactor.callLater(self._retry_s, self._flush)
-
-    def _flush(self):
-        return defer.Deferred.fromCoroutine(self._write_waiting())
-
-    async def _write_waiting(self):
-        self._timer = None
-        while self.unsaved:
-            record = self.unsaved[0]
-            try:
-                await self._store.append_call(record)
-            except Exception:
-                self._schedule()
-                return
-            self.unsaved.popleft()
-        self.log.info("call records written after the store came back")
-        self._check_saved()
-
-    def stopService(self):
-        super().stopService()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if self.unsaved:
-            self.log.error("{n} call record(s) could not be saved before shutdown", n=len(self.unsaved))
 
 
 class PoolService(Service):
@@ -243,8 +172,8 @@ class DoormanService(MultiService):
     """
     The whole server: its lifecycle, status and reload. L{makeService} builds its parts and
     sets them as attributes (for the API, tests and benchmarks): C{store}, C{records},
-    C{tts}, C{stt}, C{nlu}, C{dialer}, C{metrics}, C{clock}, C{flow}, C{registry},
-    C{manager}, C{control}, C{api}, C{preauths} and C{code_guard}
+    C{access}, C{retention}, C{tts}, C{stt}, C{nlu}, C{dialer}, C{metrics}, C{clock},
+    C{flow}, C{registry}, C{manager}, C{control}, C{api}, C{preauths} and C{code_guard}
     (L{audiosocket.preauth}), C{gate} (L{audiosocket.gate}); C{embedded_redis}, C{http_pool}
     and C{http} (the speech providers' and the gate relays' HTTP client) and C{webhook}
     (L{audiosocket.webhook}) when built.
@@ -259,7 +188,7 @@ class DoormanService(MultiService):
 
     log = Logger()
 
-    store = records = tts = stt = nlu = dialer = metrics = None
+    store = records = access = retention = tts = stt = nlu = dialer = metrics = None
     clock = flow = registry = manager = control = api = None
     embedded_redis = http_pool = http = webhook = None
     preauths = code_guard = gate = None
@@ -314,6 +243,8 @@ class DoormanService(MultiService):
     def record_call(self, session):
         self.metrics.call_ended(session)
         record = session.record()
+        if not self.flow.privacy.keep_visitor_names:  # [privacy]: the call record forgets it
+            record["facts"] = dict(record["facts"], visitor_name=None)
         if self.webhook is not None:
             self.webhook.call_ended(record)
         return self.records.add(record)
@@ -668,6 +599,11 @@ def makeService(
             retries=events.retries,
         )
         server.webhook.setServiceParent(server)
+    privacy = lambda: server.flow.privacy  # noqa: E731 -- the reloaded settings, at each use
+    server.access = AccessLog(store, reactor=reactor, privacy=privacy)
+    server.access.setServiceParent(server)
+    server.retention = Retention(store, reactor=reactor, privacy=privacy)
+    server.retention.setServiceParent(server)
 
     # Speech and the dialer.
     try:
@@ -708,7 +644,11 @@ def makeService(
 
     # The gate.
     server.gate = GateOpener(
-        dialer=dialer, http=_http(server, reactor), secret=config.secret, reactor=reactor
+        dialer=dialer,
+        http=_http(server, reactor),
+        secret=config.secret,
+        audit=server.access.add,
+        reactor=reactor,
     )
 
     # Calls.
@@ -772,10 +712,11 @@ def makeService(
         max_body=api.max_body,
         refused=server.manager.refused,
         reactor=reactor,
-        privacy=lambda: server.flow.privacy,
+        privacy=privacy,
         dialer=dialer,
         gates=OperatorDesk(server.gate, site=server.site, sessions=server.registry),
         preauths=server.preauths,
+        access=server.access,
     )
     return server
 
@@ -804,6 +745,7 @@ def _redis_store(server: DoormanService, config: Config, reactor) -> RedisStore:
         node_id=server.node_id,
         reactor=reactor,
         ca_file=str(redis.ca_file) if redis.ca_file else None,
+        audit_maxlen=config.access.audit_maxlen,
     )
 
 

@@ -1,5 +1,6 @@
 """
-Persistence of extensions and call records, and live extension changes across nodes.
+Persistence of extensions, call records and the access audit, and live extension changes
+across nodes.
 
 L{IStore} is the boundary the rest of the server sees. L{RedisStore} implements it on
 txredisapi; L{MemoryStore} implements it in memory, for unit tests of other modules and for a
@@ -39,6 +40,9 @@ DELETE = "delete"
 
 DEFAULT_CALLS_MAXLEN = 10000
 MAX_RECENT_CALLS = 10000
+DEFAULT_AUDIT_MAXLEN = 100000
+#: Stream entries read per round trip while filtering the access audit.
+ACCESS_PAGE = 500
 
 
 class StoreUnavailable(Exception):
@@ -129,6 +133,28 @@ class IStore(Interface):
         two calls racing for the last use, exactly one gets C{True}.
         """
 
+    # -- the access audit and retention
+
+    def append_access(event):
+        """
+        Append an access audit entry (a JSON-serialisable dict, see L{audiosocket.access}) to
+        a capped log (C{audit_maxlen} entries, trimmed approximately, oldest first).
+        """
+
+    def access_events(*, condominium_id=None, apartment=None, since=None, until=None, limit=100):
+        """
+        Up to C{limit} access audit entries, newest first, of one condominium and/or
+        apartment when given, appended to the store within [C{since}, C{until}] (epoch
+        seconds, millisecond precision, both ends included; the time the store took the
+        entry, which is the entry's C{ts} unless it waited through an outage).
+        """
+
+    def delete_calls(before_ts):
+        """Delete call records stored before C{before_ts} (epoch seconds); fires with how many."""
+
+    def trim_access(before_ts):
+        """Delete access entries stored before C{before_ts} (epoch seconds); fires with how many."""
+
 
 # -- validation shared by both implementations ---------------------------------------------
 
@@ -145,13 +171,13 @@ def _check_ext_id(ext_id: Any) -> int:
     return ext_id
 
 
-def _encode_record(record: Any) -> str:
+def _encode_record(record: Any, what: str = "call record") -> str:
     if not isinstance(record, dict):
-        raise TypeError("call record must be a dict, not {}".format(type(record).__name__))
+        raise TypeError("{} must be a dict, not {}".format(what, type(record).__name__))
     try:
         return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
     except (TypeError, ValueError) as e:
-        raise ValueError("call record is not JSON-serialisable: {}".format(e)) from None
+        raise ValueError("{} is not JSON-serialisable: {}".format(what, e)) from None
 
 
 def _check_limit(limit: Any) -> int:
@@ -513,6 +539,7 @@ class RedisStore(Service):
         calls_maxlen: int = DEFAULT_CALLS_MAXLEN,
         reconnect_max_s: float = 2.0,
         ca_file: str | None = None,
+        audit_maxlen: int = DEFAULT_AUDIT_MAXLEN,
     ):
         reactor = default_reactor(reactor)
         if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
@@ -551,6 +578,8 @@ class RedisStore(Service):
         self._extensions_key = prefix + "extensions"
         self._seeded_key = prefix + "seeded"
         self._calls_key = prefix + "calls"
+        self._access_key = prefix + "access"
+        self._audit_maxlen = _check_maxlen("audit_maxlen", audit_maxlen)
         self._blob_prefix = prefix + "blob:"
         self._commands = None
         self._subscriber = None
@@ -810,7 +839,14 @@ class RedisStore(Service):
     async def _recent_calls(self, limit) -> list[dict]:
         _check_limit(limit)
         reply = await self._call("XREVRANGE", self._calls_key, "+", "-", "COUNT", limit)
-        records = []
+        return [record for _, record in self._decode(reply, self._calls_key, "call record")]
+
+    def _decode(self, reply, key: str, what: str) -> list[tuple[bytes, dict]]:
+        """
+        (id, dict) of each entry of an XRANGE/XREVRANGE C{reply}; an entry that is not a
+        JSON object under C{record} is logged as corrupt and skipped.
+        """
+        entries = []
         for entry_id, fields in reply:
             values = dict(zip(fields[::2], fields[1::2]))
             try:
@@ -819,14 +855,15 @@ class RedisStore(Service):
                     raise ValueError("not a JSON object")
             except (KeyError, ValueError, UnicodeDecodeError) as e:
                 self.log.error(
-                    "skipping corrupt call record {id!r} in {key}: {error!r}",
+                    "skipping corrupt {what} {id!r} in {key}: {error!r}",
+                    what=what,
                     id=entry_id,
-                    key=self._calls_key,
+                    key=key,
                     error=e,
                 )
                 continue
-            records.append(record)
-        return records
+            entries.append((entry_id, record))
+        return entries
 
     def get_blob(self, key):
         return defer.Deferred.fromCoroutine(self._get_blob(key))
@@ -912,6 +949,58 @@ class RedisStore(Service):
         )
         return used == 1
 
+    # -- the access audit and retention -----------------------------------------------------
+
+    def append_access(self, event):
+        return defer.Deferred.fromCoroutine(self._append_access(event))
+
+    async def _append_access(self, event) -> None:
+        data = _encode_record(event, "access entry")
+        await self._call(
+            "XADD", self._access_key, "MAXLEN", "~", self._audit_maxlen, "*", "record", data
+        )
+
+    def access_events(
+        self, *, condominium_id=None, apartment=None, since=None, until=None, limit=100
+    ):
+        return defer.Deferred.fromCoroutine(
+            self._access_events(condominium_id, apartment, since, until, limit)
+        )
+
+    async def _access_events(self, condominium_id, apartment, since, until, limit) -> list[dict]:
+        wanted = AccessFilter.of(condominium_id, apartment, since, until)
+        _check_limit(limit)
+        # Newest first, a page at a time from the end of the time range, filtering here:
+        # until C{limit} entries match or the range is exhausted.
+        end = "+" if wanted.until_ms is None else str(wanted.until_ms)
+        start = "-" if wanted.since_ms is None else "{}-0".format(wanted.since_ms)
+        found: list[dict] = []
+        while True:
+            reply = await self._call(
+                "XREVRANGE", self._access_key, end, start, "COUNT", ACCESS_PAGE
+            )
+            for _, event in self._decode(reply, self._access_key, "access entry"):
+                if wanted.matches(event):
+                    found.append(event)
+                    if len(found) == limit:
+                        return found
+            if len(reply) < ACCESS_PAGE:
+                return found
+            end = _before_id(reply[-1][0])
+            if end is None:
+                return found
+
+    def delete_calls(self, before_ts):
+        return defer.Deferred.fromCoroutine(self._trim(self._calls_key, before_ts))
+
+    def trim_access(self, before_ts):
+        return defer.Deferred.fromCoroutine(self._trim(self._access_key, before_ts))
+
+    async def _trim(self, key: str, before_ts) -> int:
+        # MINID (Redis 6.2): every entry whose id, its time in ms, is below the bound goes.
+        deleted = await self._call("XTRIM", key, "MINID", _ms(before_ts, "before_ts"))
+        return int(deleted)
+
 
 # -- memory ----------------------------------------------------------------------------------
 
@@ -925,11 +1014,24 @@ class MemoryHub:
     def __init__(self):
         self.extensions: dict[int, Extension] = {}
         self.seeded = False
-        self.calls: list[dict] = []
+        #: (time stored, record) of each call record, oldest first (see L{calls}).
+        self.call_log: list[tuple[float | None, dict]] = []
+        #: (time stored, entry) of each access audit entry, oldest first.
+        self.access: list[tuple[float, dict]] = []
         self.blobs: dict[str, tuple[bytes, float | None]] = {}
         self.stores: list["MemoryStore"] = []
         #: pre-authorisation id -> its stored dict (C{uses} included)
         self.preauths: dict[str, dict] = {}
+
+    @property
+    def calls(self) -> list[dict]:
+        """The call records, oldest first (a copy)."""
+        return [record for _, record in self.call_log]
+
+    @calls.setter
+    def calls(self, records: list[dict]) -> None:
+        # Set by hand (tests): no time is known, so no age-based deletion touches them.
+        self.call_log = [(None, record) for record in records]
 
     def publish(self, change: ExtensionChange) -> None:
         for store in list(self.stores):
@@ -952,6 +1054,7 @@ class MemoryStore(Service):
         node_id: str | None = None,
         calls_maxlen: int = DEFAULT_CALLS_MAXLEN,
         reactor=None,
+        audit_maxlen: int = DEFAULT_AUDIT_MAXLEN,
     ):
         reactor = default_reactor(reactor)
         self._reactor = reactor
@@ -960,6 +1063,7 @@ class MemoryStore(Service):
         self.node_id = node_id or _default_node_id()
         self.available = True
         self._calls_maxlen = calls_maxlen
+        self._audit_maxlen = _check_maxlen("audit_maxlen", audit_maxlen)
         self._subscribers = _Subscribers()
 
     def _check(self):
@@ -1017,8 +1121,9 @@ class MemoryStore(Service):
     def _append_call(self, record):
         data = _encode_record(record)
         self._check()
-        self.hub.calls.append(json.loads(data))  # a copy, as Redis would keep
-        del self.hub.calls[: -self._calls_maxlen]
+        # A copy, as Redis would keep, with the time it was stored (the stream id's time).
+        self.hub.call_log.append((self._reactor.seconds(), json.loads(data)))
+        del self.hub.call_log[: -self._calls_maxlen]
 
     def recent_calls(self, limit):
         return defer.maybeDeferred(self._recent_calls, limit)
@@ -1099,3 +1204,121 @@ class MemoryStore(Service):
         if item["uses"] == 0:
             del self.hub.preauths[preauth_id]
         return True
+
+    # -- the access audit and retention -----------------------------------------------------
+
+    def append_access(self, event):
+        return defer.maybeDeferred(self._append_access, event)
+
+    def _append_access(self, event):
+        data = _encode_record(event, "access entry")
+        self._check()
+        self.hub.access.append((self._reactor.seconds(), json.loads(data)))
+        del self.hub.access[: -self._audit_maxlen]
+
+    def access_events(
+        self, *, condominium_id=None, apartment=None, since=None, until=None, limit=100
+    ):
+        return defer.maybeDeferred(
+            self._access_events, condominium_id, apartment, since, until, limit
+        )
+
+    def _access_events(self, condominium_id, apartment, since, until, limit):
+        wanted = AccessFilter.of(condominium_id, apartment, since, until)
+        _check_limit(limit)
+        self._check()
+        found = []
+        for stored, event in reversed(self.hub.access):
+            if wanted.covers(stored) and wanted.matches(event):
+                found.append(event)
+                if len(found) == limit:
+                    break
+        return found
+
+    def delete_calls(self, before_ts):
+        return defer.maybeDeferred(self._delete_calls, before_ts)
+
+    def _delete_calls(self, before_ts):
+        bound = _ms(before_ts, "before_ts")
+        self._check()
+        kept = [(t, r) for t, r in self.hub.call_log if t is None or _ms(t) >= bound]
+        deleted = len(self.hub.call_log) - len(kept)
+        self.hub.call_log = kept
+        return deleted
+
+    def trim_access(self, before_ts):
+        return defer.maybeDeferred(self._trim_access, before_ts)
+
+    def _trim_access(self, before_ts):
+        bound = _ms(before_ts, "before_ts")
+        self._check()
+        kept = [(t, e) for t, e in self.hub.access if _ms(t) >= bound]
+        deleted = len(self.hub.access) - len(kept)
+        self.hub.access = kept
+        return deleted
+
+
+# -- the access audit's filter, shared by both implementations ---------------------------------
+
+
+def _check_maxlen(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("{} must be a positive integer, not {!r}".format(name, value))
+    return value
+
+
+def _ms(ts: Any, name: str = "time") -> int:
+    """Epoch seconds as the milliseconds a stream id carries."""
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not 0 <= ts < 2**42:
+        raise ValueError("{} must be epoch seconds, not {!r}".format(name, ts))
+    return int(ts * 1000)
+
+
+def _before_id(entry_id: bytes) -> str | None:
+    """The stream id just before C{entry_id} (an exclusive end that any Redis accepts)."""
+    ms, _, seq = entry_id.decode("ascii").partition("-")
+    if int(seq) > 0:
+        return "{}-{}".format(ms, int(seq) - 1)
+    if int(ms) > 0:
+        return "{}-18446744073709551615".format(int(ms) - 1)
+    return None
+
+
+@frozen
+class AccessFilter:
+    """Which access entries C{access_events} returns; times in ms (both ends included)."""
+
+    condominium_id: int | None
+    apartment: str | None
+    since_ms: int | None
+    until_ms: int | None
+
+    @classmethod
+    def of(cls, condominium_id, apartment, since, until) -> "AccessFilter":
+        """
+        @raise TypeError: a filter of the wrong type.
+        @raise ValueError: a time that is not epoch seconds.
+        """
+        if condominium_id is not None and (
+            isinstance(condominium_id, bool) or not isinstance(condominium_id, int)
+        ):
+            raise TypeError("condominium_id must be an integer, not {!r}".format(condominium_id))
+        if apartment is not None and not isinstance(apartment, str):
+            raise TypeError("apartment must be a string, not {!r}".format(apartment))
+        return cls(
+            condominium_id=condominium_id,
+            apartment=apartment,
+            since_ms=None if since is None else _ms(since, "since"),
+            until_ms=None if until is None else _ms(until, "until"),
+        )
+
+    def covers(self, stored: float) -> bool:
+        ms = _ms(stored)
+        return (self.since_ms is None or ms >= self.since_ms) and (
+            self.until_ms is None or ms <= self.until_ms
+        )
+
+    def matches(self, event: dict) -> bool:
+        if self.condominium_id is not None and event.get("condominium_id") != self.condominium_id:
+            return False
+        return self.apartment is None or event.get("apartment") == self.apartment

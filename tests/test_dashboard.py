@@ -770,3 +770,53 @@ def test_login_needs_the_token():
     for token in (None, "wrong"):
         status, headers, _ = s.request("POST", "/login", token=token)
         assert status == 401 and headers.getRawHeaders("set-cookie") is None
+
+
+def test_access_page_lists_the_audit_with_filters():
+    """
+    Acessos lists the audit newest first, with who authorized and the result in pt-BR, and
+    filters by condominium, apartment and UTC day; a bad filter is said, not a crash.
+    """
+    from twisted.internet.task import Clock
+
+    from test_api import run
+
+    s = page_setup()
+    clock = Clock()
+    s.store._reactor = clock  # when the store takes each entry
+    day = 1796428800.0  # 2026-12-05T00:00:00Z
+    for n, (condominium_id, apartment, at) in enumerate(
+        [(1, "101", day - 60), (1, "202", day + 60), (2, "101", day + 120)]
+    ):
+        clock.advance(at - clock.seconds())
+        run(s.store.append_access({
+            "at": "2026-12-0{}T00:0{}:00.000Z".format(4 if n == 0 else 5, n),
+            "condominium_id": condominium_id, "gate": "http", "apartment": apartment,
+            "visitor": "Pedro", "authorized_by": ("resident", "preauth", "operator")[n],
+            "who": "Ana", "evidence": "dtmf:1", "result": ("opened", "failed", "opened")[n],
+            "error": "timeout" if n == 1 else None,
+        }))
+
+    def rows(query):
+        body = s.request("GET", "/acessos" + query)[2].decode()
+        return re.findall(r'<tr data-at="2026-12-0\dT00:0(\d):00.000Z">', body)
+
+    assert rows("") == ["2", "1", "0"]
+    assert rows("?condominium_id=1") == ["1", "0"]
+    assert rows("?apartment=101") == ["2", "0"]
+    assert rows("?date=2026-12-05") == ["2", "1"]
+    body = s.request("GET", "/acessos")[2].decode()
+    assert "pré-autorização" in body and "falhou" in body and "(timeout)" in body
+    status, _, body = s.request("GET", "/acessos?condominium_id=x")
+    assert status == 200 and "Condomínio deve ser um número." in body.decode()
+    s.store.available = False
+    assert "indisponível" in s.request("GET", "/acessos")[2].decode()
+
+
+def test_access_page_needs_a_login():
+    """Acessos is behind the token like every page."""
+    from test_api import Setup
+
+    s = Setup(token=lambda: "s3cret")
+    assert s.request("GET", "/acessos")[0] == 401
+    assert s.request("GET", "/acessos", token="s3cret")[0] == 200

@@ -88,3 +88,29 @@ def test_when_saved_waits_through_an_outage():
     store.available = True
     clock.advance(5)
     assert saved.called and not keeper.unsaved
+
+
+def test_a_record_the_store_cannot_encode_is_dropped_not_retried():
+    """
+    A record the store refuses for what it is (not JSON) is logged and dropped: retrying
+    could never write it, and it must not hold back the records behind it.
+    """
+    clock, store, keeper = records()
+    keeper.add({"uuid": "bad", "when": object()})
+    assert not keeper.unsaved
+    keeper.add({"uuid": "b"})
+    assert [r["uuid"] for r in store.recent_calls(10).result] == ["b"]
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_bad_record_kept_behind_an_outage_does_not_block_the_others():
+    """A record that cannot be encoded, queued during an outage, is dropped at the retry."""
+    clock, store, keeper = records()
+    store.available = False
+    keeper.add({"uuid": "a"})
+    keeper.add({"uuid": "bad", "when": object()})
+    keeper.add({"uuid": "c"})
+    store.available = True
+    clock.advance(5)
+    assert not keeper.unsaved
+    assert [r["uuid"] for r in store.recent_calls(10).result] == ["c", "a"]

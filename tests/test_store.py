@@ -538,3 +538,126 @@ def test_refusals_are_unavailability(reply, unavailable):
     from audiosocket.store import _refusal
 
     assert _refusal(txredisapi.ResponseError(reply)) is unavailable
+
+
+# -- the access audit and retention (real Redis) -------------------------------------------------
+
+
+def access(n, condominium_id=1, apartment="101", **kw) -> dict:
+    return dict(
+        {"n": n, "condominium_id": condominium_id, "apartment": apartment, "result": "opened"},
+        **kw,
+    )
+
+
+def xadd_at(path: str, key: bytes, ms: int, record: dict | bytes) -> None:
+    """Add a stream entry with the id C{<ms>-0}: as if the store had taken it at that time."""
+    data = record if isinstance(record, bytes) else json.dumps(record).encode()
+    reply = redis_command(path, b"XADD", key, b"%d-0" % ms, b"record", data)
+    assert reply.startswith(b"$"), reply
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_newest_first(store):
+    """access_events returns the appended entries newest first, at most limit."""
+    for n in range(5):
+        await wait(store.append_access(access(n)))
+    assert [e["n"] for e in await wait(store.access_events(limit=3))] == [4, 3, 2]
+    assert [e["n"] for e in await wait(store.access_events())] == [4, 3, 2, 1, 0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_filters_page_until_limit_entries_match(store, monkeypatch):
+    """
+    Condominium and apartment filters read page after page until C{limit} entries match:
+    matching entries far apart in the stream still come back.
+    """
+    monkeypatch.setattr("audiosocket.store.ACCESS_PAGE", 3)
+    for n in range(20):
+        apartment = "202" if n % 7 == 0 else "101"
+        await wait(store.append_access(access(n, condominium_id=1 + n % 2, apartment=apartment)))
+    found = await wait(store.access_events(apartment="202", limit=10))
+    assert [e["n"] for e in found] == [14, 7, 0]
+    found = await wait(store.access_events(condominium_id=2, limit=4))
+    assert [e["n"] for e in found] == [19, 17, 15, 13]
+    found = await wait(store.access_events(condominium_id=1, apartment="202"))
+    assert [e["n"] for e in found] == [14, 0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_time_range_uses_the_stream_ids(redis_server, store):
+    """since and until (epoch seconds) select by the time in the entries' ids, both included."""
+    for second in (1000, 2000, 3000, 4000):
+        xadd_at(redis_server.path, b"audiosocket:access", second * 1000, access(second))
+    found = await wait(store.access_events(since=2000.0, until=3000.0))
+    assert [e["n"] for e in found] == [3000, 2000]
+    assert [e["n"] for e in await wait(store.access_events(since=3500))] == [4000]
+    assert [e["n"] for e in await wait(store.access_events(until=1999.999))] == [1000]
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_corrupt_entry_skipped(redis_server, store):
+    """An audit entry that is not a JSON object is skipped (and logged); the others come back."""
+    await wait(store.append_access(access(1)))
+    redis_command(redis_server.path, b"XADD", b"audiosocket:access", b"*", b"record", b"{no")
+    redis_command(redis_server.path, b"XADD", b"audiosocket:access", b"*", b"other", b"x")
+    await wait(store.append_access(access(2)))
+    assert [e["n"] for e in await wait(store.access_events())] == [2, 1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_capped(redis_server):
+    """The audit stream is trimmed near audit_maxlen (approximately: whole stream nodes)."""
+    s = await started(redis_server.path, audit_maxlen=10, poolsize=1)
+    try:
+        await wait(defer.gatherResults([s.append_access(access(n)) for n in range(450)]), 10)
+        kept = await wait(s.access_events(limit=1000))
+        assert kept[0]["n"] == 449
+        assert 10 <= len(kept) <= 10 + 100  # stream-node-max-entries is 100
+    finally:
+        await wait(s.stopService())
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_bad_filters(store):
+    """A filter of the wrong type or a time that is not epoch seconds fails, naming it."""
+    with pytest.raises(TypeError, match="condominium_id"):
+        await wait(store.access_events(condominium_id="1"))
+    with pytest.raises(ValueError, match="since"):
+        await wait(store.access_events(since="yesterday"))
+    with pytest.raises(ValueError, match="limit"):
+        await wait(store.access_events(limit=0))
+
+
+@pytest_twisted.ensureDeferred
+async def test_trim_access_deletes_older_entries(redis_server, store):
+    """trim_access(t) deletes the entries stored before t and says how many."""
+    for second in (1000, 2000, 3000):
+        xadd_at(redis_server.path, b"audiosocket:access", second * 1000, access(second))
+    assert await wait(store.trim_access(2000.0)) == 1
+    assert [e["n"] for e in await wait(store.access_events())] == [3000, 2000]
+    assert await wait(store.trim_access(2000.0)) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_calls_deletes_older_records(redis_server, store):
+    """delete_calls(t) deletes the call records stored before t, only them, and counts them."""
+    for second in (1000, 2000, 3000):
+        xadd_at(redis_server.path, b"audiosocket:calls", second * 1000, {"n": second})
+    await wait(store.append_call({"n": "now"}))
+    assert await wait(store.delete_calls(2500.5)) == 2
+    assert await wait(store.recent_calls(10)) == [{"n": "now"}, {"n": 3000}]
+
+
+@pytest_twisted.ensureDeferred
+async def test_retention_commands_when_redis_is_down(redis_server, store):
+    """With Redis down, the audit and retention commands fail with StoreUnavailable."""
+    redis_server.stop()
+    for call in (
+        lambda: store.append_access(access(1)),
+        lambda: store.access_events(),
+        lambda: store.delete_calls(1.0),
+        lambda: store.trim_access(1.0),
+    ):
+        with pytest.raises(StoreUnavailable):
+            await wait(call())

@@ -7,6 +7,7 @@ The operator's screen: pages in pt-BR served by the API's own site at C{/}.
     line understood when C{[privacy] log_speech} allows it), with a "desligar" button;
   - C{/ramais}: extensions, with forms to add, change, remove and restart them;
   - C{/chamadas}: finished calls with filters, and C{/chamadas/<uuid>} for one call;
+  - C{/acessos}: the access audit (every gate opening, attempted or done) with filters;
   - C{/saude}: Redis, the dialer, providers, pacing, version and uptime.
 
 Templates are rendered on the server (Jinja2, autoescaped); the pages update themselves by
@@ -23,6 +24,7 @@ are in L{audiosocket.api.Api.open_routes}. An anonymous browser asking for a pag
 
 from __future__ import annotations
 
+import datetime
 import json
 import pathlib
 from typing import Any
@@ -31,6 +33,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from klein import Klein
 from twisted.logger import Logger
 
+from ..store import StoreUnavailable
 from .auth import SESSION_COOKIE
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -86,6 +89,14 @@ ENDED_BY = {
     "server": "servidor",
 }
 HISTORY_LIMIT = 1000
+ACCESS_LIMIT = 500
+ACCESS_RESULTS = {
+    "opened": "aberto",
+    "handed_off": "enviado ao PABX",
+    "failed": "falhou",
+    "not_opened": "não aberto",
+}
+AUTHORIZED_BY = {"resident": "morador", "preauth": "pré-autorização", "operator": "operador"}
 
 
 def is_page(path: bytes) -> bool:
@@ -165,6 +176,8 @@ class Dashboard:
             ended_by=lambda s: ENDED_BY.get(s, s or "—"),
             elapsed=_elapsed,
             level=_level,
+            access_result=lambda s: ACCESS_RESULTS.get(s, s or "—"),
+            authorized_by=lambda s: AUTHORIZED_BY.get(s, s or "—"),
         )
 
     # ------------------------------------------------------------ helpers
@@ -278,6 +291,28 @@ class Dashboard:
         except Exception:
             self.log.failure("reading the call history failed")
             return []
+
+    @app.route("/acessos", methods=["GET"])
+    async def access_page(self, request):
+        filters = {
+            name: (_text_arg(request, name) or "").strip()
+            for name in ("condominium_id", "apartment", "date")
+        }
+        entries: list[dict] = []
+        problem = None
+        try:
+            query = _access_query(filters)
+        except ValueError as e:
+            problem = str(e)
+        else:
+            try:
+                entries = list(await self.api._store.access_events(limit=ACCESS_LIMIT, **query))
+            except StoreUnavailable:
+                problem = "O registro de acessos está indisponível agora (Redis)."
+        return self.render(
+            request, "access.html", page="access", entries=entries, filters=filters,
+            problem=problem, limit=ACCESS_LIMIT,
+        )
 
     @app.route("/saude", methods=["GET"])
     def health_page(self, request):
@@ -406,6 +441,29 @@ def _matches(call: dict, filters: dict) -> bool:
     if filters["date"] and not str(call.get("started_at") or "").startswith(filters["date"]):
         return False
     return True
+
+
+def _access_query(filters: dict) -> dict:
+    """
+    The page's filters as C{access_events} arguments (a date is a whole UTC day).
+
+    @raise ValueError: a filter that is not valid, said in pt-BR.
+    """
+    query: dict[str, Any] = {}
+    if filters["condominium_id"]:
+        if not filters["condominium_id"].isdigit():
+            raise ValueError("Condomínio deve ser um número.")
+        query["condominium_id"] = int(filters["condominium_id"])
+    if filters["apartment"]:
+        query["apartment"] = filters["apartment"]
+    if filters["date"]:
+        try:
+            day = datetime.datetime.strptime(filters["date"], "%Y-%m-%d")
+        except ValueError:
+            raise ValueError("Data deve ser AAAA-MM-DD.") from None
+        start = day.replace(tzinfo=datetime.timezone.utc).timestamp()
+        query.update(since=start, until=start + 86400 - 0.001)
+    return query
 
 
 def _timeline(call: dict) -> list[tuple[str, str]]:
