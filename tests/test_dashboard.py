@@ -17,6 +17,7 @@ CI) makes that a failure instead.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import pathlib
@@ -372,6 +373,93 @@ async def test_add_extension_through_the_form(browser_ok, token, redis_server, t
         await stopped(svc)
     assert listening == {1: ai, 2: new_ai}
     assert after == [1]
+    assert violations == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_preauth_created_on_the_page_shows_its_code_once(
+    browser_ok, token, redis_server, tmp_path
+):
+    """
+    Autorizações: the form creates a pre-authorisation and shows its 6-digit code once; the
+    table lists it without the code; the code opens at the gate (the server's own redeem);
+    an apartment not in the directory is refused next to its field; "Excluir" (confirmed)
+    removes it and its code stops working.
+    """
+    import uuid
+
+    import attrs
+
+    from audiosocket.config import GateConfig
+    from audiosocket.gate import OpenRequest
+
+    ai, ret = free_ports(2)
+    config = config_for(redis_server.path, tmp_path, ai, ret, api={"token_env": TOKEN_ENV})
+    # Codes are taken where a gate acts.
+    gated = attrs.evolve(config.condominiums[0], gate=GateConfig(kind="dtmf", digits="9"))
+    svc = await started(attrs.evolve(config, condominiums=(gated,)))
+    base = "http://127.0.0.1:{}".format(svc.api_port.getHost().port)
+
+    def script(page):
+        from playwright.sync_api import expect
+
+        login(page, base)
+        page.get_by_role("link", name="Autorizações").click()
+        expect(page.get_by_role("heading", name="Autorizações")).to_be_visible()
+        form = page.locator("#preauth-form")
+        form.get_by_label("Apartamento").fill("999")
+        form.get_by_label("Nome do visitante").fill("Maria Diarista")
+        now = datetime.datetime.now()
+        form.get_by_label("Válida a partir de").fill((now - datetime.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M"))
+        form.get_by_label("Válida até").fill((now + datetime.timedelta(days=2)).strftime("%Y-%m-%dT%H:%M"))
+        form.get_by_role("button", name="Criar").click()
+        expect(form.locator('[data-error-for="apartment"]')).to_contain_text("999")
+        form.get_by_label("Apartamento").fill("101")
+        form.get_by_label("Usos").fill("5")
+        form.get_by_role("button", name="Criar").click()
+        code = form.locator("[data-code]")
+        expect(code).to_have_text(re.compile(r"^\d{6}$"))
+        row = page.locator("tr[data-preauth]")
+        expect(row).to_have_count(1)
+        expect(row.locator("td").nth(5)).to_have_text("todos")
+        expect(row.locator("td").nth(7)).to_have_text("5")
+        shoot(page, "autorizacoes.png")
+        violations = axe_violations(page)
+        typed = code.inner_text()
+        table = page.locator("#preauths").inner_html()
+        tz = svc.config.condominium(1).timezone
+        opened = on_reactor(svc.preauths.redeem, 1, typed, tz)
+        page.reload()
+        listed = page.content()
+        expect(page.locator("tr[data-preauth]").locator("td").nth(7)).to_have_text("4")
+        page.on("dialog", lambda d: d.accept())
+        page.locator("tr[data-preauth]").get_by_role("button", name="Excluir").click()
+        expect(page.locator("tr[data-preauth]")).to_have_count(0)
+        # The gate opened for her (the server's opener, through the log dialer's hand-off):
+        # the Acessos page lists it.
+        request = OpenRequest(
+            condominium_id=1, authorized_by="preauth", evidence="code", who=opened.id,
+            uuid=str(uuid.uuid4()), extension_id=1, apartment="101", visitor="Maria Diarista",
+        )
+        on_reactor(svc.gate.open, svc.site(1).gate, request)
+        on_reactor(svc.access.when_saved)
+        page.get_by_role("link", name="Acessos").click()
+        access_row = page.locator("#access-table tbody tr")
+        expect(access_row).to_have_count(1)
+        expect(access_row.locator("td").nth(4)).to_have_text("Maria Diarista")
+        shoot(page, "acessos.png")
+        violations += axe_violations(page)
+        return typed, table, listed, opened, violations
+
+    try:
+        code, table, listed, opened, violations = await browse(script)
+        tz = svc.config.condominium(1).timezone
+        after_delete = await svc.preauths.redeem(1, code, tz).addTimeout(10, reactor)
+    finally:
+        await stopped(svc)
+    assert code not in table and code not in listed  # shown once, in the answer only
+    assert opened is not None and opened.visitor_name == "Maria Diarista"
+    assert after_delete is None
     assert violations == []
 
 

@@ -33,6 +33,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from klein import Klein
 from twisted.logger import Logger
 
+from ..model import InvalidField
 from ..store import StoreUnavailable
 from .auth import SESSION_COOKIE
 
@@ -313,6 +314,49 @@ class Dashboard:
             request, "access.html", page="access", entries=entries, filters=filters,
             problem=problem, limit=ACCESS_LIMIT,
         )
+
+    @app.route("/autorizacoes", methods=["GET"])
+    async def preauth_page(self, request):
+        filters = {
+            name: (_text_arg(request, name) or "").strip() for name in ("condominium_id", "apartment")
+        }
+        items, problem = await self._preauth_items(filters)
+        return self.render(
+            request, "preauths.html", page="preauths", items=items, filters=filters,
+            problem=problem, condominiums=self._condominium_ids(),
+        )
+
+    @app.route("/parts/autorizacoes", methods=["GET"])
+    async def preauth_part(self, request):
+        filters = {
+            name: (_text_arg(request, name) or "").strip() for name in ("condominium_id", "apartment")
+        }
+        items, problem = await self._preauth_items(filters)
+        return self.render(request, "parts/preauths.html", items=items, problem=problem)
+
+    def _condominium_ids(self) -> list[int]:
+        """The condominiums the extensions serve (the ones a pre-authorisation can be for)."""
+        return sorted({e["condominium_id"] for e in self._extensions()})
+
+    async def _preauth_items(self, filters: dict) -> tuple[list[dict], str | None]:
+        """The live pre-authorisations (never a code) of the condominium asked, or of all."""
+        preauths = self.api._preauths
+        if preauths is None:
+            return [], "Este servidor não guarda pré-autorizações."
+        raw = filters["condominium_id"]
+        if raw and not raw.isdigit():
+            return [], "Condomínio deve ser um número."
+        ids = [int(raw)] if raw else self._condominium_ids()
+        items: list[dict] = []
+        try:
+            for cid in ids:
+                for item in await preauths.list(cid, filters["apartment"] or None):
+                    items.append(item.to_public())
+        except StoreUnavailable:
+            return [], "As pré-autorizações estão indisponíveis agora (Redis)."
+        except (InvalidField, KeyError) as e:
+            return [], "Filtro inválido: {}".format(e)
+        return items, None
 
     @app.route("/saude", methods=["GET"])
     def health_page(self, request):

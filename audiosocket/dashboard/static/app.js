@@ -64,6 +64,78 @@
     return body;
   }
 
+  // ---------------------------------------------------------------- pre-authorisations
+
+  function preauthBody(form) {
+    var body = {weekdays: []};
+    form.querySelectorAll("input[name]").forEach(function (input) {
+      if (input.type === "checkbox") {
+        if (input.checked) body.weekdays.push(parseInt(input.value, 10));
+        return;
+      }
+      var value = input.value.trim();
+      if (value === "") return;
+      if (input.hasAttribute("data-when")) {
+        // The browser's local time, as the API wants it: with its offset (UTC here).
+        var when = new Date(value);
+        body[input.name] = isNaN(when.getTime()) ? value : when.toISOString();
+      } else {
+        body[input.name] = input.hasAttribute("data-int") && /^-?\d+$/.test(value) ? parseInt(value, 10) : value;
+      }
+    });
+    if (body.weekdays.length === 0) delete body.weekdays;
+    return body;
+  }
+
+  function refreshPreauths() {
+    var box = document.getElementById("preauths");
+    if (!box) return;
+    fetch(box.getAttribute("data-part"), {credentials: "same-origin"}).then(function (r) {
+      return r.text();
+    }).then(function (html) { box.innerHTML = html; });
+  }
+
+  document.addEventListener("submit", function (event) {
+    var form = event.target;
+    if (!form.hasAttribute("data-preauth-form")) return;
+    event.preventDefault();
+    clearErrors(form);
+    api("POST", "/api/preauth", preauthBody(form)).then(function (result) {
+      if (result.ok) {
+        var ok = form.querySelector("[data-ok]");
+        ok.textContent = "";
+        ok.append("Código de " + result.data.visitor_name + ": ");
+        var code = document.createElement("strong");
+        code.textContent = result.data.code;
+        code.setAttribute("data-code", "");
+        ok.append(code, " — anote e entregue agora: ele não será mostrado de novo.");
+        refreshPreauths();
+        return;
+      }
+      var field = result.data && result.data.field;
+      var target = field && form.querySelector('[data-error-for="' + field + '"]');
+      if (target) {
+        target.textContent = (result.data || {}).detail || "inválido";
+        var input = form.querySelector('[name="' + field + '"]');
+        if (input) { input.setAttribute("aria-invalid", "true"); input.focus(); }
+      } else {
+        form.querySelector('[data-error-for="_"]').textContent = describe(result);
+      }
+    }, function () {
+      form.querySelector('[data-error-for="_"]').textContent = "Sem conexão com o servidor.";
+    });
+  });
+
+  document.addEventListener("click", function (event) {
+    var button = event.target.closest("button[data-preauth-delete]");
+    if (!button) return;
+    if (!window.confirm("Excluir esta pré-autorização? O código deixa de abrir o portão.")) return;
+    api("DELETE", "/api/preauth/" + encodeURIComponent(button.getAttribute("data-preauth-delete"))).then(function (result) {
+      if (!result.ok) document.getElementById("preauths-error").textContent = describe(result);
+      refreshPreauths();
+    });
+  });
+
   document.addEventListener("submit", function (event) {
     var form = event.target;
     if (!form.hasAttribute("data-api-url")) return;
