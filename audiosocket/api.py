@@ -70,6 +70,7 @@ from __future__ import annotations
 import collections
 import datetime
 import hmac
+import csv
 import io
 import json
 import uuid as _uuid
@@ -96,6 +97,7 @@ from .gate import GateError
 from .model import EXTENSION_FIELDS, InvalidField, Extension
 from .preauth import MAX_APARTMENT, MAX_NAME, MAX_USES, PreauthLimit
 from .reactors import default_reactor
+from .session import OUTCOMES
 
 JSON_TYPE = b"application/json; charset=utf-8"
 CALLS_LIMIT_DEFAULT = 50
@@ -663,6 +665,11 @@ class Api:
 
     @app.route("/api/calls", methods=["GET"])
     async def list_calls(self, request):
+        """
+        Finished calls, newest first, filtered (outcome, condominium, apartment, time range);
+        C{format=csv} gives them as a spreadsheet (see L{CSV_COLUMNS}).
+        """
+        _only(request, CALLS_PARAMETERS)
         raw = _arg(request, "limit")
         limit = CALLS_LIMIT_DEFAULT
         if raw is not None:
@@ -678,7 +685,15 @@ class Api:
                         CALLS_LIMIT_MAX, raw
                     ),
                 )
-        calls = await self._store.recent_calls(limit)
+        outcome = _arg(request, "outcome")
+        if outcome is not None and outcome not in OUTCOMES:
+            raise InvalidField("outcome", "must be one of {}".format(", ".join(OUTCOMES)))
+        form = _arg(request, "format") or "json"
+        if form not in ("json", "csv"):
+            raise InvalidField("format", 'must be "json" or "csv"')
+        calls = await self._store.calls(outcome=outcome, limit=limit, **_filters(request))
+        if form == "csv":
+            return _csv(request, calls)
         return _json(request, {"calls": list(calls)})
 
     # ------------------------------------------------------------ pre-authorisations
@@ -725,23 +740,10 @@ class Api:
     async def list_access(self, request):
         """The access audit, newest first; a bad filter is a 422 naming it."""
         _only(request, ACCESS_PARAMETERS)
-        since = _time_arg(request, "since")
-        until = _time_arg(request, "until")
-        if since is not None and until is not None and until < since:
-            raise InvalidField("until", "must not be before since")
-        condominium_id = _int_arg(request, "condominium_id", 1, 2**31)
-        apartment = _arg(request, "apartment")
-        if apartment is not None and not 1 <= len(apartment) <= APARTMENT_MAX:
-            raise InvalidField(
-                "apartment", "must be 1 to {} characters".format(APARTMENT_MAX)
-            )
+        filters = _filters(request)
         limit = _int_arg(request, "limit", 1, ACCESS_LIMIT_MAX)
         events = await self._store.access_events(
-            condominium_id=condominium_id,
-            apartment=apartment,
-            since=since,
-            until=until,
-            limit=ACCESS_LIMIT_DEFAULT if limit is None else limit,
+            limit=ACCESS_LIMIT_DEFAULT if limit is None else limit, **filters
         )
         return _json(request, {"access": list(events)})
 
@@ -767,6 +769,67 @@ ACCESS_LIMIT_DEFAULT = 100
 ACCESS_LIMIT_MAX = 1000
 ACCESS_PARAMETERS = ("condominium_id", "apartment", "since", "until", "limit")
 APARTMENT_MAX = 32
+
+
+CALLS_PARAMETERS = ("limit", "outcome", "condominium_id", "apartment", "since", "until", "format")
+#: The columns of C{GET /api/calls?format=csv}, each a path into the call record.
+CSV_COLUMNS = (
+    ("uuid", ("uuid",)),
+    ("node", ("node",)),
+    ("started_at", ("started_at",)),
+    ("ended_at", ("ended_at",)),
+    ("outcome", ("outcome",)),
+    ("ended_by", ("ended_by",)),
+    ("condominium_id", ("condominium_id",)),
+    ("extension_id", ("extension_id",)),
+    ("apartment", ("facts", "apartment")),
+    ("visitor_name", ("facts", "visitor_name")),
+    ("intent", ("facts", "intent")),
+    ("resident_name", ("facts", "resident_name")),
+    ("decision_input", ("decision_input",)),
+    ("decided_by", ("reach", "decided_by")),
+    ("attempts", ("attempts",)),
+    ("gate_result", ("gate", "result")),
+    ("total_s", ("timings", "total_s")),
+)
+
+
+def _filters(request) -> dict:
+    """The condominium, apartment and time range filters of a listing (a bad one: a 422)."""
+    since = _time_arg(request, "since")
+    until = _time_arg(request, "until")
+    if since is not None and until is not None and until < since:
+        raise InvalidField("until", "must not be before since")
+    apartment = _arg(request, "apartment")
+    if apartment is not None and not 1 <= len(apartment) <= APARTMENT_MAX:
+        raise InvalidField("apartment", "must be 1 to {} characters".format(APARTMENT_MAX))
+    return {
+        "condominium_id": _int_arg(request, "condominium_id", 1, 2**31),
+        "apartment": apartment,
+        "since": since,
+        "until": until,
+    }
+
+
+def _cell(record: dict, path: tuple) -> str:
+    value: Any = record
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    text = "" if value is None else str(value)
+    # A cell a spreadsheet would run as a formula (a visitor's "name" is what a caller said):
+    # kept as text.
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def _csv(request, calls) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow([name for name, _ in CSV_COLUMNS])
+    for record in calls:
+        writer.writerow([_cell(record, path) for _, path in CSV_COLUMNS])
+    request.setHeader(b"Content-Type", b"text/csv; charset=utf-8")
+    request.setHeader(b"Content-Disposition", b'attachment; filename="calls.csv"')
+    return out.getvalue().encode("utf-8")
 
 
 def _only(request, names) -> None:
@@ -1285,7 +1348,8 @@ def openapi_document() -> dict:
             },
             "/api/calls": {
                 "get": {
-                    "summary": "Finished calls, newest first",
+                    "summary": "Finished calls, newest first, filtered; format=csv for a "
+                    "spreadsheet (an unknown parameter is a 400)",
                     "operationId": "listCalls",
                     "parameters": [
                         {
@@ -1298,11 +1362,57 @@ def openapi_document() -> dict:
                                 "maximum": CALLS_LIMIT_MAX,
                                 "default": CALLS_LIMIT_DEFAULT,
                             },
-                        }
+                        },
+                        {
+                            "name": "outcome",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"enum": list(OUTCOMES)},
+                        },
+                        {
+                            "name": "condominium_id",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "integer", "minimum": 1},
+                        },
+                        {
+                            "name": "apartment",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string", "maxLength": APARTMENT_MAX},
+                        },
+                        {
+                            "name": "since",
+                            "in": "query",
+                            "required": False,
+                            "description": "ISO 8601 with Z or an offset (stored at or after)",
+                            "schema": {"type": "string", "format": "date-time"},
+                        },
+                        {
+                            "name": "until",
+                            "in": "query",
+                            "required": False,
+                            "description": "ISO 8601 with Z or an offset (stored at or before)",
+                            "schema": {"type": "string", "format": "date-time"},
+                        },
+                        {
+                            "name": "format",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"enum": ["json", "csv"], "default": "json"},
+                        },
                     ],
                     "responses": {
-                        "200": _json_response("Calls", "#/components/schemas/CallList"),
-                        **pick("400", "401", "503"),
+                        "200": {
+                            "description": "Calls (JSON), or with format=csv a CSV file",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/CallList"}
+                                },
+                                "text/csv": {"schema": {"type": "string"}},
+                            },
+                        },
+                        **pick("400", "401", "422", "503"),
                     },
                 },
                 "delete": {

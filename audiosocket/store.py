@@ -149,6 +149,13 @@ class IStore(Interface):
         entry, which is the entry's C{ts} unless it waited through an outage).
         """
 
+    def calls(*, outcome=None, condominium_id=None, apartment=None, since=None, until=None, limit=100):
+        """
+        Up to C{limit} call records, newest first, with that C{outcome}, condominium and/or
+        apartment (the record's C{facts.apartment}) when given, stored within [C{since},
+        C{until}] (epoch seconds, both ends included).
+        """
+
     def delete_calls(before_ts):
         """Delete call records stored before C{before_ts} (epoch seconds); fires with how many."""
 
@@ -969,17 +976,29 @@ class RedisStore(Service):
 
     async def _access_events(self, condominium_id, apartment, since, until, limit) -> list[dict]:
         wanted = AccessFilter.of(condominium_id, apartment, since, until)
+        return await self._newest(self._access_key, wanted, limit, "access entry")
+
+    def calls(
+        self, *, outcome=None, condominium_id=None, apartment=None, since=None, until=None,
+        limit=100,
+    ):
+        wanted = CallFilter.of(condominium_id, apartment, since, until, outcome=outcome)
+        return defer.Deferred.fromCoroutine(
+            self._newest(self._calls_key, wanted, limit, "call record")
+        )
+
+    async def _newest(self, key: str, wanted: "AccessFilter", limit, what: str) -> list[dict]:
+        """
+        The entries of stream C{key} that C{wanted} takes, newest first, a page at a time from
+        the end of its time range, filtering here: until C{limit} match or the range is done.
+        """
         _check_limit(limit)
-        # Newest first, a page at a time from the end of the time range, filtering here:
-        # until C{limit} entries match or the range is exhausted.
         end = "+" if wanted.until_ms is None else str(wanted.until_ms)
         start = "-" if wanted.since_ms is None else "{}-0".format(wanted.since_ms)
         found: list[dict] = []
         while True:
-            reply = await self._call(
-                "XREVRANGE", self._access_key, end, start, "COUNT", ACCESS_PAGE
-            )
-            for _, event in self._decode(reply, self._access_key, "access entry"):
+            reply = await self._call("XREVRANGE", key, end, start, "COUNT", ACCESS_PAGE)
+            for _, event in self._decode(reply, key, what):
                 if wanted.matches(event):
                     found.append(event)
                     if len(found) == limit:
@@ -1225,12 +1244,22 @@ class MemoryStore(Service):
 
     def _access_events(self, condominium_id, apartment, since, until, limit):
         wanted = AccessFilter.of(condominium_id, apartment, since, until)
+        return self._newest(self.hub.access, wanted, limit)
+
+    def calls(
+        self, *, outcome=None, condominium_id=None, apartment=None, since=None, until=None,
+        limit=100,
+    ):
+        wanted = CallFilter.of(condominium_id, apartment, since, until, outcome=outcome)
+        return defer.maybeDeferred(self._newest, self.hub.call_log, wanted, limit)
+
+    def _newest(self, log, wanted, limit):
         _check_limit(limit)
         self._check()
         found = []
-        for stored, event in reversed(self.hub.access):
-            if wanted.covers(stored) and wanted.matches(event):
-                found.append(event)
+        for stored, entry in reversed(log):
+            if wanted.covers(stored) and wanted.matches(entry):
+                found.append(entry)
                 if len(found) == limit:
                     break
         return found
@@ -1312,7 +1341,9 @@ class AccessFilter:
             until_ms=None if until is None else _ms(until, "until"),
         )
 
-    def covers(self, stored: float) -> bool:
+    def covers(self, stored: float | None) -> bool:
+        if stored is None:  # a record put in memory by hand: no time of its own
+            return self.since_ms is None and self.until_ms is None
         ms = _ms(stored)
         return (self.since_ms is None or ms >= self.since_ms) and (
             self.until_ms is None or ms <= self.until_ms
@@ -1321,4 +1352,32 @@ class AccessFilter:
     def matches(self, event: dict) -> bool:
         if self.condominium_id is not None and event.get("condominium_id") != self.condominium_id:
             return False
-        return self.apartment is None or event.get("apartment") == self.apartment
+        return self.apartment is None or self._apartment(event) == self.apartment
+
+    @staticmethod
+    def _apartment(event: dict):
+        return event.get("apartment")
+
+
+@frozen
+class CallFilter(AccessFilter):
+    """Which call records C{calls} returns: the access filters, on C{facts.apartment}, and
+    the C{outcome}."""
+
+    outcome: str | None = None
+
+    @classmethod
+    def of(cls, condominium_id, apartment, since, until, outcome=None) -> "CallFilter":
+        if outcome is not None and not isinstance(outcome, str):
+            raise TypeError("outcome must be a string, not {!r}".format(outcome))
+        base = AccessFilter.of(condominium_id, apartment, since, until)
+        return cls(base.condominium_id, base.apartment, base.since_ms, base.until_ms, outcome)
+
+    def matches(self, record: dict) -> bool:
+        if self.outcome is not None and record.get("outcome") != self.outcome:
+            return False
+        return super().matches(record)
+
+    @staticmethod
+    def _apartment(record: dict):
+        return (record.get("facts") or {}).get("apartment")

@@ -1140,3 +1140,76 @@ def test_openapi_validates():
     validator.validate(openapi_document())
 
 
+
+
+def _stored_calls(s):
+    """Four records stored at known times (the store's clock) on the memory store."""
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    s.store._reactor = clock
+    day = 1796428800.0  # 2026-12-05T00:00:00Z
+    rows = [
+        ("a", "authorized", 1, "101", "Pedro", day - 60),
+        ("b", "denied", 1, "202", "=HYPERLINK(\"http://x\")", day + 60),
+        ("c", "authorized", 2, "101", "Ana", day + 120),
+        ("d", "preauthorized", 1, "101", None, day + 180),
+    ]
+    for uid, outcome, cid, apartment, visitor, at in rows:
+        clock.advance(at - clock.seconds())
+        run(s.store.append_call({
+            "uuid": uid, "outcome": outcome, "condominium_id": cid,
+            "facts": {"apartment": apartment, "visitor_name": visitor},
+            "gate": {"result": "opened"} if outcome != "denied" else None,
+        }))
+
+
+def test_calls_filters():
+    """Outcome, condominium, apartment and the time range filter the history, newest first."""
+    s = Setup()
+    _stored_calls(s)
+
+    def uuids(query):
+        status, _, body = s.request("GET", "/api/calls" + query)
+        assert status == 200, body
+        return [c["uuid"] for c in body["calls"]]
+
+    assert uuids("") == ["d", "c", "b", "a"]
+    assert uuids("?outcome=authorized") == ["c", "a"]
+    assert uuids("?condominium_id=1&apartment=101") == ["d", "a"]
+    assert uuids("?since=2026-12-05T00:00:00Z") == ["d", "c", "b"]
+    assert uuids("?since=2026-12-04T21:00:00-03:00&until=2026-12-05T00:02:00Z") == ["c", "b"]
+    assert uuids("?outcome=authorized&limit=1") == ["c"]
+
+
+def test_calls_filter_errors():
+    """An unknown parameter is a 400; a bad outcome, time, condominium or format a 422."""
+    s = Setup()
+    assert s.request("GET", "/api/calls?outcom=authorized")[0] == 400
+    for query, field in [
+        ("?outcome=opened", "outcome"),
+        ("?since=yesterday", "since"),
+        ("?since=2026-12-05T10:00:00Z&until=2026-12-05T09:00:00Z", "until"),
+        ("?condominium_id=x", "condominium_id"),
+        ("?format=xml", "format"),
+    ]:
+        status, _, body = s.request("GET", "/api/calls" + query)
+        assert (status, body.get("field")) == (422, field), query
+
+
+def test_calls_csv_export():
+    """format=csv: a header and one row per call, formulas kept as text, an attachment."""
+    import csv as csvmod
+    import io as iomod
+
+    s = Setup()
+    _stored_calls(s)
+    status, headers, body = s.request("GET", "/api/calls?format=csv&condominium_id=1")
+    assert status == 200
+    assert header(headers, "content-type") == "text/csv; charset=utf-8"
+    assert "attachment" in header(headers, "content-disposition")
+    rows = list(csvmod.DictReader(iomod.StringIO(body.decode("utf-8"))))
+    assert [r["uuid"] for r in rows] == ["d", "b", "a"]
+    assert rows[2]["visitor_name"] == "Pedro" and rows[0]["visitor_name"] == ""
+    assert rows[1]["visitor_name"] == "'=HYPERLINK(\"http://x\")"
+    assert rows[0]["gate_result"] == "opened" and rows[1]["gate_result"] == ""
