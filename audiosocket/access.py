@@ -37,7 +37,7 @@ applies to the next entry.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -84,6 +84,11 @@ class AccessLog(Spool):
             store.append_access, what="access entry", reactor=reactor, retry_s=retry_s, keep=keep
         )
         self._privacy = privacy
+        self._observers: list[Callable[[dict], Any]] = []
+
+    def add_observer(self, observer: Callable[[dict], Any]) -> None:
+        """Call C{observer(entry)} with each entry as it is kept (the operator's screen)."""
+        self._observers.append(observer)
 
     def entry(self, event: dict) -> dict:
         """C{event} as it is kept: the time filled in, the visitor's name only if allowed."""
@@ -103,4 +108,9 @@ class AccessLog(Spool):
         except Exception:
             self.log.failure("access entry {event!r} dropped: not an event", event=event)
             return defer.succeed(None)
+        for observer in self._observers:
+            try:
+                observer(entry)
+            except Exception:
+                self.log.failure("an access observer failed")
         return super().add(entry)

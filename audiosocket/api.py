@@ -247,8 +247,11 @@ class Api:
         if hasattr(sessions, "add_observer"):
             sessions.add_observer(self.events.session_ended)
         self.dashboard = Dashboard(self, privacy=privacy, dialer=dialer)
-        #: The access audit (L{audiosocket.access.AccessLog}) that gate openings go to.
+        #: The access audit (L{audiosocket.access.AccessLog}) that gate openings go to; each
+        #: entry is also pushed to the live screens (C{event: access}).
         self.access = access
+        if access is not None and hasattr(access, "add_observer"):
+            access.add_observer(self.events.access)
         self._sites: weakref.WeakSet[ApiSite] = weakref.WeakSet()
         self._preauths = preauths
 

@@ -11,6 +11,9 @@ changed into JSON events::
     event: extension
     data: {"type": "extension.changed" | "extension.removed", "extension": {...}}
 
+    event: access
+    data: {"type": "access", "access": {...}}     (an access audit entry, as it is kept)
+
 A stream starts with C{event: hello} and the whole picture (every session and extension as
 "changed"), so a page that reconnects (after a restart of the server, say) can redraw.
 
@@ -242,6 +245,11 @@ class EventHub:
 
     def _extension_list(self) -> list[dict]:
         return list(self._extensions())
+
+    def access(self, entry: dict) -> None:
+        """A gate opening (attempted or done) was audited: pushed to every stream at once."""
+        if self.subscribers:
+            self.publish("access", {"type": "access", "access": entry})
 
     def session_ended(self, session) -> None:
         """The registry's end observer: push the end now rather than on the next poll."""

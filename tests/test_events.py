@@ -195,6 +195,32 @@ def test_ended_observer_pushes_at_once():
     hub.stop()
 
 
+def test_access_entries_are_pushed_as_they_are_kept():
+    """An access audit entry reaches every stream at once as event "access", privacy applied
+    by the audit (the visitor's name gone with keep_visitor_names = false)."""
+    import attrs
+
+    from audiosocket.access import AccessLog
+    from audiosocket.config import PrivacyConfig
+    from audiosocket.store import MemoryStore
+
+    hub, clock, _, _ = hub_with()
+    privacy = attrs.evolve(PrivacyConfig(), keep_visitor_names=False)
+    log = AccessLog(MemoryStore(reactor=clock), reactor=clock, privacy=lambda: privacy)
+    log.add_observer(hub.access)
+    log.add({"condominium_id": 1, "visitor": "Pedro", "authorized_by": "resident",
+             "evidence": "dtmf:1", "result": "opened"})  # nobody listens: nothing queued
+    request = FakeRequest()
+    hub.subscribe(request)
+    log.add({"condominium_id": 1, "visitor": "Pedro", "authorized_by": "resident",
+             "evidence": "dtmf:1", "result": "opened"})
+    assert request.types()[-1] == "access"
+    pushed = [data for name, data in request.events() if name == "access"]
+    assert len(pushed) == 1 and pushed[0]["access"]["visitor"] is None
+    assert pushed[0]["access"]["result"] == "opened"
+    hub.stop()
+
+
 def test_watching_stops_with_the_last_stream():
     """No stream, no polling: the loop's DelayedCall goes with the last subscriber."""
     hub, clock, _, _ = hub_with()
