@@ -111,6 +111,8 @@ class Webhook(resource.Resource):
         self._phones: dict[str, PhoneSpec] = dict(phones or {})
         #: The hand-offs received (transfer to the operator, open the gate).
         self.handoffs: list[dict] = []
+        #: The notify events received.
+        self.notices: list[dict] = []
         self._refuse_handoff = refuse_handoff
 
     def render_POST(self, request):
@@ -120,6 +122,12 @@ class Webhook(resource.Resource):
                 return self._cancel(request, body)
             if isinstance(body, dict) and body.get("event") in ("transfer", "open"):
                 return self._handoff(request, body)
+            if isinstance(body, dict) and body.get("event") == "notify":
+                # A resident told something without a call (a pre-authorised visitor came in).
+                self.notices.append(body)
+                print("notify apartment {}: {}".format(body.get("apartment"), body.get("kind")),
+                      file=self._out, flush=True)
+                return b"{}"
             host, port = body["audiosocket"].rsplit(":", 1)
             phone = self._phones.get(body.get("dial"))
             options = CallOptions(
