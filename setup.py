@@ -39,6 +39,8 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-twisted>=1.14",
+            # The suite runs on every core (tox.ini: -n auto), one test file per worker.
+            "pytest-xdist>=3.5",
             "hypothesis>=6.100",
             "openapi-spec-validator>=0.7",
             # Drives Debian's chromium in tests/test_dashboard.py (no browser download).

@@ -32,7 +32,8 @@ REQUIRE_ENV = "AUDIOSOCKET_REQUIRE_PBX"
 SECRET_ENV = "PBX_TEST_AMI_SECRET"
 
 #: Per test: the legs' reports, printed at the end of the run.
-REPORTS: list[tuple[str, dict]] = []
+#: The user_properties key of a rig's report (what its phones heard).
+PBX_REPORT = "pbx_report"
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,21 @@ def asterisk():
         pbx.remove()
 
 
+def _reports(terminalreporter) -> list[tuple[str, dict]]:
+    """Each rig's report, from the teardown reports (in order, each test once)."""
+    found: dict[str, tuple[str, dict]] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "when", None) != "teardown":
+                continue
+            for key, value in getattr(report, "user_properties", ()):
+                if key == PBX_REPORT:
+                    found[report.nodeid] = (report.nodeid.rsplit("::", 1)[-1], value)
+    return list(found.values())
+
+
 def pytest_terminal_summary(terminalreporter):
+    REPORTS = _reports(terminalreporter)
     if not REPORTS:
         return
     import numpy as np
@@ -353,4 +368,6 @@ async def rig(asterisk, redis_server, tmp_path, request, monkeypatch):
         yield r
     finally:
         await r.stop()
-        REPORTS.append((request.node.name, r.report()))
+        # On the test's report (user_properties), so the summary below has it also when
+        # pytest-xdist ran the test in a worker process.
+        request.node.user_properties.append((PBX_REPORT, r.report()))
