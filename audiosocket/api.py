@@ -1073,6 +1073,21 @@ def openapi_document() -> dict:
     def pick(*codes):
         return {c: errors[c] for c in codes}
 
+    def query(name: str, schema: dict, description: str | None = None) -> dict:
+        param = {"name": name, "in": "query", "required": False, "schema": schema}
+        if description:
+            param["description"] = description
+        return param
+
+    # The filters of a listing (calls, the access audit): see L{_filters}.
+    when = {"type": "string", "format": "date-time"}
+    filters = [
+        query("condominium_id", {"type": "integer", "minimum": 1}),
+        query("apartment", {"type": "string", "minLength": 1, "maxLength": APARTMENT_MAX}),
+        query("since", when, "ISO 8601 with Z or an offset; stored at or after"),
+        query("until", when, "ISO 8601 with Z or an offset; stored at or before"),
+    ]
+
     ext = "#/components/schemas/Extension"
     port = {"type": "integer", "minimum": 1, "maximum": 65535}
     number = {"type": "string", "pattern": "^[0-9A-Za-z*#+-]{1,32}$"}
@@ -1372,32 +1387,7 @@ def openapi_document() -> dict:
                             "required": False,
                             "schema": {"enum": list(OUTCOMES)},
                         },
-                        {
-                            "name": "condominium_id",
-                            "in": "query",
-                            "required": False,
-                            "schema": {"type": "integer", "minimum": 1},
-                        },
-                        {
-                            "name": "apartment",
-                            "in": "query",
-                            "required": False,
-                            "schema": {"type": "string", "maxLength": APARTMENT_MAX},
-                        },
-                        {
-                            "name": "since",
-                            "in": "query",
-                            "required": False,
-                            "description": "ISO 8601 with Z or an offset (stored at or after)",
-                            "schema": {"type": "string", "format": "date-time"},
-                        },
-                        {
-                            "name": "until",
-                            "in": "query",
-                            "required": False,
-                            "description": "ISO 8601 with Z or an offset (stored at or before)",
-                            "schema": {"type": "string", "format": "date-time"},
-                        },
+                        *filters,
                         {
                             "name": "format",
                             "in": "query",
@@ -1446,36 +1436,7 @@ def openapi_document() -> dict:
                     "newest first",
                     "operationId": "listAccess",
                     "parameters": [
-                        {
-                            "name": "condominium_id",
-                            "in": "query",
-                            "required": False,
-                            "schema": {"type": "integer", "minimum": 1},
-                        },
-                        {
-                            "name": "apartment",
-                            "in": "query",
-                            "required": False,
-                            "schema": {
-                                "type": "string",
-                                "minLength": 1,
-                                "maxLength": APARTMENT_MAX,
-                            },
-                        },
-                        {
-                            "name": "since",
-                            "in": "query",
-                            "required": False,
-                            "description": "ISO 8601 with Z or an offset; included",
-                            "schema": {"type": "string", "format": "date-time"},
-                        },
-                        {
-                            "name": "until",
-                            "in": "query",
-                            "required": False,
-                            "description": "ISO 8601 with Z or an offset; included",
-                            "schema": {"type": "string", "format": "date-time"},
-                        },
+                        *filters,
                         {
                             "name": "limit",
                             "in": "query",

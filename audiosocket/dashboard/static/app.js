@@ -64,6 +64,19 @@
     return body;
   }
 
+  // A refused change: its message next to the field it names (marked invalid, focused), or
+  // under the form.
+  function showError(form, result, field) {
+    var target = field && form.querySelector('[data-error-for="' + field + '"]');
+    if (target) {
+      target.textContent = portuguese((result.data || {}).detail || "inválido");
+      var input = form.querySelector('[name="' + field + '"]');
+      if (input) { input.setAttribute("aria-invalid", "true"); input.focus(); }
+    } else {
+      form.querySelector('[data-error-for="_"]').textContent = describe(result);
+    }
+  }
+
   // ---------------------------------------------------------------- pre-authorisations
 
   function preauthBody(form) {
@@ -112,15 +125,7 @@
         refreshPreauths();
         return;
       }
-      var field = result.data && result.data.field;
-      var target = field && form.querySelector('[data-error-for="' + field + '"]');
-      if (target) {
-        target.textContent = (result.data || {}).detail || "inválido";
-        var input = form.querySelector('[name="' + field + '"]');
-        if (input) { input.setAttribute("aria-invalid", "true"); input.focus(); }
-      } else {
-        form.querySelector('[data-error-for="_"]').textContent = describe(result);
-      }
+      showError(form, result, result.data && result.data.field);
     }, function () {
       form.querySelector('[data-error-for="_"]').textContent = "Sem conexão com o servidor.";
     });
@@ -152,21 +157,13 @@
         return;
       }
       var field = result.data && result.data.field;
-      var target = field && form.querySelector('[data-error-for="' + field + '"]');
-      if (!target && result.status === 409) {
+      if (!field && result.status === 409) {
         // A conflict names its field in the detail: "ai_port 8080 is used by …", "extension id 3 …".
         var detail = (result.data || {}).detail || "";
         var match = /^(ai_port|return_port)\b/.exec(detail);
         field = match ? match[1] : (/^extension id/.test(detail) ? "id" : null);
-        target = field && form.querySelector('[data-error-for="' + field + '"]');
       }
-      if (target) {
-        target.textContent = portuguese((result.data || {}).detail || "inválido");
-        var input = form.querySelector('[name="' + field + '"]');
-        if (input) { input.setAttribute("aria-invalid", "true"); input.focus(); }
-      } else {
-        form.querySelector('[data-error-for="_"]').textContent = describe(result);
-      }
+      showError(form, result, field);
     }, function () {
       form.querySelector('[data-error-for="_"]').textContent = "Sem conexão com o servidor.";
     });
