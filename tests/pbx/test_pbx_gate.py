@@ -1,13 +1,14 @@
 """
 The gate on a real Asterisk: with C{[condominiums.gate] kind = "dtmf"}, a resident's "1"
 makes the server hand the visitor's call back with C{open,<digits>} (AMI C{DBPut}); the
-project's dialplan, after C{AudioSocket()} returns, sends the digits on the visitor's line
-with C{SendDTMF} — the gate intercom's line — and hangs up.
+project's dialplan, after C{AudioSocket()} returns, sends the digits with C{SendDTMF} on the
+visitor's own line — the gate intercom's — and hangs up.
 
-The fake phones are UnicastRTP channels, and C{chan_rtp} cannot send DTMF at all (it has no
-C{send_digit_begin}: Asterisk drops the keys silently; a PJSIP intercom gets them as RFC 4733
-events or in band). So the test watches the PBX do it: the AMI C{Newexten} event of
-C{SendDTMF(<digits>)} on the visitor's own channel, after the last word the server sent it.
+An intercom that carries DTMF (here behind a Local channel, as a SIP intercom would be) gets
+the keys: AMI C{DTMFEnd} events sent on its channel, after the last word the server said. The
+bare fake phones (UnicastRTP) cannot carry DTMF at all — C{chan_rtp} has no
+C{send_digit_begin}, so Asterisk drops the keys — so where a test calls from one, it watches
+the PBX run C{SendDTMF(<digits>)} on the visitor's channel instead (AMI C{Newexten}).
 """
 
 from __future__ import annotations
@@ -60,32 +61,52 @@ async def start(rig):
     )
 
 
+async def dtmf_sent(rig) -> list[tuple[str, str, float]]:
+    """(channel, digit, time) of each key Asterisk sends to a channel (AMI DTMFEnd, Sent)."""
+    sent: list[tuple[str, str, float]] = []
+    await rig.ami.checked("Events", EventMask="call,dialplan,dtmf")
+
+    def listen(message):
+        if (
+            message.get("event", "").lower() == "dtmfend"
+            and message.get("direction", "").lower() == "sent"
+        ):
+            sent.append((message.get("channel", ""), message.get("digit", ""), reactor.seconds()))
+
+    rig.ami.listeners.append(listen)
+    return sent
+
+
 @pytest_twisted.ensureDeferred
-async def test_authorized_sends_the_gate_digits_after_the_goodbye(rig):
+async def test_the_intercom_line_gets_the_digits(rig):
     """
-    The resident presses 1: the visitor hears "entrada autorizada" and the goodbye, the
-    server's hangup frame ends AudioSocket(), and the dialplan sends #9 on the visitor's
-    channel, then hangs it up. The record's gate says handed_off; the resident's phone gets
-    no digits.
+    The visitor calls from an intercom behind a channel that carries DTMF (a Local channel
+    here, as a SIP intercom's would be): after "entrada autorizada" and the goodbye, the
+    keys #9 are sent on the intercom's own line — AMI DTMFEnd events, direction Sent, on the
+    phone's channel, after the last word it heard — and on no other line.
     """
     await start(rig)
-    ran = await applications(rig)
+    sent = await dtmf_sent(rig)
     resident = await rig.resident("101")
-    visitor = await rig.visitor("1001")
-    await type_apartment(rig, visitor, "101")
+    intercom = await rig.resident("700")  # a phone the pbx-phones context reaches
+    await rig.ami.checked(
+        "Originate", Channel="Local/700@pbx-phones/n", Context="audiosocket-visitor",
+        Exten="1001", Priority="1", Async="true",
+    )
+    await intercom.channel_seen.addTimeout(10, reactor)
+    await intercom.answered.addTimeout(10, reactor)
+    await type_apartment(rig, intercom, "101")
     await decide(rig, resident, "1")
-    await ended(visitor, resident)
+    await ended(intercom, resident)
     (record,) = await rig.records(1)
-    assert record["outcome"] == "authorized"
-    assert record["gate"] == {"kind": "dtmf", "result": "handed_off", "error": None, "attempts": 1}
-    await until(lambda: send_dtmf(ran), what="the dialplan's SendDTMF")
-    (channel, digits, at), = send_dtmf(ran)
-    assert channel.startswith(visitor.prefix) and digits == GATE_DIGITS
-    # After the goodbye: the last word the visitor's phone heard came before the keys.
-    last_word = max(t for t, loud in zip(visitor.arrivals, visitor.loud) if loud)
-    assert last_word < at
-    print("\ngate: SendDTMF ran {:.3f} s after the server's last word".format(at - last_word))
-    assert rig.audiosocket_problems() == []
+    assert record["outcome"] == "authorized" and record["gate"]["result"] == "handed_off"
+    to_intercom = [(d, at) for channel, d, at in sent if channel == intercom.channel]
+    assert "".join(d for d, _ in to_intercom) == GATE_DIGITS
+    assert not [c for c, _, _ in sent if c.startswith(resident.prefix)]
+    last_word = max(t for t, loud in zip(intercom.arrivals, intercom.loud) if loud)
+    assert last_word < to_intercom[0][1]
+    print("\ngate: the intercom's line got # {:.3f} s after the server's last word".format(
+        to_intercom[0][1] - last_word))
 
 
 @pytest_twisted.ensureDeferred
