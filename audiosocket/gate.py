@@ -36,6 +36,7 @@ digits and the relay's secret never appear in a log line, an audit entry or a re
 
 from __future__ import annotations
 
+import collections
 import re
 import uuid as _uuid
 from typing import Any, Callable
@@ -123,6 +124,8 @@ class GateOpener:
         self._audit = audit
         self._reactor = default_reactor(reactor)
         self._retry_delay_s = retry_delay_s
+        #: (condominium id, authorized_by, result) → openings so far (the metric).
+        self.counts: collections.Counter = collections.Counter()
 
     def open(self, gate: GateConfig, request: OpenRequest) -> defer.Deferred:
         """
@@ -152,6 +155,7 @@ class GateOpener:
         return result
 
     def _record(self, gate: GateConfig, request: OpenRequest, result: OpenResult) -> None:
+        self.counts[(request.condominium_id, request.authorized_by, result.result)] += 1
         entry = {
             "condominium_id": request.condominium_id,
             "gate": gate.kind,

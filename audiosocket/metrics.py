@@ -5,7 +5,8 @@ Two kinds, to keep the per-frame path free of metric updates:
 
   - read at scrape time by L{_ServerCollector}: sessions and legs per extension, turned-away
     calls in progress, frames in and out, the clock's late ticks, skipped frames and tick
-    lateness, the frame-gap histogram merged over the legs, refused connections by reason
+    lateness, the frame-gap histogram merged over the legs, gate openings by who authorized
+    them and their result, refused connections by reason
     (malformed input, and every bound of L{audiosocket.leg} and the session registry:
     C{too_many_connections}, C{event_flood}, C{slow_reader}, C{busy_overflow}, ...),
     Redis availability;
@@ -220,6 +221,18 @@ class _ServerCollector:
             "Visitors told the lines are busy (max_calls reached)",
             value=server.registry.turned_away,
         )
+
+        gate = getattr(server, "gate", None)
+        if gate is not None:
+            opens = CounterMetricFamily(
+                "audiosocket_gate_opens",
+                "Gate openings by who authorized them and what the actuator did "
+                "(opened, handed_off, failed, not_opened)",
+                labels=["condominium", "authorized_by", "result"],
+            )
+            for (condominium, authorized_by, result), n in sorted(gate.counts.items()):
+                opens.add_metric([str(condominium), authorized_by, result], n)
+            yield opens
 
         store = server.store
         yield GaugeMetricFamily(

@@ -432,3 +432,26 @@ async def test_failed_extension_shows_in_healthz_and_metrics_and_recovers(redis_
     finally:
         squatter.close()
         await stopped(svc)
+
+
+def test_gate_openings_are_counted_by_who_and_result():
+    """audiosocket_gate_opens_total counts each open the gate made or withheld, by condominium,
+    who authorized it and what the actuator did."""
+    from audiosocket.config import GateConfig
+    from audiosocket.gate import GateOpener, OpenRequest
+    from tests.flowkit import ScriptedDialer
+
+    clock = Clock()
+    server = _Server(clock)
+    server.gate = GateOpener(dialer=ScriptedDialer(), http=None, secret={}.get, reactor=clock)
+    dtmf = GateConfig(kind="dtmf", digits="9")
+    request = OpenRequest(condominium_id=3, authorized_by="resident", evidence="dtmf:1",
+                          uuid="8a3f2d8e-56a4-4b3b-9b1e-1f0c2e3d4a5b")
+    server.gate.open(dtmf, request)
+    server.gate.open(dtmf, request)
+    server.gate.withheld(dtmf, request, "the visitor hung up")
+    metrics = Metrics(server, reactor=clock)
+    assert _samples(metrics, "audiosocket_gate_opens_total") == {
+        (("authorized_by", "resident"), ("condominium", "3"), ("result", "handed_off")): 2.0,
+        (("authorized_by", "resident"), ("condominium", "3"), ("result", "not_opened")): 1.0,
+    }
