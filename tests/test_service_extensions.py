@@ -62,8 +62,8 @@ async def test_live_call_untouched_while_another_extension_changes(redis_server,
     """
     A call on extension 1 keeps every frame while extension 2 is added (its ports answer
     before the 201), changed to new ports, and removed (its ports stop answering); and the
-    audio clock skipped no frame meanwhile (skipped frames are neither sent nor received, so
-    only the clock's own counter shows a stall such as a blocked reactor).
+    audio clock skipped no run of frames meanwhile (skipped frames are neither sent nor
+    received, so only the clock's own counter shows a stall such as a blocked reactor).
     """
     a_ai, a_ret, b_ai, b_ret, c_ai, c_ret = free_ports(6)
     svc = await started(config_for(redis_server.path, tmp_path, a_ai, a_ret))
@@ -83,7 +83,9 @@ async def test_live_call_untouched_while_another_extension_changes(redis_server,
         assert code == 200
         gone = await call(c_ai, 0.5)
         assert not gone.connected
-        assert svc.clock.skipped_frames == skipped
+        # A blocked reactor (a synchronous bind, a blocking store call) skips a run of frames;
+        # a loaded machine descheduling the process for a moment may skip one or two.
+        assert svc.clock.skipped_frames - skipped <= 2
         visitor_leg = next(iter(svc.manager.get(1).ai_factory.connections))
         report = await live.addTimeout(20, reactor)
     finally:
