@@ -14,6 +14,7 @@ import pytest_twisted
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.web import server as web_server
 
@@ -144,6 +145,26 @@ def test_start_seeds_the_store_then_serves_it():
     assert sites.dial(1, "101") == "SIP/7101" and sites.dial(1, "102") is None
     assert run(store.load_directory(2)) == []
     assert any("differ from the store" in (e.get("log_format") or "") for e in logs)
+
+
+def test_store_down_at_start_serves_the_files_then_retries():
+    """
+    The store down at start: the files' directories are served; a retry once it answers
+    seeds it and serves the store's.
+    """
+    store = MemoryStore()
+    run(store.save_directory(1, [dict(ROWS[0], voip_number="SIP/7101")]))
+    store.available = False
+    clock = Clock()
+    sites = Sites()
+    control = controlled(store, sites, clock)
+    assert sites.dial(1, "101") == "SIP/1101"
+    store.available = True
+    clock.advance(10)
+    assert sites.dial(1, "101") == "SIP/7101"
+    assert run(store.load_directory(2)) == []
+    assert not clock.getDelayedCalls()
+    control.stop()
 
 
 def test_list_condominiums(api):
