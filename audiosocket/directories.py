@@ -385,10 +385,13 @@ class DirectoryControl:
         self._apply(cid, version, directory)
 
     def _apply(self, cid: int, version: int, directory: Directory) -> None:
-        if version <= self.versions.get(cid, 0) or cid not in self._sites():
+        if version <= self.versions.get(cid, 0):
             return  # a newer one is applied already
         self.versions[cid] = version
+        # Kept even for a condominium this node's config lacks: a reload may add it.
         self.stored[cid] = directory
+        if cid not in self._sites():
+            return
         self._swap(cid, directory)
         self.log.info(
             "directory of condominium {cid} changed (version {version}, {n} apartments): "

@@ -247,7 +247,8 @@ class DoormanService(MultiService):
     The whole server: its lifecycle, status and reload. L{makeService} builds its parts and
     sets them as attributes (for the API, tests and benchmarks): C{store}, C{records},
     C{tts}, C{stt}, C{nlu}, C{dialer}, C{metrics}, C{clock}, C{flow}, C{registry},
-    C{manager}, C{control}, C{api}, C{preauths} and C{code_guard}
+    C{manager}, C{control}, C{directories} (L{audiosocket.directories}), C{api}, C{preauths}
+    and C{code_guard}
     (L{audiosocket.preauth}), C{gate} (L{audiosocket.gate}); C{embedded_redis}, C{http_pool}
     and C{http} (the speech providers' and the gate relays' HTTP client) and C{webhook}
     (L{audiosocket.webhook}) when built.

@@ -302,6 +302,21 @@ def test_change_on_one_node_reaches_the_other():
     assert b_sites.dial(1, "101") == "SIP/new"
 
 
+def test_change_for_a_condominium_added_later_is_kept_for_the_reload():
+    """
+    Node b's config lacks condominium 2 when node a changes it; a reload adding it to b
+    serves a's change, not b's file.
+    """
+    hub = MemoryHub()
+    a_sites, b_sites = Sites(), Sites()
+    del b_sites.sites[2]
+    a = controlled(MemoryStore(hub, node_id="a"), a_sites)
+    b = controlled(MemoryStore(hub, node_id="b"), b_sites)
+    run(a.replace(2, ROWS[:1]))
+    reloaded = b.overlay({**b_sites.sites, 2: make_site(2, [])})
+    assert reloaded[2].directory.apartment("101").dial == "SIP/1101"
+
+
 # ---------------------------------------------------------------- reload
 
 
