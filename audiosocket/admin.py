@@ -13,9 +13,22 @@ C{audiosocket-admin}: manage a running server's extensions over its HTTP API.
         [--weekdays 1,3] [--hours 08:00-17:00] [--uses 24]
     audiosocket-admin preauth list --condominium-id 1 [--apartment 101]
     audiosocket-admin preauth delete ID
+    audiosocket-admin directory list
+    audiosocket-admin directory show CONDOMINIUM_ID
+    audiosocket-admin directory import CONDOMINIUM_ID apartments.json
+    audiosocket-admin directory export CONDOMINIUM_ID > apartments.json
+    audiosocket-admin directory set CONDOMINIUM_ID 101 --voip PJSIP/1101 \
+        --resident "Ana Souza" --resident "Carlos Souza=PJSIP/carlos"
+    audiosocket-admin directory remove CONDOMINIUM_ID 101
 
 C{preauth add} prints the visitor's 6-digit code: the only time it is shown (the server keeps
 only its hash). C{preauth list} never shows a code.
+
+C{directory} manages the residents directories the server keeps in its store (the config's
+directory files only seed it): C{import} replaces a condominium's whole directory with a file
+in the original system's format (C{apartments.json}, as is), C{export} prints it in that
+format, C{set} adds or replaces one apartment (C{--resident NAME=PHONE}: a resident with a
+phone of their own), C{remove} deletes one. The next call uses the change; no reload.
 
 C{import} reads the original system's C{ramais_config.json}: a JSON list (or
 C{{"ramais": [...]}}) of objects with C{ramal_ia}, C{porta_ia}, C{ramal_retorno},
@@ -125,6 +138,7 @@ def _parser() -> argparse.ArgumentParser:
         help='print "asterisk -rx \'dialplan set global ...\'" commands (no reload) instead',
     )
     _preauth_parser(sub)
+    _directory_parser(sub)
     return p
 
 
@@ -552,6 +566,133 @@ _COMMANDS = {
     "import": _import,
     "dialplan": _dialplan,
     "preauth": _preauth,
+    "directory": lambda client, args, out: _DIRECTORY_COMMANDS[args.directory_command](
+        client, args, out
+    ),
+}
+
+
+# ---------------------------------------------------------------- residents directories
+
+
+def _directory_parser(sub) -> None:
+    directory = sub.add_parser("directory", help="the residents directories (apartments)")
+    cmds = directory.add_subparsers(dest="directory_command", required=True, metavar="ACTION")
+    cmds.add_parser("list", help="the condominiums and their apartments count")
+    show = cmds.add_parser("show", help="a condominium's apartments")
+    show.add_argument("condominium_id", type=int)
+    imp = cmds.add_parser(
+        "import", help="replace a condominium's whole directory with a JSON file (apartments.json)"
+    )
+    imp.add_argument("condominium_id", type=int)
+    imp.add_argument("file")
+    export = cmds.add_parser("export", help="print a condominium's directory as JSON (importable)")
+    export.add_argument("condominium_id", type=int)
+    put = cmds.add_parser("set", help="add or replace one apartment")
+    put.add_argument("condominium_id", type=int)
+    put.add_argument("number")
+    put.add_argument("--voip", required=True, help="the apartment's dial string (voip_number)")
+    put.add_argument(
+        "--resident",
+        action="append",
+        default=[],
+        metavar="NAME[=PHONE]",
+        help="a resident (repeat for each); =PHONE: their own dial string",
+    )
+    remove = cmds.add_parser("remove", help="remove one apartment")
+    remove.add_argument("condominium_id", type=int)
+    remove.add_argument("number")
+
+
+def _apartments_path(cid: int, number: str | None = None) -> str:
+    path = "/api/condominiums/{}/apartments".format(cid)
+    return path if number is None else path + "/" + quote(number, safe="")
+
+
+def _resident_text(resident: Any) -> str:
+    if isinstance(resident, dict):
+        return "{}={}".format(resident.get("name"), resident.get("phone"))
+    return str(resident)
+
+
+def _table(out: TextIO, rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
+
+
+async def _directory_list(client: _Client, args, out: TextIO) -> int:
+    data = await client.ok("GET", "/api/condominiums")
+    rows = [("ID", "NAME", "APARTMENTS")]
+    for c in data.get("condominiums", []):
+        rows.append((str(c["id"]), c["name"], str(c["apartments"])))
+    _table(out, rows)
+    return 0
+
+
+async def _directory_show(client: _Client, args, out: TextIO) -> int:
+    data = await client.ok("GET", _apartments_path(args.condominium_id))
+    rows = [("APT", "VOIP", "RESIDENTS")]
+    for a in data.get("apartments", []):
+        residents = ", ".join(_resident_text(r) for r in a["residents"])
+        rows.append((a["apartment_number"], a["voip_number"], residents))
+    _table(out, rows)
+    return 0
+
+
+async def _directory_import(client: _Client, args, out: TextIO) -> int:
+    data = _read_json(args.file)
+    stored = await client.ok("PUT", _apartments_path(args.condominium_id), data)
+    out.write(
+        "condominium {}: {} apartment(s) imported from {}; the next call uses them\n".format(
+            args.condominium_id, len(stored.get("apartments", [])), args.file
+        )
+    )
+    return 0
+
+
+async def _directory_export(client: _Client, args, out: TextIO) -> int:
+    data = await client.ok("GET", _apartments_path(args.condominium_id))
+    out.write(json.dumps(data.get("apartments", []), ensure_ascii=False, indent=2) + "\n")
+    return 0
+
+
+async def _directory_set(client: _Client, args, out: TextIO) -> int:
+    residents: list[Any] = []
+    for text in args.resident:
+        name, sep, phone = text.partition("=")
+        residents.append({"name": name, "phone": phone} if sep else name)
+    body = {"residents": residents, "voip_number": args.voip}
+    status, data = await client.call(
+        "PUT", _apartments_path(args.condominium_id, args.number), body
+    )
+    if status not in (200, 201):
+        raise HttpError(status, data)
+    out.write(
+        "{} apartment {} of condominium {}: {} ({})\n".format(
+            "added" if status == 201 else "replaced",
+            data["apartment_number"],
+            args.condominium_id,
+            data["voip_number"],
+            ", ".join(_resident_text(r) for r in data["residents"]) or "no residents",
+        )
+    )
+    return 0
+
+
+async def _directory_remove(client: _Client, args, out: TextIO) -> int:
+    await client.ok("DELETE", _apartments_path(args.condominium_id, args.number))
+    out.write("removed apartment {} of condominium {}\n".format(args.number, args.condominium_id))
+    return 0
+
+
+_DIRECTORY_COMMANDS = {
+    "list": _directory_list,
+    "show": _directory_show,
+    "import": _directory_import,
+    "export": _directory_export,
+    "set": _directory_set,
+    "remove": _directory_remove,
 }
 
 

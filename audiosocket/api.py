@@ -1,8 +1,9 @@
 # -*- test-case-name: tests.test_api,tests.test_admin,tests.test_tls -*-
 """
 The HTTP API: extensions, sessions, finished calls, the access audit, pre-authorisations
-(L{audiosocket.preauth}), the gate (L{audiosocket.gate}), status, health, metrics and its own
-OpenAPI document, and C{GET /api/events} (server-sent events for the operator's screen, see
+(L{audiosocket.preauth}), the gate (L{audiosocket.gate}), the residents directories
+(L{audiosocket.directories}), status, health, metrics and its own OpenAPI document, and
+C{GET /api/events} (server-sent events for the operator's screen, see
 L{audiosocket.events}), as a Klein app with its dependencies injected; the same site serves
 the dashboard's pages (L{audiosocket.dashboard}) behind the same guard.
 
@@ -619,6 +620,82 @@ class Api:
             raise ApiError(502, "gate_failed", result.error or "the gate did not open", extra=data)
         return _json(request, data)
 
+    # ------------------------------------------------------------ residents directories
+
+    #: The directories (L{audiosocket.directories.DirectoryControl}), set by makeService;
+    #: None: the C{/api/condominiums} routes answer 404.
+    directories = None
+
+    def _directory_control(self):
+        if self.directories is None:
+            raise ApiError(404, "not_found", "directories are not managed by this server")
+        return self.directories
+
+    @staticmethod
+    def _any_json(request) -> Any:
+        if not json_content_type(request.getHeader("content-type")):
+            raise Api._not_json()
+        try:
+            return json.loads(request.content.read().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ApiError(400, "bad_json", "the body is not valid JSON: {}".format(e))
+
+    async def _directory_call(self, method, *args):
+        """Run a L{DirectoryControl} method, its errors as the API's."""
+        from .directories import UnknownCondominium
+        from .flow.directory import DirectoryError
+
+        try:
+            return await method(*args)
+        except UnknownCondominium as e:
+            raise ApiError(404, "not_found", "no condominium {}".format(e.args[0])) from None
+        except DirectoryError as e:
+            extra = {"field": e.field or "apartments"}
+            if e.index is not None:
+                extra["index"] = e.index
+            raise ApiError(422, "invalid_field", str(e), extra=extra) from None
+
+    @app.route("/api/condominiums", methods=["GET"])
+    def list_condominiums(self, request):
+        return _json(request, {"condominiums": self._directory_control().condominiums()})
+
+    @app.route("/api/condominiums/<int:condominium_id>/apartments", methods=["GET"])
+    async def list_apartments(self, request, condominium_id):
+        control = self._directory_control()
+        rows = await self._directory_call(defer.maybeDeferred, control.rows, condominium_id)
+        return _json(request, {"condominium_id": condominium_id, "apartments": rows})
+
+    @app.route("/api/condominiums/<int:condominium_id>/apartments", methods=["PUT"])
+    async def put_apartments(self, request, condominium_id):
+        control = self._directory_control()
+        rows = await self._directory_call(control.replace, condominium_id, self._any_json(request))
+        return _json(request, {"condominium_id": condominium_id, "apartments": rows})
+
+    @app.route("/api/condominiums/<int:condominium_id>/apartments/<string:number>", methods=["PUT"])
+    async def put_apartment(self, request, condominium_id, number):
+        control = self._directory_control()
+        created, row = await self._directory_call(
+            control.put_apartment, condominium_id, number, self._body(request)
+        )
+        if created:
+            location = "/api/condominiums/{}/apartments/{}".format(
+                condominium_id, row["apartment_number"]
+            )
+            request.setHeader(b"Location", location.encode("utf-8"))
+        return _json(request, row, 201 if created else 200)
+
+    @app.route("/api/condominiums/<int:condominium_id>/apartments/<string:number>", methods=["DELETE"])
+    async def delete_apartment(self, request, condominium_id, number):
+        control = self._directory_control()
+        if not await self._directory_call(control.remove_apartment, condominium_id, number):
+            raise ApiError(
+                404,
+                "not_found",
+                "no apartment {!r} in condominium {}".format(number[:32], condominium_id),
+            )
+        request.setResponseCode(204)
+        return b""
+
     # ------------------------------------------------------------ sessions and calls
 
     @app.route("/api/sessions", methods=["GET"])
@@ -1035,6 +1112,154 @@ _EXT_BODY = {
 }
 
 
+def _directory_document(document: dict, pick) -> None:
+    """The residents directories' routes and schemas (L{audiosocket.directories})."""
+    from .directories import MAX_APARTMENTS, MAX_RESIDENTS, MAX_TEXT
+
+    cid = {
+        "name": "condominium_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 1},
+    }
+    number = {
+        "name": "number",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "maxLength": 32},
+        "description": 'the apartment number ("101", "B101"; "0101" and "ap 101" mean "101")',
+    }
+    schema = "#/components/schemas/"
+
+    def body(ref):
+        return {"required": True, "content": {"application/json": {"schema": {"$ref": ref}}}}
+
+    document["paths"].update(
+        {
+            "/api/condominiums": {
+                "get": {
+                    "summary": "The condominiums of the config, with their apartments count",
+                    "operationId": "listCondominiums",
+                    "responses": {
+                        "200": _json_response("Condominiums", schema + "CondominiumList"),
+                        **pick("401"),
+                    },
+                }
+            },
+            "/api/condominiums/{condominium_id}/apartments": {
+                "parameters": [cid],
+                "get": {
+                    "summary": "A condominium's residents directory (what the next call uses)",
+                    "operationId": "listApartments",
+                    "responses": {
+                        "200": _json_response("The directory", schema + "Directory"),
+                        **pick("401", "404"),
+                    },
+                },
+                "put": {
+                    "summary": "Replace the whole directory (the original system's JSON "
+                    "file, as is); the next call uses it",
+                    "operationId": "replaceApartments",
+                    "requestBody": body(schema + "DirectoryInput"),
+                    "responses": {
+                        "200": _json_response("The directory as stored", schema + "Directory"),
+                        **pick("400", "401", "404", "422", "503"),
+                    },
+                },
+            },
+            "/api/condominiums/{condominium_id}/apartments/{number}": {
+                "parameters": [cid, number],
+                "put": {
+                    "summary": "Add or replace one apartment; the next call uses it",
+                    "operationId": "putApartment",
+                    "requestBody": body(schema + "ApartmentInput"),
+                    "responses": {
+                        "200": _json_response("Replaced", schema + "Apartment"),
+                        "201": _json_response("Added", schema + "Apartment"),
+                        **pick("400", "401", "404", "422", "503"),
+                    },
+                },
+                "delete": {
+                    "summary": "Remove one apartment; the next call no longer finds it",
+                    "operationId": "deleteApartment",
+                    "responses": {
+                        "204": {"description": "Removed"},
+                        **pick("401", "404", "503"),
+                    },
+                },
+            },
+        }
+    )
+    text = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT}
+    resident = {
+        "oneOf": [
+            text,
+            {
+                "type": "object",
+                "required": ["name"],
+                "additionalProperties": False,
+                "properties": {"name": text, "phone": text},
+                "description": "a resident with a phone of their own (a dial string)",
+            },
+        ]
+    }
+    apartment_props = {
+        "apartment_number": {"type": ["string", "integer"]},
+        "residents": {
+            "oneOf": [text, {"type": "array", "maxItems": MAX_RESIDENTS, "items": resident}]
+        },
+        "voip_number": {
+            "type": ["string", "integer"],
+            "description": "the apartment's dial string (no comma, CR or LF)",
+        },
+    }
+    rows = {"type": "array", "maxItems": MAX_APARTMENTS, "items": {"$ref": schema + "Apartment"}}
+    document["components"]["schemas"].update(
+        {
+            "Apartment": {
+                "type": "object",
+                "required": ["apartment_number", "residents", "voip_number"],
+                "properties": apartment_props,
+            },
+            "ApartmentInput": {
+                "type": "object",
+                "required": ["residents", "voip_number"],
+                "description": "apartment_number may be omitted but must match the path",
+                "properties": apartment_props,
+            },
+            "DirectoryInput": {
+                "oneOf": [
+                    rows,
+                    {"type": "object", "required": ["apartments"], "properties": {"apartments": rows}},
+                ]
+            },
+            "Directory": {
+                "type": "object",
+                "required": ["condominium_id", "apartments"],
+                "properties": {"condominium_id": {"type": "integer"}, "apartments": rows},
+            },
+            "CondominiumList": {
+                "type": "object",
+                "required": ["condominiums"],
+                "properties": {
+                    "condominiums": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["id", "name", "apartments"],
+                            "properties": {
+                                "id": {"type": "integer"},
+                                "name": {"type": "string"},
+                                "apartments": {"type": "integer", "minimum": 0},
+                            },
+                        },
+                    }
+                },
+            },
+        }
+    )
+
+
 def openapi_document() -> dict:
     """The OpenAPI 3.1 description of every route, schema and error of L{Api}."""
     errors = {
@@ -1045,7 +1270,9 @@ def openapi_document() -> dict:
             "Sec-Fetch-Site cross-site or same-site; or a change made with the dashboard's "
             "session cookie without its X-CSRF-Token"
         ),
-        "404": _error_response("Unknown extension, session, pre-authorisation or route"),
+        "404": _error_response(
+            "Unknown extension, session, pre-authorisation, condominium, apartment or route"
+        ),
         "405": _error_response("Method not allowed on this route"),
         "409": _error_response(
             "Extension id or port already taken, or the condominium holds its maximum of "
@@ -1559,6 +1786,11 @@ def openapi_document() -> dict:
                             "type": "string",
                             "description": "the invalid field (422 only)",
                         },
+                        "index": {
+                            "type": "integer",
+                            "description": "the directory row the invalid field is in (422 on "
+                            "a directory only)",
+                        },
                     },
                 },
                 "GateOpenRequest": {
@@ -1796,6 +2028,7 @@ def openapi_document() -> dict:
             },
         },
     }
+    _directory_document(document, pick)
     # Refusals made before any route runs apply to every operation of their kind.
     for item in document["paths"].values():
         for method, operation in item.items():

@@ -22,7 +22,9 @@ L{audiosocket.extension.ExtensionManager}), and shown as C{failed} by C{GET /hea
 SIGHUP (L{DoormanService.reload}) re-reads the config file and validates it whole; then the
 tables in L{NEW_CALL_TABLES} apply to the next call (a call in progress keeps the settings it
 started with), and the log names every changed table of L{RESTART_TABLES}, which only a
-restart applies.
+restart applies. The residents directories are the store's (L{audiosocket.directories}): a
+directory file only seeds the store for a condominium it never held, at start or when a reload
+adds the condominium; a reload keeps the stored directories and logs which files differ.
 
 Service tree::
 
@@ -63,6 +65,7 @@ from audiosocket.clock import AudioClock
 from audiosocket.config import Config, ConfigError, load_config
 from audiosocket.control import ExtensionControl
 from audiosocket.dialer import make_dialer
+from audiosocket.directories import DirectoryControl
 from audiosocket.extension import ExtensionManager
 from audiosocket.flow.call import DoormanFlow, Site
 from audiosocket.flow.directory import Directory, DirectoryError
@@ -173,7 +176,8 @@ class DoormanService(MultiService):
     The whole server: its lifecycle, status and reload. L{makeService} builds its parts and
     sets them as attributes (for the API, tests and benchmarks): C{store}, C{records},
     C{access}, C{retention}, C{tts}, C{stt}, C{nlu}, C{dialer}, C{metrics}, C{clock},
-    C{flow}, C{registry}, C{manager}, C{control}, C{api}, C{preauths} and C{code_guard}
+    C{flow}, C{registry}, C{manager}, C{control}, C{directories} (L{audiosocket.directories}),
+    C{api}, C{preauths} and C{code_guard}
     (L{audiosocket.preauth}), C{gate} (L{audiosocket.gate}); C{embedded_redis}, C{http_pool}
     and C{http} (the speech providers' and the gate relays' HTTP client) and C{webhook}
     (L{audiosocket.webhook}) when built.
@@ -192,6 +196,7 @@ class DoormanService(MultiService):
     clock = flow = registry = manager = control = api = None
     embedded_redis = http_pool = http = webhook = None
     preauths = code_guard = gate = None
+    directories = None
 
     def __init__(
         self,
@@ -224,6 +229,12 @@ class DoormanService(MultiService):
 
     def has_condominium(self, condominium_id: int) -> bool:
         return condominium_id in self.sites
+
+    def swap_directory(self, condominium_id: int, directory: Directory) -> None:
+        """The next call of C{condominium_id} uses C{directory}; a call in progress keeps its own."""
+        site = self.sites.get(condominium_id)
+        if site is not None:
+            self.sites = {**self.sites, condominium_id: attrs.evolve(site, directory=directory)}
 
     def condominium_limit(self, condominium_id: int) -> int | None:
         site = self.sites.get(condominium_id)
@@ -338,6 +349,7 @@ class DoormanService(MultiService):
             self.log.warn("{path}: {problem}", path=str(self.config.path), problem=str(unset))
         if self.embedded_redis is not None:
             await self.embedded_redis.whenReady()
+        await self.directories.start()
         await self.control.start(self.config.extensions)
         self._log_extension_drift()
         preloading = self._preload_prompts()
@@ -413,6 +425,7 @@ class DoormanService(MultiService):
             await defer.maybeDeferred(port.stopListening)
         self.api.shutdown()  # event streams and keep-alive connections close too
         self.control.stop()
+        self.directories.stop()
         if not await self._end_calls(self.SHUTDOWN_CALLS_S):
             self.log.warn(
                 "{n} call(s) still open at shutdown after {s} s; closing them",
@@ -460,9 +473,9 @@ class DoormanService(MultiService):
     def reload(self) -> defer.Deferred:
         """
         Re-read the config file and apply what applies to new calls (L{NEW_CALL_TABLES}: the
-        condominiums' greetings, directories and prompts, C{[flow]}'s timings and limits —
-        C{max_call_s} included —, C{[audio]} and C{[privacy]}); a call in progress keeps the
-        settings it started with. The changed tables only a restart applies
+        condominiums' greetings and prompts (the directories stay the store's), C{[flow]}'s
+        timings and limits — C{max_call_s} included —, C{[audio]} and C{[privacy]}); a call
+        in progress keeps the settings it started with. The changed tables only a restart applies
         (L{RESTART_TABLES}) are named in the log. The new file is validated whole before
         anything is applied: an invalid file changes nothing and says why. Repeated requests
         while one runs coalesce into one more.
@@ -508,15 +521,15 @@ class DoormanService(MultiService):
         applied = _changed(old, config, NEW_CALL_TABLES)
         needs_restart = _changed(old, config, RESTART_TABLES)
         # Each part reads its settings once per call: swapping them here changes the next
-        # call only.
-        self.sites = sites
+        # call only. The directories stay the store's: a file only seeds it.
+        self.sites = self.directories.overlay(sites)
+        self.directories.adopt()
         self.flow.privacy = config.privacy  # the operator's screen reads it from the flow
         self.registry.max_call_s = config.flow.max_call_s
         # In effect: the new file, but what only a restart applies as it started.
         self.config = attrs.evolve(config, **{name: getattr(old, name) for name in RESTART_TABLES})
         self.log.info(
-            "reloaded {path}: {n} condominium(s), directories re-read; new calls use the "
-            "changed {applied}",
+            "reloaded {path}: {n} condominium(s); new calls use the changed {applied}",
             path=str(path),
             n=len(sites),
             applied=_tables(applied) or "nothing else (no other table changed)",
@@ -698,6 +711,9 @@ def makeService(
     if IService.providedBy(dialer):
         dialer.setServiceParent(server)
     server.control = ExtensionControl(server.manager, store, reactor=reactor)
+    server.directories = DirectoryControl(
+        store, sites=lambda: server.sites, swap=server.swap_directory, reactor=reactor
+    )
 
     # The API.
     api = config.api
@@ -718,6 +734,7 @@ def makeService(
         preauths=server.preauths,
         access=server.access,
     )
+    server.api.directories = server.directories
     return server
 
 

@@ -1,6 +1,6 @@
 """
-Persistence of extensions, call records and the access audit, and live extension changes
-across nodes.
+Persistence of extensions, call records, the access audit and residents directories, and
+live changes across nodes.
 
 L{IStore} is the boundary the rest of the server sees. L{RedisStore} implements it on
 txredisapi; L{MemoryStore} implements it in memory, for unit tests of other modules and for a
@@ -161,6 +161,32 @@ class IStore(Interface):
 
     def trim_access(before_ts):
         """Delete access entries stored before C{before_ts} (epoch seconds); fires with how many."""
+
+    # -- residents directories (audiosocket.directories) --
+
+    def load_directories():
+        """Every stored directory: C{{condominium_id: rows}} (rows: the original JSON list)."""
+
+    def load_directory(condominium_id):
+        """The stored rows of one condominium, or C{None} if it was never stored."""
+
+    def save_directory(condominium_id, rows):
+        """
+        Replace a condominium's whole directory, atomically, and tell the other nodes
+        (L{DirectoryChange}); fires with the directory's new version (1, 2, ...).
+        """
+
+    def seed_directories(directories):
+        """
+        Store each C{{condominium_id: rows}} only if that condominium was never stored; fires
+        with the sorted list of the condominium ids written.
+        """
+
+    def subscribe_directories(callback):
+        """
+        Call C{callback(change: DirectoryChange)} for each directory saved by another node.
+        Returns a zero-argument callable that unsubscribes.
+        """
 
 
 # -- validation shared by both implementations ---------------------------------------------
@@ -714,6 +740,8 @@ class RedisStore(Service):
                 self.log.warn("store lost its subscription to {channel}", channel=self.channel)
 
     def _message_received(self, message):
+        if self._directory_message(message):
+            return
         try:
             change = _parse_change(message)
         except ValueError as e:
@@ -1020,6 +1048,87 @@ class RedisStore(Service):
         deleted = await self._call("XTRIM", key, "MINID", _ms(before_ts, "before_ts"))
         return int(deleted)
 
+    # -- residents directories --------------------------------------------------------------
+
+    @property
+    def _directory_subscribers(self) -> _Subscribers:
+        subscribers = self.__dict__.get("_directory_subscribers_")
+        if subscribers is None:
+            subscribers = self.__dict__["_directory_subscribers_"] = _Subscribers()
+        return subscribers
+
+    def _directory_keys(self) -> list[str]:
+        return [self.prefix + "directories", self.prefix + "directory-versions"]
+
+    def _directory_message(self, message) -> bool:
+        """Deliver C{message} if it is a directory change; C{False} if it is not one."""
+        try:
+            change = _parse_directory_change(message)
+        except ValueError as e:
+            self.log.warn(
+                "ignoring malformed message on {channel}: {error}", channel=self.channel, error=e
+            )
+            return True
+        if change is None:
+            return False
+        if change.node_id != self.node_id:
+            self._directory_subscribers.deliver(change)
+        return True
+
+    def subscribe_directories(self, callback):
+        return self._directory_subscribers.add(callback)
+
+    def load_directories(self):
+        return defer.Deferred.fromCoroutine(self._load_directories())
+
+    async def _load_directories(self) -> dict[int, list]:
+        key = self._directory_keys()[0]
+        reply = await self._call("HGETALL", key)
+        found = {}
+        for field, value in zip(reply[::2], reply[1::2]):
+            try:
+                found[int(field)] = _decode_rows(value)
+            except (ValueError, UnicodeDecodeError) as e:
+                self.log.error(
+                    "skipping corrupt directory {field!r} in {key}: {error}",
+                    field=field,
+                    key=key,
+                    error=e,
+                )
+        return found
+
+    def load_directory(self, condominium_id):
+        return defer.Deferred.fromCoroutine(self._load_directory(condominium_id))
+
+    async def _load_directory(self, condominium_id) -> list | None:
+        cid = _check_condominium_id(condominium_id)
+        value = await self._call("HGET", self._directory_keys()[0], str(cid))
+        return None if value is None else _decode_rows(value)
+
+    def save_directory(self, condominium_id, rows):
+        return defer.Deferred.fromCoroutine(self._save_directory(condominium_id, rows))
+
+    async def _save_directory(self, condominium_id, rows) -> int:
+        cid = _check_condominium_id(condominium_id)
+        data = _encode_rows(rows)
+        version = await self._call(
+            "EVAL", _DIRECTORY_SAVE, 2, *self._directory_keys(),
+            str(cid), data, self.channel, _directory_message(self.node_id, cid, data),
+        )
+        return int(version)
+
+    def seed_directories(self, directories):
+        return defer.Deferred.fromCoroutine(self._seed_directories(directories))
+
+    async def _seed_directories(self, directories) -> list[int]:
+        args = []
+        for cid, rows in dict(directories).items():
+            args += [str(_check_condominium_id(cid)), _encode_rows(rows)]
+        if not args:
+            return []
+        written = await self._call("EVAL", _DIRECTORY_SEED, 1, self._directory_keys()[0], *args)
+        return sorted(int(cid) for cid in written)
+
 
 # -- memory ----------------------------------------------------------------------------------
 
@@ -1286,6 +1395,71 @@ class MemoryStore(Service):
         self.hub.access = kept
         return deleted
 
+    # -- residents directories --------------------------------------------------------------
+
+    @property
+    def _directory_subscribers(self) -> _Subscribers:
+        subscribers = self.__dict__.get("_directory_subscribers_")
+        if subscribers is None:
+            subscribers = self.__dict__["_directory_subscribers_"] = _Subscribers()
+        return subscribers
+
+    def _directories(self) -> tuple[dict[int, str], dict[int, int]]:
+        """The hub's directories (cid -> rows as JSON) and versions, made on first use."""
+        hub = self.hub
+        if not hasattr(hub, "directories"):
+            hub.directories, hub.directory_versions = {}, {}
+        return hub.directories, hub.directory_versions
+
+    def subscribe_directories(self, callback):
+        return self._directory_subscribers.add(callback)
+
+    def load_directories(self):
+        return defer.maybeDeferred(self._load_directories)
+
+    def _load_directories(self):
+        self._check()
+        return {cid: _decode_rows(data) for cid, data in self._directories()[0].items()}
+
+    def load_directory(self, condominium_id):
+        return defer.maybeDeferred(self._load_directory, condominium_id)
+
+    def _load_directory(self, condominium_id):
+        _check_condominium_id(condominium_id)
+        self._check()
+        data = self._directories()[0].get(condominium_id)
+        return None if data is None else _decode_rows(data)
+
+    def save_directory(self, condominium_id, rows):
+        return defer.maybeDeferred(self._save_directory, condominium_id, rows)
+
+    def _save_directory(self, condominium_id, rows):
+        _check_condominium_id(condominium_id)
+        data = _encode_rows(rows)
+        self._check()
+        directories, versions = self._directories()
+        directories[condominium_id] = data
+        version = versions[condominium_id] = versions.get(condominium_id, 0) + 1
+        change = DirectoryChange(condominium_id, _decode_rows(data), version, self.node_id)
+        for store in list(self.hub.stores):
+            if store.node_id != self.node_id:
+                store._directory_subscribers.deliver(change)
+        return version
+
+    def seed_directories(self, directories):
+        return defer.maybeDeferred(self._seed_directories, directories)
+
+    def _seed_directories(self, directories):
+        encoded = {
+            _check_condominium_id(cid): _encode_rows(rows) for cid, rows in dict(directories).items()
+        }
+        self._check()
+        stored = self._directories()[0]
+        written = sorted(cid for cid in encoded if cid not in stored)
+        for cid in written:
+            stored[cid] = encoded[cid]
+        return written
+
 
 # -- the access audit's filter, shared by both implementations ---------------------------------
 
@@ -1381,3 +1555,95 @@ class CallFilter(AccessFilter):
     @staticmethod
     def _apartment(record: dict):
         return (record.get("facts") or {}).get("apartment")
+
+
+# -- residents directories -------------------------------------------------------------------
+
+#: The kind of a directory change's message on the extensions' channel.
+DIRECTORY = "directory"
+
+
+@frozen
+class DirectoryChange:
+    """
+    A condominium's directory replaced by another node (sent on the extensions' channel, as
+    a message of kind C{"directory"}).
+
+    @ivar rows: the whole new directory, as stored (the original JSON list).
+    @ivar version: the store's count of saves of this directory: a node applies a change
+        only if it is newer than the one it holds (pub/sub messages and command replies
+        travel on different connections: their relative order is not guaranteed).
+    """
+
+    condominium_id: int
+    rows: list
+    version: int
+    node_id: str
+
+
+# The version counts saves per condominium; the message gets it here, so the stored rows,
+# their version and the notice are one atomic step, in the store's order.
+_DIRECTORY_SAVE = """
+local v = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3], '{"version":' .. v .. ',' .. string.sub(ARGV[4], 2))
+return v
+"""
+# Only the condominiums never stored: a first start, or a condominium added to the config.
+_DIRECTORY_SEED = """
+local written = {}
+for i = 1, #ARGV, 2 do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+    written[#written + 1] = ARGV[i]
+  end
+end
+return written
+"""
+
+
+def _encode_rows(rows: Any) -> str:
+    if not isinstance(rows, list):
+        raise TypeError("directory rows must be a list, not {}".format(type(rows).__name__))
+    try:
+        return json.dumps(rows, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError) as e:
+        raise ValueError("directory rows are not JSON-serialisable: {}".format(e)) from None
+
+
+def _decode_rows(data: str | bytes) -> list:
+    rows = json.loads(data)
+    if not isinstance(rows, list):
+        raise ValueError("not a JSON list")
+    return rows
+
+
+def _directory_message(node_id: str, cid: int, data: str) -> str:
+    # No "version" here: the save script puts it first (see _DIRECTORY_SAVE).
+    return '{{"node_id":{},"kind":"{}","condominium_id":{},"rows":{}}}'.format(
+        json.dumps(node_id), DIRECTORY, cid, data
+    )
+
+
+def _parse_directory_change(message: str | bytes) -> DirectoryChange | None:
+    """
+    The directory change C{message} carries; C{None} if it is not one (an extension change).
+
+    @raise ValueError: a directory message that is malformed (the reason says why).
+    """
+    try:
+        data = json.loads(message)
+    except ValueError:
+        return None  # _parse_change says why
+    if not isinstance(data, dict) or data.get("kind") != DIRECTORY:
+        return None
+    node_id, cid = data.get("node_id"), data.get("condominium_id")
+    version, rows = data.get("version"), data.get("rows")
+    if not isinstance(node_id, str) or not node_id:
+        raise ValueError("node_id missing")
+    if isinstance(cid, bool) or not isinstance(cid, int):
+        raise ValueError("condominium_id must be an integer, not {!r}".format(cid))
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError("version must be a positive integer, not {!r}".format(version))
+    if not isinstance(rows, list):
+        raise ValueError("rows must be a list")
+    return DirectoryChange(cid, rows, version, node_id)
