@@ -801,7 +801,20 @@ def test_history_filters():
     assert status == 200
     text = body.decode()
     assert "morador atendeu" in text and "3,2 s" in text and "key:1" in text
+    assert "nenhum portão acionado" in text
     assert s.request("GET", "/chamadas/nope")[0] == 404
+
+
+def test_call_page_shows_what_the_gate_did():
+    """A call whose gate failed says so on its page, with the relay's error."""
+    call = record("a0000000-0000-4000-8000-000000000003", "authorized", "101",
+                  "2026-12-05T10:00:00.000Z")
+    call["gate"] = {"kind": "http", "result": "failed", "error": "the relay answered 503",
+                    "attempts": 3}
+    s = page_setup(calls=[call])
+    text = s.request("GET", "/chamadas/a0000000-0000-4000-8000-000000000003")[2].decode()
+    assert "http: <span class=\"access-failed\">falhou</span>" in text
+    assert "(the relay answered 503)" in text
 
 
 def test_health_turns_red_only_after_two_failures():
