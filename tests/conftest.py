@@ -82,6 +82,13 @@ def pytest_configure(config):
     )
 
 
+def pytest_terminal_summary(terminalreporter):
+    """The real-PBX tests' report of what the phones heard (see tests/pbx/conftest.py)."""
+    from pbx.conftest import pbx_summary
+
+    pbx_summary(terminalreporter)
+
+
 # -- a real redis-server ---------------------------------------------------------------------
 
 

@@ -72,7 +72,11 @@ def _reports(terminalreporter) -> list[tuple[str, dict]]:
     return list(found.values())
 
 
-def pytest_terminal_summary(terminalreporter):
+def pbx_summary(terminalreporter):
+    """
+    What the phones heard, after the run (called by tests/conftest.py's
+    C{pytest_terminal_summary}: under pytest-xdist the controller loads only that conftest).
+    """
     REPORTS = _reports(terminalreporter)
     if not REPORTS:
         return
