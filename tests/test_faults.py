@@ -423,10 +423,14 @@ def _loud_after(report, t: float) -> bool:
     return False
 
 
+#: Calls in progress when the server gets SIGTERM.
+SIGTERM_CALLS = 50
+
+
 @pytest_twisted.ensureDeferred
-async def test_sigterm_with_twenty_calls_each_hears_goodbye(tmp_path):
+async def test_sigterm_with_fifty_calls_each_hears_goodbye(tmp_path):
     """
-    The real C{twistd audiosocket} process with 20 calls in progress (each past its greeting,
+    The real C{twistd audiosocket} process with 50 calls in progress (each past its greeting,
     waiting for the apartment) gets SIGTERM: every call hears speech after the signal (the
     goodbye) and then the hangup frame, every record is saved, and the process exits by
     itself without cutting any call ("still open at shutdown" never logged).
@@ -452,17 +456,17 @@ async def test_sigterm_with_twenty_calls_each_hears_goodbye(tmp_path):
         started_at = reactor.seconds()
         calls = defer.Deferred.fromCoroutine(
             place_calls(
-                [CallOptions(host="127.0.0.1", port=ai, hangup_after=120) for _ in range(20)],
+                [CallOptions(host="127.0.0.1", port=ai, hangup_after=120) for _ in range(SIGTERM_CALLS)],
                 reactor=reactor,
             )
         )
         for _ in range(600):
             live = await sessions()
-            if len(live) == 20 and all(s["state"] == "collecting" for s in live):
+            if len(live) == SIGTERM_CALLS and all(s["state"] == "collecting" for s in live):
                 break
             await deferLater(reactor, 0.1, lambda: None)
         else:
-            raise AssertionError("20 calls past their greeting not reached: {}".format(live))
+            raise AssertionError("{} calls past their greeting not reached: {}".format(SIGTERM_CALLS, live))
         uuids = {s["uuid"] for s in live}
         signalled = reactor.seconds() - started_at
         process.send_signal(signal.SIGTERM)
@@ -478,7 +482,7 @@ async def test_sigterm_with_twenty_calls_each_hears_goodbye(tmp_path):
             process.wait()
     assert code == -signal.SIGTERM
     assert {r.uuid for r in reports} == uuids
-    assert [r.hung_up_by for r in reports] == ["server"] * 20
+    assert [r.hung_up_by for r in reports] == ["server"] * SIGTERM_CALLS
     assert all(_loud_after(r, signalled) for r in reports)
     content = log.read_text()
     assert "still open at shutdown" not in content
@@ -496,7 +500,7 @@ async def test_sigterm_with_twenty_calls_each_hears_goodbye(tmp_path):
         store = RedisStore(redis.address, timeout_s=2.0, reconnect_max_s=0.2)
         store.startService()
         await store.whenSubscribed().addTimeout(10, reactor)
-        records = await store.recent_calls(50)
+        records = await store.recent_calls(2 * SIGTERM_CALLS)
     finally:
         if store is not None:
             await store.stopService()
