@@ -36,7 +36,7 @@ from __future__ import annotations
 import collections
 import json
 import math
-from typing import Any, Callable
+from typing import Callable
 
 from twisted.internet import defer, task
 from twisted.logger import Logger

@@ -5,7 +5,6 @@ Tests for L{audiosocket.admin}: the CLI against the L{Api}'s own C{ApiSite} on 1
 
 import io
 import json
-import socket
 
 import pytest_twisted
 from twisted.internet import defer, reactor
@@ -333,9 +332,9 @@ def test_usage_error_exit_2(capsys):
 
 
 def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    from ports import free_ports
+
+    return free_ports(1)[0]
 
 
 def _is_listening(port):

@@ -23,21 +23,9 @@ from audiosocket.callclient import CallOptions, place_call
 from audiosocket.config import parse_config
 from audiosocket.fakepbx import Webhook
 from audiosocket.service import makeService
+from ports import free_ports  # noqa: F401 (the other tests import it from here)
 
 ETC = __import__("pathlib").Path(__file__).resolve().parent.parent / "etc"
-
-
-def free_ports(n: int) -> list[int]:
-    """Ports free right now (bound to 0 and released)."""
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 #: A resident pressing 1 every few seconds: keys count only once the announcement and the

@@ -26,7 +26,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import struct
 import subprocess
 import tempfile
@@ -84,11 +83,9 @@ WARNING_RE = re.compile(r"\b(WARNING|ERROR)\[")
 
 
 def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    from ports import free_ports
+
+    return free_ports(1)[0]
 
 
 def manager_user(path: Path, user: str) -> list[str]:
