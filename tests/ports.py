@@ -5,7 +5,8 @@ A port is picked outside the kernel's ephemeral range (Linux: 32768-60999), so n
 connection of another test can be given it between the moment it is picked and the moment a
 server listens on it; and below the test Asterisk's RTP range (20000-40000, tests/pbx). Under
 pytest-xdist each worker picks from its own slice of the range, so two workers never pick the
-same port. Within a process the picks go round the slice, each port checked free by binding it.
+same port. Within a process the picks are random in the slice, each checked free by binding
+it, and a port is not handed out twice in a row of picks.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import socket
 
 LOW, HIGH = 10000, 20000
 
-_cursor: int | None = None
+#: The ports handed out lately, not handed out again while they may still be in use.
+_given: list[int] = []
+_KEEP = 2000
 
 
 def _slice() -> tuple[int, int]:
@@ -28,14 +31,15 @@ def _slice() -> tuple[int, int]:
 
 
 def free_ports(n: int) -> list[int]:
-    """C{n} distinct ports free right now on 127.0.0.1, from this process's slice."""
-    global _cursor
+    """C{n} distinct ports free right now on 127.0.0.1, drawn at random from this process's
+    slice (never one handed out in the last L{_KEEP} picks)."""
     low, high = _slice()
-    if _cursor is None or not low <= _cursor < high:
-        _cursor = low + random.randrange(high - low)
     ports: list[int] = []
-    for _ in range(high - low):
-        port, _cursor = _cursor, low + (_cursor - low + 1) % (high - low)
+    recent = set(_given)
+    for _ in range(20 * (high - low)):
+        port = random.randrange(low, high)
+        if port in recent or port in ports:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
@@ -43,5 +47,7 @@ def free_ports(n: int) -> list[int]:
                 continue
         ports.append(port)
         if len(ports) == n:
+            _given.extend(ports)
+            del _given[:-_KEEP]
             return ports
     raise RuntimeError("no {} free ports between {} and {}".format(n, low, high))

@@ -313,7 +313,7 @@ async def test_add_extension_through_the_form(browser_ok, token, redis_server, t
     confirmed) removes it.
     """
     svc, base, ai = await serve(redis_server, tmp_path)
-    new_ai, new_ret = free_ports(2)
+    new_ai, new_ret, spare_ai, spare_ret = free_ports(4)
 
     def fill(page, **values):
         form = page.locator("#add-form")
@@ -336,15 +336,14 @@ async def test_add_extension_through_the_form(browser_ok, token, redis_server, t
         expect(row.locator("td.status")).to_have_text("ouvindo")
         form = fill(
             page, id=3, ai_extension="3001", ai_port=ai, return_extension="3002",
-            return_port=new_ret + 1 if new_ret < 65535 else new_ret - 1, host="127.0.0.1",
-            condominium_id=1,
+            return_port=spare_ret, host="127.0.0.1", condominium_id=1,
         )
         error = form.locator('[data-error-for="ai_port"]')
         expect(error).to_have_text("A porta {} já é usada por outro ramal.".format(ai))
         expect(form.locator('[name="ai_port"]')).to_have_attribute("aria-invalid", "true")
         shoot(page, "ramais.png")
         form.locator('[name="condominium_id"]').fill("99")
-        form.locator('[name="ai_port"]').fill(str(free_ports(1)[0]))
+        form.locator('[name="ai_port"]').fill(str(spare_ai))
         form.get_by_role("button", name="Adicionar").click()
         expect(form.locator('[data-error-for="condominium_id"]')).to_have_text(
             "Não há condomínio 99."

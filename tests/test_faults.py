@@ -146,7 +146,7 @@ async def test_disk_full_under_embedded_redis(small_disk, tmp_path):
     normally, its record waits in memory; once space is freed Redis writes again, the API
     accepts the change and the record lands — nothing lost, nothing restarted.
     """
-    ai, ret, b_ai, b_ret = free_ports(4)
+    ai, ret = free_ports(2)
     config = config_for("", tmp_path, ai, ret, redis={"url": ""})
     config = attrs.evolve(config, server=attrs.evolve(config.server, state_dir=small_disk / "var"))
     svc = await started(config)
@@ -155,7 +155,9 @@ async def test_disk_full_under_embedded_redis(small_disk, tmp_path):
         filler = fill(small_disk)
         refused = None
         for n in range(2, 40):  # Redis takes writes into memory until its AOF write fails
-            code, body = await request("POST", api_url(svc, "/api/extensions"), extension(n, b_ai + n, b_ret + n))
+            code, body = await request(
+                "POST", api_url(svc, "/api/extensions"), extension(n, *free_ports(2))
+            )
             if code != 201:
                 refused = (code, body["error"])
                 break
@@ -167,7 +169,9 @@ async def test_disk_full_under_embedded_redis(small_disk, tmp_path):
         os.remove(filler)
         filler = None
         for _ in range(200):
-            code, body = await request("POST", api_url(svc, "/api/extensions"), extension(99, b_ai + 99, b_ret + 99))
+            code, body = await request(
+                "POST", api_url(svc, "/api/extensions"), extension(99, *free_ports(2))
+            )
             if code == 201:
                 break
             await deferLater(reactor, 0.1, lambda: None)
