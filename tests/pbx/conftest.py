@@ -320,14 +320,17 @@ class Rig:
 
     def audiosocket_problems(self) -> list[str]:
         """
-        Asterisk's AudioSocket warnings and errors during this test, but one: app_audiosocket
-        logs "Failed to receive frame from channel" whenever the caller hangs up in
-        AudioSocket(), so that line is expected for a phone the test hung up.
+        Asterisk's AudioSocket warnings and errors during this test, but those a caller
+        hanging up in AudioSocket() makes app_audiosocket log, expected for a phone the test
+        hung up: "Failed to receive frame from channel '<it>'", and, when a frame of the
+        server's arrives just after, "Failed to forward frame from AudioSocket server ... to
+        channel '<it>'".
         """
         expected = [
-            "Failed to receive frame from channel '{}".format(p.audiosocket_channel)
+            text.format(p.audiosocket_channel)
             for p in self.phones
             if p.hung_up_by == "phone" and p.audiosocket_channel
+            for text in ("Failed to receive frame from channel '{}", "to channel '{}")
         ]
         return [
             line
