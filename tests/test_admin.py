@@ -3,6 +3,7 @@ Tests for L{audiosocket.admin}: the CLI against the L{Api}'s own C{ApiSite} on 1
 (its extension manager on a MemoryReactor, so no AudioSocket ports open).
 """
 
+import contextlib
 import io
 import json
 
@@ -74,36 +75,32 @@ class Server:
         return code, out.getvalue(), err.getvalue()
 
 
-async def _serve(s):
+@contextlib.asynccontextmanager
+async def serving(s):
+    """C{s}'s API on 127.0.0.1 (C{s.url}) while the block runs; every connection closed after."""
     factory = Tracking(s.api.site())
     port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
     s.url = "http://127.0.0.1:{}".format(port.getHost().port)
-    return factory, port
-
-
-@pytest_twisted.async_yield_fixture
-async def server():
-    s = Server()
-    factory, port = await _serve(s)
     try:
         yield s
     finally:
         await factory.all_closed().addTimeout(5, reactor)
         await port.stopListening()
+
+
+@pytest_twisted.async_yield_fixture
+async def server():
+    async with serving(Server()) as s:
+        yield s
 
 
 @pytest_twisted.async_yield_fixture
 async def real_server():
     """The API with its extension manager and audio clock on the real reactor."""
-    s = Server(real=True)
-    factory, port = await _serve(s)
-    try:
+    async with serving(Server(real=True)) as s:
         yield s
-    finally:
-        await factory.all_closed().addTimeout(5, reactor)
-        await port.stopListening()
-        await s.manager.stopService().addTimeout(5, reactor)
-        s.clock.stopService()
+    await s.manager.stopService().addTimeout(5, reactor)
+    s.clock.stopService()
 
 
 ADD = [

@@ -13,7 +13,7 @@ from twisted.internet import reactor
 from audiosocket.api import Api
 from audiosocket.control import ExtensionControl
 from preauthkit import Setup as PreauthSetup
-from test_admin import TOKEN, Server, Sessions, _serve
+from test_admin import TOKEN, Server, Sessions, serving
 
 ADD = [
     "preauth", "add", "--condominium-id", "1", "--apartment", "101", "--name", "Maria Silva",
@@ -33,13 +33,8 @@ class PreauthServer(Server):
 
 @pytest_twisted.async_yield_fixture
 async def server():
-    s = PreauthServer()
-    factory, port = await _serve(s)
-    try:
+    async with serving(PreauthServer()) as s:
         yield s
-    finally:
-        await factory.all_closed().addTimeout(5, reactor)
-        await port.stopListening()
 
 
 def code_in(text: str) -> str:

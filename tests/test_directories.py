@@ -25,7 +25,7 @@ from audiosocket.flow.prompts import Prompts
 from audiosocket.store import DirectoryChange, MemoryHub, MemoryStore
 from extkit import run
 from test_admin import Server as AdminServer
-from test_admin import _serve
+from test_admin import serving
 from test_api import Setup
 from test_reload import served, write_config  # noqa: F401 (a fixture)
 from test_service import DialCapture, ETC, call, config_for, finished, free_ports, started, stopped
@@ -406,14 +406,9 @@ class DirectoryServer(AdminServer):
 
 @pytest_twisted.async_yield_fixture
 async def admin():
-    s = DirectoryServer()
-    factory, port = await _serve(s)
-    try:
+    async with serving(DirectoryServer()) as s:
         yield s
-    finally:
-        await factory.all_closed().addTimeout(5, reactor)
-        await port.stopListening()
-        s.directories.stop()
+    s.directories.stop()
 
 
 @pytest_twisted.ensureDeferred
