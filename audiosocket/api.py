@@ -865,7 +865,7 @@ CSV_COLUMNS = (
     ("apartment", ("facts", "apartment")),
     ("visitor_name", ("facts", "visitor_name")),
     ("intent", ("facts", "intent")),
-    ("resident_name", ("facts", "resident_name")),
+    ("resident", ("facts", "resident")),
     ("decision_input", ("decision_input",)),
     ("decided_by", ("reach", "decided_by")),
     ("attempts", ("attempts",)),

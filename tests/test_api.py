@@ -1159,7 +1159,7 @@ def _stored_calls(s):
         clock.advance(at - clock.seconds())
         run(s.store.append_call({
             "uuid": uid, "outcome": outcome, "condominium_id": cid,
-            "facts": {"apartment": apartment, "visitor_name": visitor},
+            "facts": {"apartment": apartment, "visitor_name": visitor, "resident": "Ana Souza"},
             "gate": {"result": "opened"} if outcome != "denied" else None,
         }))
 
@@ -1213,3 +1213,4 @@ def test_calls_csv_export():
     assert rows[2]["visitor_name"] == "Pedro" and rows[0]["visitor_name"] == ""
     assert rows[1]["visitor_name"] == "'=HYPERLINK(\"http://x\")"
     assert rows[0]["gate_result"] == "opened" and rows[1]["gate_result"] == ""
+    assert rows[2]["resident"] == "Ana Souza"
