@@ -41,8 +41,8 @@ DELETE = "delete"
 DEFAULT_CALLS_MAXLEN = 10000
 MAX_RECENT_CALLS = 10000
 DEFAULT_AUDIT_MAXLEN = 100000
-#: Stream entries read per round trip while filtering the access audit.
-ACCESS_PAGE = 500
+#: Stream entries read per round trip while listing call records or access entries.
+STREAM_PAGE = 500
 
 
 class StoreUnavailable(Exception):
@@ -869,12 +869,7 @@ class RedisStore(Service):
         )
 
     def recent_calls(self, limit):
-        return defer.Deferred.fromCoroutine(self._recent_calls(limit))
-
-    async def _recent_calls(self, limit) -> list[dict]:
-        _check_limit(limit)
-        reply = await self._call("XREVRANGE", self._calls_key, "+", "-", "COUNT", limit)
-        return [record for _, record in self._decode(reply, self._calls_key, "call record")]
+        return self.calls(limit=limit)
 
     def _decode(self, reply, key: str, what: str) -> list[tuple[bytes, dict]]:
         """
@@ -1025,13 +1020,13 @@ class RedisStore(Service):
         start = "-" if wanted.since_ms is None else "{}-0".format(wanted.since_ms)
         found: list[dict] = []
         while True:
-            reply = await self._call("XREVRANGE", key, end, start, "COUNT", ACCESS_PAGE)
+            reply = await self._call("XREVRANGE", key, end, start, "COUNT", STREAM_PAGE)
             for _, event in self._decode(reply, key, what):
                 if wanted.matches(event):
                     found.append(event)
                     if len(found) == limit:
                         return found
-            if len(reply) < ACCESS_PAGE:
+            if len(reply) < STREAM_PAGE:
                 return found
             end = _before_id(reply[-1][0])
             if end is None:
@@ -1254,12 +1249,7 @@ class MemoryStore(Service):
         del self.hub.call_log[: -self._calls_maxlen]
 
     def recent_calls(self, limit):
-        return defer.maybeDeferred(self._recent_calls, limit)
-
-    def _recent_calls(self, limit):
-        _check_limit(limit)
-        self._check()
-        return list(reversed(self.hub.calls[-limit:]))
+        return self.calls(limit=limit)
 
     def get_blob(self, key):
         return defer.maybeDeferred(self._get_blob, key)
@@ -1374,26 +1364,20 @@ class MemoryStore(Service):
         return found
 
     def delete_calls(self, before_ts):
-        return defer.maybeDeferred(self._delete_calls, before_ts)
-
-    def _delete_calls(self, before_ts):
-        bound = _ms(before_ts, "before_ts")
-        self._check()
-        kept = [(t, r) for t, r in self.hub.call_log if t is None or _ms(t) >= bound]
-        deleted = len(self.hub.call_log) - len(kept)
-        self.hub.call_log = kept
-        return deleted
+        return defer.maybeDeferred(self._trim, "call_log", before_ts)
 
     def trim_access(self, before_ts):
-        return defer.maybeDeferred(self._trim_access, before_ts)
+        return defer.maybeDeferred(self._trim, "access", before_ts)
 
-    def _trim_access(self, before_ts):
+    def _trim(self, log: str, before_ts) -> int:
+        """Drop the entries of the hub's C{log} stored before C{before_ts}; how many went.
+        (A record put in memory by hand has no time of its own: it stays.)"""
         bound = _ms(before_ts, "before_ts")
         self._check()
-        kept = [(t, e) for t, e in self.hub.access if _ms(t) >= bound]
-        deleted = len(self.hub.access) - len(kept)
-        self.hub.access = kept
-        return deleted
+        entries = getattr(self.hub, log)
+        kept = [(t, e) for t, e in entries if t is None or _ms(t) >= bound]
+        setattr(self.hub, log, kept)
+        return len(entries) - len(kept)
 
     # -- residents directories --------------------------------------------------------------
 
