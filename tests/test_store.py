@@ -572,7 +572,7 @@ async def test_access_filters_page_until_limit_entries_match(store, monkeypatch)
     Condominium and apartment filters read page after page until C{limit} entries match:
     matching entries far apart in the stream still come back.
     """
-    monkeypatch.setattr("audiosocket.store.ACCESS_PAGE", 3)
+    monkeypatch.setattr("audiosocket.store.STREAM_PAGE", 3)
     for n in range(20):
         apartment = "202" if n % 7 == 0 else "101"
         await wait(store.append_access(access(n, condominium_id=1 + n % 2, apartment=apartment)))
