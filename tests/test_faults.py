@@ -35,18 +35,11 @@ from test_service import (
     spoken_wav,
     started,
     stopped,
+    until,
     webhook_dialer,
     whisper_speech,
 )
 from test_service_extensions import api_url, extension, request
-
-
-async def until(predicate, seconds: float = 20.0, what: str = "condition"):
-    for _ in range(int(seconds / 0.05)):
-        if predicate():
-            return
-        await deferLater(reactor, 0.05, lambda: None)
-    raise AssertionError("{} not reached in {} s".format(what, seconds))
 
 
 def redis_pid(svc) -> int | None:

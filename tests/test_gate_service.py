@@ -13,16 +13,24 @@ import json
 
 import attrs
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.task import deferLater
 from twisted.web import server
 
 from audiosocket.config import GateConfig
 from audiosocket.fakepbx import Webhook
 from audiosocket.signed import SIGNATURE_HEADER
 from tests.httpkit import api  # noqa: F401 (fixture)
-from test_service import PRESSES_1, call, config_for, free_ports, started, stopped, webhook_dialer
+from test_service import (
+    PRESSES_1,
+    call,
+    config_for,
+    free_ports,
+    started,
+    stopped,
+    until,
+    webhook_dialer,
+)
 from test_service_extensions import api_url, request
 
 SECRET = "relay secret"
@@ -33,14 +41,6 @@ def opened(seen) -> dict:
     expected = "sha256=" + hmac.new(SECRET.encode(), seen.body, hashlib.sha256).hexdigest()
     assert hmac.compare_digest(seen.headers[SIGNATURE_HEADER.lower()], expected)
     return json.loads(seen.body)
-
-
-async def until(predicate, seconds=30.0, what="condition"):
-    for _ in range(int(seconds / 0.05)):
-        if predicate():
-            return
-        await deferLater(reactor, 0.05, lambda: None)
-    raise AssertionError("{} not reached in {} s".format(what, seconds))
 
 
 @pytest_twisted.ensureDeferred
@@ -58,7 +58,7 @@ async def test_resident_code_and_operator_each_open_the_relay(api, redis_server,
     try:
         # 1. A resident's "1".
         visitor = await call(ai, 40, dtmf=[(1.0, "101#")]).addTimeout(60, reactor)
-        await until(lambda: len(api.seen) == 1, what="the resident's open")
+        await until(lambda: len(api.seen) == 1, 30.0, what="the resident's open")
         # 2. A wrong code, then a valid one: nobody is dialed for it.
         code, made = await request("POST", api_url(svc, "/api/preauth"), {
             "condominium_id": 1, "apartment": "102", "visitor_name": "Maria",
@@ -70,15 +70,15 @@ async def test_resident_code_and_operator_each_open_the_relay(api, redis_server,
         guest = await call(
             ai, 14, dtmf=[(1.0, "*" + wrong + "#"), (6.0, "*" + made["code"] + "#")]
         ).addTimeout(60, reactor)
-        await until(lambda: len(api.seen) == 2, what="the code's open")
+        await until(lambda: len(api.seen) == 2, 30.0, what="the code's open")
         assert len(pbx.requests) == dials
-        await until(lambda: pbx.notices, what="the resident told")
+        await until(lambda: pbx.notices, 30.0, what="the resident told")
         # 3. The operator, by hand.
         code, body = await request(
             "POST", api_url(svc, "/api/gates/1/open"), {"reason": "entregador conhecido"}
         )
         assert (code, body["result"]) == (200, "opened"), body
-        await until(lambda: len(api.seen) == 3, what="the operator's open")
+        await until(lambda: len(api.seen) == 3, 30.0, what="the operator's open")
         await svc.access.when_saved()
         code, audit = await request("GET", api_url(svc, "/api/access"))
         calls = await svc.store.recent_calls(2)

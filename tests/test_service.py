@@ -14,7 +14,7 @@ import uuid
 
 import pytest_twisted
 import treq
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.web import resource, server
 
@@ -26,6 +26,15 @@ from audiosocket.service import makeService
 from ports import free_ports  # noqa: F401 (the other tests import it from here)
 
 ETC = __import__("pathlib").Path(__file__).resolve().parent.parent / "etc"
+
+
+async def until(predicate, seconds: float = 20.0, what: str = "condition"):
+    """Poll the reactor every 50 ms until C{predicate()} is true; fail after C{seconds}."""
+    for _ in range(int(seconds / 0.05)):
+        if predicate():
+            return
+        await task.deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError("{} not reached in {} s".format(what, seconds))
 
 
 #: A resident pressing 1 every few seconds: keys count only once the announcement and the

@@ -12,12 +12,11 @@ import json
 
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 
 from audiosocket.signed import SIGNATURE_HEADER
 from audiosocket.webhook import CallWebhook
 from tests.httpkit import api  # noqa: F401 (fixture)
-from test_service import call, config_for, free_ports, started, stopped
+from test_service import call, config_for, free_ports, started, stopped, until
 
 SECRET = "events secret"
 
@@ -26,14 +25,6 @@ def verified(seen) -> dict:
     expected = "sha256=" + hmac.new(SECRET.encode(), seen.body, hashlib.sha256).hexdigest()
     assert hmac.compare_digest(seen.headers[SIGNATURE_HEADER.lower()], expected)
     return json.loads(seen.body)
-
-
-async def until(predicate, seconds=10.0):
-    for _ in range(int(seconds / 0.02)):
-        if predicate():
-            return
-        await deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError("not reached in {} s".format(seconds))
 
 
 def hook(api, **kw):
@@ -50,7 +41,7 @@ async def test_records_are_posted_signed_in_order(api):
     webhook = hook(api)
     webhook.call_ended({"uuid": "a", "outcome": "authorized"})
     webhook.call_ended({"uuid": "b", "outcome": "denied"})
-    await until(webhook.idle)
+    await until(webhook.idle, 10)
     first, second = [verified(s) for s in api.seen]
     assert [first["record"]["uuid"], second["record"]["uuid"]] == ["a", "b"]
     assert first["event"] == "call_ended" and first["id"] != second["id"]
@@ -76,7 +67,7 @@ async def test_4xx_is_not_retried(api):
     api.answer(401)
     webhook = hook(api, retries=3)
     webhook.call_ended({"uuid": "a"})
-    await until(webhook.idle)
+    await until(webhook.idle, 10)
     assert len(api.seen) == 1 and webhook.failed == 1
     webhook.stopService()
 
