@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from .extension import Conflict, ExtensionManager, ExtensionService, NotFound, _locked
 from .model import Extension, InvalidField
 from .reactors import default_reactor
-from .store import DELETE, PUT, StoreUnavailable
+from .store import DELETE, PUT, StoreRetry, StoreUnavailable
 
 
 class ExtensionControl:
@@ -49,11 +49,9 @@ class ExtensionControl:
         self.manager = manager
         self.store = store
         self._reactor = reactor
-        self._retry_s = retry_s
-        self._retry_call = None
+        self._retry = StoreRetry(reactor, retry_s, self._retry_load, "extensions")
         self._seed: tuple[Extension, ...] = ()
         self._lock = defer.DeferredLock()
-        self._stopped = False
         self._unsubscribe = None
         self._on_applied: list = []
         #: True once the extensions come from the store (False while serving the seed
@@ -149,11 +147,11 @@ class ExtensionControl:
                 "extension(s) from memory, retrying in {s}s",
                 error=str(e),
                 n=len(self._seed),
-                s=self._retry_s,
+                s=self._retry.every_s,
             )
             async with _locked(self._lock):
                 await self.manager.load(self._seed)
-            self._schedule_retry()
+            self._retry.schedule()
             return
         async with _locked(self._lock):
             await self.manager.load(extensions)
@@ -167,29 +165,9 @@ class ExtensionControl:
             )
         return list(await self.store.load_extensions())
 
-    def _schedule_retry(self) -> None:
-        if not self._stopped:
-            self._retry_call = self._reactor.callLater(self._retry_s, self._retry)
-
-    def _retry(self) -> defer.Deferred:
-        self._retry_call = None
-        return defer.Deferred.fromCoroutine(self._retry_load())
-
     async def _retry_load(self) -> None:
-        try:
-            extensions = await self._load_from_store()
-        except StoreUnavailable as e:
-            self.log.warn(
-                "store still unavailable ({error}); retrying in {s}s",
-                error=str(e),
-                s=self._retry_s,
-            )
-            self._schedule_retry()
-            return
-        except Exception:
-            self.log.failure("loading extensions from the store failed")
-            self._schedule_retry()
-            return
+        """A retry (L{StoreRetry}): load from the store and make the manager match it."""
+        extensions = await self._load_from_store()
         async with _locked(self._lock):
             await self._converge(extensions)
             self.synced = True
@@ -208,13 +186,10 @@ class ExtensionControl:
 
     def stop(self) -> None:
         """At shutdown: cancel a pending retry and stop applying remote changes."""
-        self._stopped = True
         unsubscribe, self._unsubscribe = self._unsubscribe, None
         if callable(unsubscribe):
             unsubscribe()
-        if self._retry_call is not None and self._retry_call.active():
-            self._retry_call.cancel()
-        self._retry_call = None
+        self._retry.stop()
 
     # ------------------------------------------------------------ remote changes
 

@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from .extension import _locked
 from .flow.directory import Directory, DirectoryError, normalize_number
 from .reactors import default_reactor
-from .store import StoreUnavailable
+from .store import StoreRetry, StoreUnavailable
 
 #: Apartments in one condominium's directory, at most.
 MAX_APARTMENTS = 5000
@@ -151,8 +151,7 @@ class DirectoryControl:
         self._sites = sites
         self._swap = swap
         self._reactor = default_reactor(reactor)
-        self._retry_s = retry_s
-        self._retry_call = None
+        self._retry = StoreRetry(self._reactor, retry_s, self._retry_load, "directories")
         self._lock = defer.DeferredLock()
         self._unsubscribe = None
         self._started = False
@@ -180,9 +179,9 @@ class DirectoryControl:
                 "store unavailable at start-up ({error}); serving the directory files, "
                 "retrying in {s}s",
                 error=str(e),
-                s=self._retry_s,
+                s=self._retry.every_s,
             )
-            self._schedule_retry()
+            self._retry.schedule()
 
     async def _load(self, sites: dict) -> None:
         seeds = {cid: to_rows(site.directory) for cid, site in sites.items()}
@@ -219,21 +218,10 @@ class DirectoryControl:
                 ids=", ".join(map(str, differ)),
             )
 
-    def _schedule_retry(self) -> None:
-        if not self._stopped:
-            self._retry_call = self._reactor.callLater(self._retry_s, self._retry)
-
-    def _retry(self) -> defer.Deferred:
-        self._retry_call = None
-        return defer.Deferred.fromCoroutine(self._retry_load())
-
     async def _retry_load(self) -> None:
-        try:
-            async with _locked(self._lock):
-                await self._load(self._sites())
-        except StoreUnavailable:
-            self._schedule_retry()
-            return
+        """A retry (L{StoreRetry}): seed and load from the store."""
+        async with _locked(self._lock):
+            await self._load(self._sites())
         self.log.info("store available again: directories loaded")
 
     def stop(self) -> None:
@@ -242,9 +230,7 @@ class DirectoryControl:
         unsubscribe, self._unsubscribe = self._unsubscribe, None
         if callable(unsubscribe):
             unsubscribe()
-        if self._retry_call is not None and self._retry_call.active():
-            self._retry_call.cancel()
-        self._retry_call = None
+        self._retry.stop()
 
     def overlay(self, sites: dict) -> dict:
         """

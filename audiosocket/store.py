@@ -49,6 +49,55 @@ class StoreUnavailable(Exception):
     """Redis is down, or a command did not complete in time (the API answers 503)."""
 
 
+class StoreRetry:
+    """
+    What serves from memory while the store was unavailable at start-up (extensions, the
+    residents directories) loads from it later: C{attempt()} (a coroutine function) is run
+    every C{every_s} seconds until it returns. A L{StoreUnavailable} is logged as a warning
+    naming C{what}, anything else as a failure; either way it is tried again. C{stop()} (at
+    shutdown) cancels what is pending; nothing runs after it.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, every_s: float, attempt: Callable[[], Any], what: str):
+        self._reactor = reactor
+        self.every_s = every_s
+        self._attempt = attempt
+        self._what = what
+        self._call = None
+        self._stopped = False
+
+    def schedule(self) -> None:
+        if not self._stopped:
+            self._call = self._reactor.callLater(self.every_s, self._run)
+
+    def _run(self) -> defer.Deferred:
+        self._call = None
+        return defer.Deferred.fromCoroutine(self._try())
+
+    async def _try(self) -> None:
+        try:
+            await self._attempt()
+        except StoreUnavailable as e:
+            self.log.warn(
+                "store still unavailable ({error}); loading {what} again in {s}s",
+                error=str(e),
+                what=self._what,
+                s=self.every_s,
+            )
+            self.schedule()
+        except Exception:
+            self.log.failure("loading {what} from the store failed", what=self._what)
+            self.schedule()
+
+    def stop(self) -> None:
+        self._stopped = True
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+
+
 class _Refused(Exception):
     """Redis answered, refusing the command for now (see L{_REFUSALS})."""
 
